@@ -1,0 +1,151 @@
+"""Pure-torch oracles for every kernel in `dist_llm.kernels`.
+
+Each function has the same signature and semantics as its Triton twin (docs/architecture.md,
+"Kernel functions"). They are the `--attention_backend torch` path and the reference the kernel
+tests compare against, so they favour obviously-correct code over speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None):
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    # HF casts back to the input dtype before the weight multiply.
+    y = weight * y.to(x.dtype)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
+def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    residual.copy_((x.float() + residual.float()).to(residual.dtype))
+    x.copy_(rms_norm_ref(residual, weight, eps))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    xf = x.float()
+    if is_neox:
+        x1, x2 = xf.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+
+
+def rotary_embedding_ref(positions, q, k, cos_sin_cache, is_neox: bool = True) -> None:
+    rot_dim = cos_sin_cache.shape[-1]
+    cos, sin = cos_sin_cache[positions.long()].float().chunk(2, dim=-1)  # [T, rot_dim/2]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    for t in (q, k):
+        t[..., :rot_dim] = _rotate(t[..., :rot_dim], cos, sin, is_neox).to(t.dtype)
+
+
+def silu_and_mul_ref(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    y = torch.nn.functional.silu(gate.float()).to(x.dtype) * up
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
+def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    block_size = k_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = k[valid].to(k_cache.dtype)
+    v_cache[blocks, offsets] = v[valid].to(v_cache.dtype)
+
+
+def gather_kv_ref(k_cache, v_cache, block_table, seq_len: int):
+    """The first `seq_len` cached tokens of one sequence as dense [seq_len, Hk, D] tensors."""
+    block_size = k_cache.shape[1]
+    n_blocks = (seq_len + block_size - 1) // block_size
+    blocks = block_table[:n_blocks].long()
+    k = k_cache[blocks].flatten(0, 1)[:seq_len]
+    v = v_cache[blocks].flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def _attend(q, k, v, scale: float, context_len: int):
+    """q [Lq, Hq, D] are the last Lq positions of a sequence whose K/V are k, v [Lk, Hk, D]."""
+    hq, hk = q.shape[1], k.shape[1]
+    if hq != hk:
+        k = k.repeat_interleave(hq // hk, dim=1)
+        v = v.repeat_interleave(hq // hk, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    lq, lk = q.shape[0], k.shape[0]
+    q_pos = torch.arange(lq, device=q.device)[:, None] + context_len
+    k_pos = torch.arange(lk, device=q.device)[None, :]
+    scores.masked_fill_(k_pos > q_pos, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v.float())
+
+
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace=None):
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        k, v = gather_kv_ref(k_cache, v_cache, block_tables[i], seq_len)
+        out[i] = _attend(q[i : i + 1], k, v, scale, seq_len - 1)[0].to(out.dtype)
+    return out
+
+
+def context_attention_ref(
+    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, out
+):
+    cu = cu_seqlens_q.tolist()
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        start, end = cu[i], cu[i + 1]
+        if end == start:
+            continue
+        k, v = gather_kv_ref(k_cache, v_cache, block_tables[i], seq_len)
+        out[start:end] = _attend(q[start:end], k, v, scale, seq_len - (end - start)).to(out.dtype)
+    return out
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+_MASK64 = (1 << 63) - 1
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 64-bit integer mixer (splitmix64 finaliser, arithmetic in int64 with wrap-around)."""
+    x = x ^ ((x >> 30) & (_MASK64 >> 29))
+    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9 as signed int64
+    x = x ^ ((x >> 27) & (_MASK64 >> 26))
+    x = x * -7723592293110705685  # 0x94D049BB133111EB as signed int64
+    x = x ^ ((x >> 31) & (_MASK64 >> 30))
+    return x
+
+
+def counter_uniform(seeds: torch.Tensor, offsets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniform(0, 1) noise [B, vocab] that depends only on (seed, offset, vocab index)."""
+    idx = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    key = _mix(seeds.long()[:, None] * 1000003 + offsets.long()[:, None])
+    bits = _mix(key ^ (idx[None, :] * 0x632BE59BD9B4E019))
+    # top 24 bits -> (0, 1); the +0.5 keeps it strictly inside the interval
+    return (((bits >> 40) & 0xFFFFFF).float() + 0.5) / float(1 << 24)
+
+
+def sample_ref(logits, temperature, top_k, top_p, seeds, offsets) -> torch.Tensor:
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    bsz, vocab = logits.shape
+    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    scaled = logits / temp[:, None]
+    sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
+    drop = ranks >= k[:, None].long()
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    filtered = torch.full_like(scaled, float("-inf")).scatter(1, sorted_idx, sorted_logits)
+    # Gumbel-max with counter-based noise: argmax(logit/T - log(-log u)) samples softmax(logit/T).
+    gumbel = -torch.log(-torch.log(counter_uniform(seeds, offsets, vocab)))
+    sampled = (filtered + gumbel).argmax(dim=-1)
+    return torch.where(temperature > 0, sampled, greedy)

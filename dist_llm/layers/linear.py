@@ -1,0 +1,92 @@
+"""Tensor-parallel linear layers (the Megatron/vLLM family, with their canonical names).
+
+Weights are stored [out_features_local, in_features_local] and applied as Y = X Wᵀ. The quantization
+method is a strategy object on the layer (`create_weights` / `apply`), so a quantized layer is the
+same class with another method, not a branch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_llm.parallel import comm
+
+
+class UnquantizedLinearMethod:
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype):
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, quant_method=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_method = quant_method or UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, in_features, out_features, dtype)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+
+class ColumnParallelLinear(LinearBase):
+    """Y = X A with A = [A_1, …, A_p] split by columns: rank r computes Y_r = X A_r, no communication.
+
+    `output_size` is the global size; each rank holds output_size / tp of it.
+    """
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype, quant_method=None):
+        tp = comm.tp_size()
+        if output_size % tp:
+            raise ValueError(f"output size {output_size} is not divisible by tp_size {tp}")
+        super().__init__(input_size, output_size // tp, bias, dtype, quant_method)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (gate and up): rank r holds [A_gate,r ; A_up,r]."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, dtype: torch.dtype, quant_method=None):
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias, dtype, quant_method)
+
+
+class QKVParallelLinear(LinearBase):
+    """Fused q, k, v projections, split by heads: rank r holds [W_q,r ; W_k,r ; W_v,r].
+
+    When tp_size exceeds num_kv_heads, each rank holds one KV head and ranks share it
+    (tp_size / num_kv_heads ranks per head), as vLLM and TensorRT-LLM do.
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 dtype: torch.dtype, quant_method=None):
+        tp = comm.tp_size()
+        self.num_heads = num_heads // tp
+        self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.head_dim = head_dim
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        super().__init__(hidden_size, out, bias, dtype, quant_method)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, self.bias)
+
+
+class RowParallelLinear(LinearBase):
+    """Y = X A with A = [A_1; …; A_p] split by rows and X = [X_1, …, X_p] split by columns:
+    Y = Σ_r X_r A_r. Each rank computes its term, then an all-reduce sums them; the bias is added once,
+    after the reduction.
+    """
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype, quant_method=None):
+        tp = comm.tp_size()
+        if input_size % tp:
+            raise ValueError(f"input size {input_size} is not divisible by tp_size {tp}")
+        super().__init__(input_size // tp, output_size, bias, dtype, quant_method)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = comm.tp_all_reduce(self.quant_method.apply(self, x, None))
+        return y if self.bias is None else y + self.bias

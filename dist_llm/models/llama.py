@@ -1,0 +1,119 @@
+"""The Llama family: LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (q/k/v bias).
+
+One pipeline stage of the model: stage s builds only its layers (global indices kept, so engine names
+match `layers.{i}...`); the first stage owns the embedding, the last the final norm and LM head.
+No collectives here: they live in the parallel layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_llm.config import ModelConfig
+from dist_llm.layers.attention import Attention
+from dist_llm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from dist_llm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from dist_llm.layers.norm import RMSNorm
+from dist_llm.layers.rotary import RotaryEmbedding
+from dist_llm.parallel.mapping import Mapping
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_position: int, dtype: torch.dtype, ops):
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias, dtype
+        )
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias, dtype)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.rotary_emb = RotaryEmbedding(
+            cfg.head_dim, cfg.rotary_dim, max_position, cfg.rope_theta, cfg.rope_scaling, ops
+        )
+        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5, ops)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t, d = x.shape[0], self.head_dim
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+        q = qkv[:, :q_size].view(t, self.num_heads, d)
+        k = qkv[:, q_size : q_size + kv_size].view(t, self.num_kv_heads, d)
+        v = qkv[:, q_size + kv_size :].view(t, self.num_kv_heads, d)
+        self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, ops):
+        super().__init__()
+        self.ops = ops
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [cfg.intermediate_size] * 2, False, dtype
+        )
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_position: int, dtype: torch.dtype, ops):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, ops)
+        self.self_attn = LlamaAttention(cfg, max_position, dtype, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, ops)
+        self.mlp = LlamaMLP(cfg, dtype, ops)
+
+    def forward(self, positions, hidden, residual):
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, mapping: Mapping, max_position: int, dtype: torch.dtype, ops):
+        super().__init__()
+        self.cfg, self.mapping = cfg, mapping
+        self.start_layer, self.end_layer = mapping.layer_range(cfg.num_layers)
+        if mapping.is_first_stage:
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nn.ModuleDict(
+            {str(i): LlamaDecoderLayer(cfg, max_position, dtype, ops) for i in range(self.start_layer, self.end_layer)}
+        )
+        if mapping.is_last_stage:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, ops)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
+
+    @property
+    def shares_embedding(self) -> bool:
+        """Tied embeddings on a single-stage rank: the engine stores the matrix once."""
+        return self.cfg.tie_word_embeddings and self.mapping.is_first_stage and self.mapping.is_last_stage
+
+    def tie_weights(self) -> None:
+        if self.shares_embedding:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, positions, input_ids=None, hidden=None, residual=None):
+        """First stage: from input_ids. Later stages: from the previous stage's (hidden, residual).
+        Returns (hidden, residual) on inner stages and the final normed hidden on the last stage."""
+        if self.mapping.is_first_stage:
+            hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers.values():
+            hidden, residual = layer(positions, hidden, residual)
+        if not self.mapping.is_last_stage:
+            return hidden, residual
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.layers.values()]
+
+
+# The Mistral and Qwen2 checkpoints load into the same module; Qwen2's q/k/v bias comes from the config.
+MistralForCausalLM = LlamaForCausalLM
+Qwen2ForCausalLM = LlamaForCausalLM

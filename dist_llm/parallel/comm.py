@@ -1,0 +1,95 @@
+"""Collectives as free functions. Layers and the runtime call these; nothing else touches torch.distributed."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dist_llm.parallel.state import get_state
+
+
+def tp_size() -> int:
+    return get_state().mapping.tp_size
+
+
+def tp_rank() -> int:
+    return get_state().mapping.tp_rank
+
+
+def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the tensor-parallel group, in place."""
+    s = get_state()
+    if s.mapping.tp_size > 1:
+        dist.all_reduce(x, group=s.tp_group)
+    return x
+
+
+def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Concatenate the tp ranks' `x` along `dim`, in rank order."""
+    s = get_state()
+    if s.mapping.tp_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(s.mapping.tp_size)]
+    dist.all_gather(parts, x.contiguous(), group=s.tp_group)
+    return torch.cat(parts, dim=dim)
+
+
+def _needs_host_staging(x: torch.Tensor) -> bool:
+    # gloo point-to-point works on CPU tensors only
+    return get_state().backend == "gloo" and x.is_cuda
+
+
+def pp_send(x: torch.Tensor, to_pp_rank: int) -> None:
+    """Send activations to the rank with the same tp_rank in stage `to_pp_rank`."""
+    s = get_state()
+    dst = s.mapping.peer_in_stage(to_pp_rank)
+    dist.send(x.cpu() if _needs_host_staging(x) else x.contiguous(), dst=dst)
+
+
+def pp_recv(shape, dtype: torch.dtype, from_pp_rank: int) -> torch.Tensor:
+    s = get_state()
+    src = s.mapping.peer_in_stage(from_pp_rank)
+    if s.backend == "gloo" and s.device.type == "cuda":
+        buf = torch.empty(shape, dtype=dtype)
+        dist.recv(buf, src=src)
+        return buf.to(s.device)
+    buf = torch.empty(shape, dtype=dtype, device=s.device)
+    dist.recv(buf, src=src)
+    return buf
+
+
+def broadcast_object(obj=None):
+    """Rank 0's `obj` on every rank (control plane, gloo)."""
+    s = get_state()
+    if not s.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=s.control_group)
+    return box[0]
+
+
+def send_object(obj, dst: int) -> None:
+    """Point-to-point on the control plane (e.g. sampled ids from the last stage to rank 0)."""
+    dist.send_object_list([obj], dst=dst, group=get_state().control_group)
+
+
+def recv_object(src: int):
+    box = [None]
+    dist.recv_object_list(box, src=src, group=get_state().control_group)
+    return box[0]
+
+
+def barrier() -> None:
+    s = get_state()
+    if s.distributed:
+        dist.barrier(group=s.control_group)
+
+
+def all_reduce_min_int(value: int) -> int:
+    """The smallest `value` over all ranks (control plane)."""
+    s = get_state()
+    if not s.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=s.control_group)
+    return int(t.item())

@@ -1,0 +1,105 @@
+"""python -m dist_llm.run: generate with an engine, on one process or under `mpirun -n tp*pp`.
+
+Rank 0 tokenizes, schedules, prints and writes --output_json; the other ranks serve it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from dist_llm.cli import run_main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m dist_llm.run", description=__doc__)
+    p.add_argument("--engine_dir", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input_text", nargs="+", help="one or more prompts")
+    src.add_argument("--input_file", help="one prompt per line, or JSONL with a 'prompt' field")
+    src.add_argument("--input_ids", nargs="+", help="prompts as comma-separated token ids, e.g. 1,15043,29892")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", nargs="*", default=[], help="stop strings")
+    p.add_argument("--end_id", type=int, default=None, help="override EOS id (-1: never stop on EOS)")
+    p.add_argument("--output_json", help="write [{input_text, output_text, output_token_ids, finish_reason}]")
+    p.add_argument("--output_first_logits", help="debugging: save the first-step logits [batch, vocab] (torch.save)")
+    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"], help="auto: NCCL on GPU, gloo on CPU")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--attention_backend", "--kernel_backend", dest="kernel_backend", default="auto",
+                   choices=["auto", "triton", "torch"], help="auto: Triton on GPU, torch on CPU")
+    p.add_argument("--tokenizer_dir", help="tokenizer files (default: the engine directory)")
+    p.add_argument("--kv_cache_free_gpu_mem_fraction", type=float, default=0.9)
+    p.add_argument("--num_kv_blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
+    p.add_argument("--quiet", action="store_true", help="do not print the outputs")
+    return p.parse_args(argv)
+
+
+def read_inputs(args) -> tuple[list[str] | None, list[list[int]] | None]:
+    from dist_llm.errors import DistLLMError
+
+    if args.input_text:
+        return args.input_text, None
+    if args.input_ids:
+        try:
+            return None, [[int(t) for t in s.replace(" ", "").split(",") if t] for s in args.input_ids]
+        except ValueError:
+            raise DistLLMError("--input_ids takes comma-separated integers per prompt, e.g. 1,2,3 4,5") from None
+    if not os.path.isfile(args.input_file):
+        raise DistLLMError(f"--input_file {args.input_file} not found")
+    texts = []
+    with open(args.input_file) as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if args.input_file.endswith(".jsonl") or line.lstrip().startswith("{"):
+                try:
+                    texts.append(json.loads(line)["prompt"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise DistLLMError(f"{args.input_file}:{n}: expected a JSON object with a 'prompt' field") from None
+            else:
+                texts.append(line)
+    if not texts:
+        raise DistLLMError(f"--input_file {args.input_file} holds no prompts")
+    return texts, None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from dist_llm.runtime import ModelRunner
+
+    texts, ids = read_inputs(args)  # before start-up, so bad input fails fast on every rank
+    runner = ModelRunner.from_dir(
+        args.engine_dir, device=args.device, backend=args.backend, kernel_backend=args.kernel_backend,
+        tokenizer_dir=args.tokenizer_dir, kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
+        num_kv_blocks=args.num_kv_blocks,
+    )
+    if not runner.is_leader:
+        return
+    with runner:
+        outputs = runner.generate(
+            input_texts=texts, batch_input_ids=ids, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            stop=args.stop, end_id=args.end_id, return_first_logits=bool(args.output_first_logits),
+        )
+    if not args.quiet:
+        for i, o in enumerate(outputs):
+            prompt = o.input_text if o.input_text is not None else o.prompt_token_ids
+            print(f"[{i}] prompt: {prompt!r}\n[{i}] output: {o.output_text!r}\n"
+                  f"[{i}] tokens: {o.output_token_ids} ({o.finish_reason})")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump([o.to_json() for o in outputs], f, indent=2)
+    if args.output_first_logits:
+        import torch
+
+        torch.save(torch.stack([o.first_logits for o in outputs]), args.output_first_logits)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,190 @@
+"""The coordinator's loop on rank 0: requests in, one scheduled step at a time, tokens out.
+
+Each step: schedule -> build a StepPlan -> broadcast it -> run this rank's shard -> receive the
+sampled ids from the last stage -> append them, check stops, free finished requests' blocks.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dist_llm.config import EngineConfig
+from dist_llm.errors import DistLLMError
+from dist_llm.parallel import comm
+from dist_llm.runtime.block_manager import BlockManager
+from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult
+from dist_llm.runtime.scheduler import ScheduledBatch, Scheduler
+from dist_llm.runtime.sequence import Sequence, Status
+from dist_llm.runtime.worker import Worker
+
+
+@dataclass
+class TokenEvent:
+    """One step's news about one request (the unit of streaming)."""
+
+    request_id: int
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+
+
+class Executor:
+    def __init__(self, worker: Worker, engine: EngineConfig, num_blocks: int, tokenizer=None):
+        self.worker, self.engine, self.tokenizer = worker, engine, tokenizer
+        b = engine.build
+        self.block_manager = BlockManager(num_blocks, b.tokens_per_block)
+        self.scheduler = Scheduler(self.block_manager, b.max_batch_size, b.max_num_tokens)
+        self.requests: dict[int, Sequence] = {}
+        self.eos_ids = set(engine.model.eos_token_ids)
+        self.mapping = worker.mapping
+        self.steps = 0
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def check_admissible(self, seq: Sequence) -> None:
+        b, bm = self.engine.build, self.block_manager
+        total = seq.prompt_len + seq.params.max_new_tokens
+        if seq.prompt_len == 0:
+            raise DistLLMError("empty prompt: give at least one token")
+        if seq.prompt_len > b.max_input_len:
+            raise DistLLMError(f"prompt of {seq.prompt_len} tokens exceeds the engine's max_input_len {b.max_input_len}")
+        if total > b.max_seq_len:
+            raise DistLLMError(
+                f"prompt ({seq.prompt_len}) + max_new_tokens ({seq.params.max_new_tokens}) = {total} exceeds the "
+                f"engine's max_seq_len {b.max_seq_len}; lower max_new_tokens or rebuild with a larger --max_seq_len"
+            )
+        if bm.blocks_needed(total) > bm.num_blocks:
+            raise DistLLMError(
+                f"prompt + max_new_tokens = {total} tokens needs {bm.blocks_needed(total)} KV blocks but the pool "
+                f"has {bm.num_blocks}; give the KV cache more memory or lower max_new_tokens"
+            )
+        vocab = self.engine.model.vocab_size
+        bad = [t for t in seq.token_ids if not 0 <= t < vocab]
+        if bad:
+            raise DistLLMError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+    def enqueue(self, seq: Sequence) -> int:
+        self.check_admissible(seq)
+        if seq.seed is None:
+            seq.seed = random.getrandbits(62) if seq.params.temperature > 0 else 0
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def cancel(self, request_id: int) -> None:
+        seq = self.requests.get(request_id)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "cancelled")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def _plan(self, batch: ScheduledBatch) -> StepPlan:
+        bs = self.engine.build.tokens_per_block
+        ids, pos, slots, seq_lens, cu = [], [], [], [], [0]
+        max_blocks = max(len(s.block_table) for s in batch.seqs)
+        tables = torch.zeros(len(batch), max_blocks, dtype=torch.int32)
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            ids += seq.token_ids[start : start + n]
+            pos += range(start, start + n)
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            seq_lens.append(start + n)
+            cu.append(cu[-1] + n)
+            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        params = [s.params for s in batch.seqs]
+        return StepPlan(
+            input_ids=torch.tensor(ids, dtype=torch.int64),
+            positions=torch.tensor(pos, dtype=torch.int64),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            block_tables=tables,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+            max_seqlen_q=max(batch.num_new_tokens),
+            is_decode=batch.is_decode,
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int32),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            seeds=torch.tensor([s.seed for s in batch.seqs], dtype=torch.int64),
+            offsets=torch.tensor([s.num_generated for s in batch.seqs], dtype=torch.int64),
+            return_logits=any(p.return_first_logits and s.num_generated == 0 for p, s in zip(params, batch.seqs)),
+            return_logprobs=any(p.return_logprobs for p in params),
+        )
+
+    def _run(self, plan: StepPlan) -> StepResult:
+        comm.broadcast_object(plan)
+        result = self.worker.execute(plan)
+        if not self.mapping.is_last_stage:
+            result = comm.recv_object(self.mapping.sampler_rank)
+        return result
+
+    def step(self) -> list[TokenEvent]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.has_work():
+                raise RuntimeError("scheduler made no progress with requests pending (a bug: please report)")
+            return []
+        result = self._run(self._plan(batch))
+        self.steps += 1
+        now = time.perf_counter()
+        events = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq, seq.num_computed_tokens)
+            if seq.num_computed_tokens < len(seq):
+                continue  # a prefill chunk that does not reach the end yet: its sample is not used
+            token = int(result.token_ids[i])
+            if result.logits is not None and seq.num_generated == 0 and seq.params.return_first_logits:
+                seq.first_logits = result.logits[i].clone()
+            seq.token_ids.append(token)
+            if result.logprobs is not None and seq.params.return_logprobs:
+                seq.logprobs.append(float(result.logprobs[i]))
+            seq.token_times.append(now)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = self._stop_reason(seq)
+            if reason:
+                self.scheduler.finish(seq, reason)
+            events.append(TokenEvent(seq.request_id, [token], reason is not None, reason))
+        return events
+
+    def _stop_reason(self, seq: Sequence) -> str | None:
+        p, token = seq.params, seq.token_ids[-1]
+        if token in p.stop_token_ids:
+            return "stop"
+        eos = self.eos_ids if p.end_id is None else ({p.end_id} if p.end_id >= 0 else set())
+        if not p.ignore_eos and token in eos:
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            tail = self.tokenizer.decode(seq.output_token_ids[-32:], skip_special_tokens=True)
+            if any(s in tail for s in p.stop):
+                return "stop"
+        if seq.num_generated >= p.max_new_tokens:
+            return "length"
+        return None
+
+    def shutdown(self) -> None:
+        for seq in list(self.requests.values()):
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "cancelled")
+        comm.broadcast_object(SHUTDOWN)
+        comm.barrier()
+
+
+def serve_worker(worker: Worker) -> None:
+    """The loop of every rank but 0: execute plans until the coordinator says shutdown."""
+    m = worker.mapping
+    while True:
+        plan = comm.broadcast_object()
+        if plan == SHUTDOWN:
+            comm.barrier()
+            return
+        result = worker.execute(plan)
+        if m.rank == m.sampler_rank:
+            comm.send_object(result, 0)

@@ -1,0 +1,154 @@
+"""`ModelRunner`: the Python entry point, in the TensorRT-LLM spelling.
+
+    runner = ModelRunner.from_dir("ENGINE")
+    outputs = runner.generate(input_texts=["Explain quantum computing:"], max_new_tokens=256)
+
+Contract under `mpirun -n N` (N = tp × pp of the engine): every rank runs the same script.
+* On rank 0, `from_dir` returns the coordinator: `generate` returns the outputs.
+* On every other rank, `from_dir` serves the coordinator (executes its step plans) until rank 0
+  shuts down, then returns a runner with `is_leader == False` whose `generate` returns None
+  at once. So `if runner.is_leader: print(outputs)` is the only rank-dependent line a script needs.
+* Rank 0 shuts the workers down on `runner.shutdown()`, on leaving a `with` block, or at exit.
+In one process, a 1-rank engine needs no launcher at all.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from dist_llm.config import EngineConfig
+from dist_llm.errors import DistLLMError
+from dist_llm.parallel.state import destroy, init_distributed
+from dist_llm.runtime.executor import Executor, serve_worker
+from dist_llm.runtime.kv_sizing import decide_num_blocks
+from dist_llm.runtime.sequence import SamplingParams, Sequence
+from dist_llm.runtime.worker import Worker
+
+log = logging.getLogger("dist_llm")
+
+
+@dataclass
+class GenerationOutput:
+    request_id: int
+    input_text: str | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    output_text: str | None
+    finish_reason: str | None
+    num_cached_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    first_logits: torch.Tensor | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "input_text": self.input_text,
+            "output_text": self.output_text,
+            "output_token_ids": self.output_token_ids,
+            "finish_reason": self.finish_reason,
+        }
+
+
+class ModelRunner:
+    def __init__(self, engine: EngineConfig, executor: Executor | None, tokenizer, is_leader: bool):
+        self.engine, self.executor, self.tokenizer, self.is_leader = engine, executor, tokenizer, is_leader
+        self._closed = not is_leader
+
+    @classmethod
+    def from_dir(cls, engine_dir: str, *, device: str = "auto", backend: str = "auto",
+                 kernel_backend: str = "auto", tokenizer_dir: str | None = None,
+                 kv_cache_free_gpu_mem_fraction: float = 0.9, num_kv_blocks: int | None = None) -> ModelRunner:
+        engine = EngineConfig.load(engine_dir)
+        pstate = init_distributed(engine.mapping.tp_size, engine.mapping.pp_size, backend, device)
+        if kernel_backend == "auto":
+            kernel_backend = "triton" if pstate.device.type == "cuda" else "torch"
+        worker = Worker(engine_dir, engine, pstate, kernel_backend)
+        num_blocks = decide_num_blocks(worker, kv_cache_free_gpu_mem_fraction, num_kv_blocks)
+        worker.allocate_kv_cache(num_blocks)
+        if pstate.mapping.rank != 0:
+            serve_worker(worker)
+            destroy()
+            return cls(engine, None, None, is_leader=False)
+        tokenizer = load_tokenizer(tokenizer_dir or engine_dir)
+        executor = Executor(worker, engine, num_blocks, tokenizer)
+        bs = engine.build.tokens_per_block
+        log.info("KV cache: %d blocks of %d tokens = %d tokens in flight at most", num_blocks, bs, num_blocks * bs)
+        runner = cls(engine, executor, tokenizer, is_leader=True)
+        atexit.register(runner.shutdown)
+        return runner
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise DistLLMError("no tokenizer in the engine directory: pass token ids or --tokenizer_dir")
+        return [self.tokenizer(t)["input_ids"] for t in texts]
+
+    def generate(self, input_texts: list[str] | None = None, batch_input_ids=None, max_new_tokens: int = 16,
+                 **sampling) -> list[GenerationOutput] | None:
+        """Generate for a batch of prompts (texts or token ids); returns outputs in input order.
+
+        `sampling` takes the SamplingParams fields: temperature, top_k, top_p, seed, stop, stop_token_ids,
+        end_id, ignore_eos, return_logprobs, return_first_logits. A seed applies to every prompt of the call.
+        """
+        if not self.is_leader:
+            return None
+        if (input_texts is None) == (batch_input_ids is None):
+            raise DistLLMError("give exactly one of input_texts or batch_input_ids")
+        if input_texts is not None:
+            prompts = self.tokenize(list(input_texts))
+        else:
+            prompts = [list(map(int, p.tolist() if torch.is_tensor(p) else p)) for p in batch_input_ids]
+        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+        seqs = [Sequence(p, params) for p in prompts]
+        for s in seqs:
+            self.executor.enqueue(s)
+        while any(not s.is_finished for s in seqs):
+            self.executor.step()
+        return [self._output(s, input_texts[i] if input_texts else None) for i, s in enumerate(seqs)]
+
+    def _output(self, seq: Sequence, text: str | None) -> GenerationOutput:
+        out_text = None
+        if self.tokenizer is not None:
+            out_text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            for s in seq.params.stop:
+                if s in out_text:
+                    out_text = out_text[: out_text.index(s)]
+        return GenerationOutput(
+            request_id=seq.request_id,
+            input_text=text,
+            prompt_token_ids=seq.token_ids[: seq.prompt_len],
+            output_token_ids=seq.output_token_ids,
+            output_text=out_text,
+            finish_reason=seq.finish_reason,
+            num_cached_tokens=seq.reported_cached_tokens,
+            logprobs=seq.logprobs,
+            first_logits=seq.first_logits,
+        )
+
+    def shutdown(self) -> None:
+        """Finish: cancel what is in flight and release the worker ranks (rank 0 only; idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.executor.shutdown()
+        destroy()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        log.warning("no tokenizer files in %s: only token-id input will work", path)
+        return None
+    return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,104 @@
+"""One scheduling decision per step: who runs, with how many tokens, and who is preempted.
+
+Running requests go first (a decode token each, or their next prefill chunk), then waiting requests
+are admitted while KV blocks, `max_batch_size` and the token budget `max_num_tokens` allow. Decode
+tokens and prefill chunks share one forward (chunked prefill), so a long prompt never stalls decoders.
+When blocks run out, the newest running request is preempted (its blocks freed, recomputed later).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from dist_llm.runtime.block_manager import BlockManager
+from dist_llm.runtime.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+    preempted: list[Sequence]
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 and s.num_computed_tokens == len(s) - 1 for s, n in zip(self.seqs, self.num_new_tokens))
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_tokens: int):
+        self.bm = block_manager
+        self.max_batch_size = max_batch_size
+        self.max_num_tokens = max_num_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        seqs, counts, preempted = [], [], []
+        budget = self.max_num_tokens
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted while making room for an older request
+                continue
+            remaining = len(seq) - seq.num_computed_tokens
+            if remaining == 1:  # decode: the newest token needs a slot
+                while not self.bm.can_append(seq):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is seq:
+                        break
+                if seq not in self.running:
+                    continue
+                self.bm.append_slot(seq)
+            n = min(remaining, budget)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            if not self.bm.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.bm.allocate(seq)
+            seq.num_computed_tokens = seq.num_cached_tokens
+            if seq.num_preemptions == 0:
+                seq.reported_cached_tokens = seq.num_cached_tokens
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+        return ScheduledBatch(seqs, counts, preempted)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove a request at once and free its blocks (finished or cancelled)."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.bm.free(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,83 @@
+"""Requests as the coordinator sees them."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from dist_llm.errors import DistLLMError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # None with temperature > 0: a random seed is drawn at admission
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # stop strings; the match is cut from the text
+    end_id: int | None = None  # overrides the engine's EOS ids; -1 disables EOS stopping
+    ignore_eos: bool = False
+    return_logprobs: bool = False
+    return_first_logits: bool = False  # debugging: the logits that chose the first new token
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise DistLLMError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise DistLLMError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise DistLLMError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise DistLLMError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: int | None = None):
+        self.request_id = next(_ids) if request_id is None else request_id
+        self.params = params
+        self.prompt_len = len(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0
+        self.reported_cached_tokens = 0  # prompt tokens served from the prefix cache (first admission)
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.logprobs: list[float] = []
+        self.first_logits = None
+        self.num_preemptions = 0
+        self.arrival_time = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.token_times: list[float] = []
+        self.seed = params.seed
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return f"Sequence(id={self.request_id}, len={len(self)}, computed={self.num_computed_tokens}, {self.status.value})"

@@ -1,0 +1,119 @@
+"""One rank's share of the model: loads its engine shard, owns its KV pool, executes step plans."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors import safe_open
+
+from dist_llm.config import EngineConfig
+from dist_llm.errors import CheckpointError
+from dist_llm.kernels import get_ops
+from dist_llm.layers.context import AttentionMetadata, set_metadata
+from dist_llm.layers.rotary import RotaryEmbedding
+from dist_llm.models import get_model_class
+from dist_llm.parallel import comm
+from dist_llm.parallel.state import ParallelState
+from dist_llm.runtime.plan import StepPlan, StepResult
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_weights(model: torch.nn.Module, path: str, device: torch.device) -> None:
+    """Copy the rank file straight into the module: names and shapes must already match."""
+    expected = model.state_dict()
+    try:
+        f = safe_open(path, framework="pt", device=str(device))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing from the engine") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is truncated or corrupted ({type(e).__name__}: {e})") from None
+    with f:
+        have = set(f.keys())
+        loaded = {}
+        for name, param in expected.items():
+            if name not in have:
+                raise CheckpointError(f"tensor {name!r} is missing from {path}")
+            t = f.get_tensor(name)
+            if t.shape != param.shape or t.dtype != param.dtype:
+                raise CheckpointError(
+                    f"tensor {name!r} in {path} is {t.dtype}{tuple(t.shape)}, the model expects "
+                    f"{param.dtype}{tuple(param.shape)}: rebuild the engine with this dist_llm version"
+                )
+            loaded[name] = t
+    model.load_state_dict(loaded, strict=True, assign=True)
+
+
+class Worker:
+    def __init__(self, engine_dir: str, engine: EngineConfig, pstate: ParallelState, kernel_backend: str):
+        self.engine, self.pstate = engine, pstate
+        self.mapping, self.device = pstate.mapping, pstate.device
+        self.dtype = TORCH_DTYPES[engine.dtype]
+        self.ops = get_ops(kernel_backend)
+        model_cls = get_model_class(engine.model.architecture)
+        with torch.device("meta"):
+            self.model = model_cls(engine.model, self.mapping, engine.build.max_seq_len, self.dtype, self.ops)
+        load_weights(self.model, os.path.join(engine_dir, f"rank{self.mapping.rank}.safetensors"), self.device)
+        self.model.tie_weights()
+        for m in self.model.modules():
+            if isinstance(m, RotaryEmbedding):
+                m.build_cache(self.device)
+        self.model.eval()
+        self.num_blocks = 0
+
+    # ---- KV cache -------------------------------------------------------------------------------
+
+    def kv_bytes_per_block(self) -> int:
+        attn = self.model.attention_layers()
+        if not attn:
+            return 0
+        a = attn[0]
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * len(attn) * self.engine.build.tokens_per_block * a.num_kv_heads * a.head_dim * elem
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        bs = self.engine.build.tokens_per_block
+        for a in self.model.attention_layers():
+            shape = (num_blocks, bs, a.num_kv_heads, a.head_dim)
+            a.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            a.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        dev = self.device
+        positions = plan.positions.to(dev, non_blocking=True)
+        set_metadata(AttentionMetadata(
+            slot_mapping=plan.slot_mapping.to(dev, non_blocking=True),
+            block_tables=plan.block_tables.to(dev, non_blocking=True),
+            seq_lens=plan.seq_lens.to(dev, non_blocking=True),
+            cu_seqlens_q=plan.cu_seqlens_q.to(dev, non_blocking=True),
+            max_seqlen_q=plan.max_seqlen_q,
+            is_decode=plan.is_decode,
+        ))
+        m = self.mapping
+        if m.is_first_stage:
+            out = self.model(positions, input_ids=plan.input_ids.to(dev, non_blocking=True))
+        else:
+            shape = (2, plan.num_tokens, self.engine.model.hidden_size)
+            packed = comm.pp_recv(shape, self.dtype, m.pp_rank - 1)
+            out = self.model(positions, hidden=packed[0], residual=packed[1])
+        if not m.is_last_stage:
+            comm.pp_send(torch.stack(out), m.pp_rank + 1)
+            return None
+        last = (plan.cu_seqlens_q[1:] - 1).to(dev, non_blocking=True).long()
+        logits = self.model.compute_logits(out[last]).float()
+        tokens = self.ops.sample(
+            logits, plan.temperature.to(dev), plan.top_k.to(dev), plan.top_p.to(dev),
+            plan.seeds.to(dev), plan.offsets.to(dev),
+        )
+        result = StepResult(token_ids=tokens.cpu())
+        if plan.return_logprobs:
+            logp = torch.log_softmax(logits, dim=-1)
+            result.logprobs = logp.gather(1, tokens[:, None]).squeeze(1).cpu()
+        if plan.return_logits:
+            result.logits = logits.cpu()
+        return result
