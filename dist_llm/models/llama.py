@@ -86,13 +86,13 @@ class LlamaForCausalLM(nn.Module):
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, ops)
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
 
-    @property
-    def shares_embedding(self) -> bool:
-        """Tied embeddings on a single-stage rank: the engine stores the matrix once."""
-        return self.cfg.tie_word_embeddings and self.mapping.is_first_stage and self.mapping.is_last_stage
+    def tied_weights(self) -> dict[str, str]:
+        """Parameters the engine stores once: tied embeddings on a rank that has both ends of the model."""
+        single_stage = self.mapping.is_first_stage and self.mapping.is_last_stage
+        return {"lm_head.weight": "embed_tokens.weight"} if self.cfg.tie_word_embeddings and single_stage else {}
 
     def tie_weights(self) -> None:
-        if self.shares_embedding:
+        if self.tied_weights():
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, positions, input_ids=None, hidden=None, residual=None):

@@ -69,21 +69,23 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
 
 
 def _install_abort_hook(info: RankInfo) -> None:
-    """An uncaught exception on one rank must end every rank, never leave the others waiting."""
-    previous = sys.excepthook
+    """An uncaught exception on one rank must end every rank, never leave the others waiting.
+
+    Installed after init_process_group, whose own hook buffers stderr; this one writes straight to
+    file descriptor 2, then aborts the MPI job (or just exits under other launchers, whose peers then
+    fail on the broken connection or the collective timeout).
+    """
 
     def hook(exc_type, exc, tb):
         if issubclass(exc_type, DistLLMError):
-            sys.stderr.write(f"[rank {info.rank}] error: {exc}\n")
+            text = f"[rank {info.rank}] error: {exc}\n"
         else:
-            sys.stderr.write(f"[rank {info.rank}] uncaught exception:\n")
-            traceback.print_exception(exc_type, exc, tb)
-        sys.stderr.flush()
+            text = f"[rank {info.rank}] uncaught exception:\n" + "".join(traceback.format_exception(exc_type, exc, tb))
+        os.write(2, text.encode())
         if info.launcher == "mpi":
             from mpi4py import MPI
 
             MPI.COMM_WORLD.Abort(1)
-        previous(exc_type, exc, tb)
         os._exit(1)
 
     sys.excepthook = hook
@@ -106,7 +108,6 @@ def init_distributed(tp_size: int, pp_size: int, backend: str = "auto", device: 
     mapping = Mapping(tp_size=tp_size, pp_size=pp_size, rank=info.rank)
     state = ParallelState(mapping=mapping, info=info, backend=backend, device=dev)
     if mapping.world_size > 1:
-        _install_abort_hook(info)
         timeout = datetime.timedelta(seconds=timeout_s())
         kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(
@@ -122,6 +123,7 @@ def init_distributed(tp_size: int, pp_size: int, backend: str = "auto", device: 
             group = dist.new_group(mapping.stage_ranks(pp_rank), backend=backend, timeout=timeout)
             if pp_rank == mapping.pp_rank:
                 state.tp_group = group
+        _install_abort_hook(info)
     _state = state
     return state
 

@@ -22,7 +22,8 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 def load_weights(model: torch.nn.Module, path: str, device: torch.device) -> None:
     """Copy the rank file straight into the module: names and shapes must already match."""
-    expected = model.state_dict()
+    tied = model.tied_weights()
+    expected = {k: v for k, v in model.state_dict().items() if k not in tied}
     try:
         f = safe_open(path, framework="pt", device=str(device))
     except FileNotFoundError:
@@ -42,7 +43,8 @@ def load_weights(model: torch.nn.Module, path: str, device: torch.device) -> Non
                     f"{param.dtype}{tuple(param.shape)}: rebuild the engine with this dist_llm version"
                 )
             loaded[name] = t
-    model.load_state_dict(loaded, strict=True, assign=True)
+    model.load_state_dict(loaded, strict=not tied, assign=True)
+    model.tie_weights()
 
 
 class Worker:
@@ -55,7 +57,6 @@ class Worker:
         with torch.device("meta"):
             self.model = model_cls(engine.model, self.mapping, engine.build.max_seq_len, self.dtype, self.ops)
         load_weights(self.model, os.path.join(engine_dir, f"rank{self.mapping.rank}.safetensors"), self.device)
-        self.model.tie_weights()
         for m in self.model.modules():
             if isinstance(m, RotaryEmbedding):
                 m.build_cache(self.device)
