@@ -5,9 +5,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+import struct
 
 import torch
-from safetensors import safe_open
 
 from dist_llm.config import ModelConfig
 from dist_llm.errors import CheckpointError, DistLLMError
@@ -28,54 +28,103 @@ def read_json(path: str) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsFile:
+    """One safetensors file read with positioned reads, not mmap.
+
+    `safe_open` maps the file, and every page it touches stays in the process's resident set while
+    the file is open, so converting a single-file 15 GB checkpoint would look like 15 GB of memory.
+    Reading each tensor into its own buffer keeps the footprint at one tensor.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ValueError("shorter than the 8-byte header length")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8:
+                    raise ValueError(f"header length {n} exceeds the file size {size}")
+                header = json.loads(f.read(n))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} does not exist") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is truncated or corrupted (bad header: {e})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries = header
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if self.data_start + end > size:
+            raise CheckpointError(
+                f"{path} is truncated or corrupted: its header needs {self.data_start + end} bytes, the file has {size}"
+            )
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def get(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        if e["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {self.path} has unsupported dtype {e['dtype']}")
+        begin, end = e["data_offsets"]
+        buf = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{self.path} is truncated: tensor {name!r} is cut short")
+        if not buf:
+            return torch.empty(e["shape"], dtype=_ST_DTYPES[e["dtype"]])
+        return torch.frombuffer(buf, dtype=_ST_DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
 class SafetensorsFiles:
     """Tensor name -> file, over one or several safetensors files."""
 
     def __init__(self, files: dict[str, str]):
         self.file_of = files
-        self._open: dict[str, object] = {}
+        self._open: dict[str, SafetensorsFile] = {}
 
-    def _handle(self, path: str):
+    def _handle(self, path: str) -> SafetensorsFile:
         if path not in self._open:
-            try:
-                self._open[path] = safe_open(path, framework="pt")
-            except FileNotFoundError:
-                raise CheckpointError(f"{path} is listed in the checkpoint but does not exist") from None
-            except Exception as e:  # safetensors raises its own error types for bad headers / short files
-                raise CheckpointError(f"{path} is truncated or corrupted ({type(e).__name__}: {e})") from None
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path} is listed in the checkpoint but does not exist")
+            self._open[path] = SafetensorsFile(path)
         return self._open[path]
 
     def names(self) -> list[str]:
         return list(self.file_of)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.file_of[name]).get_slice(name).get_shape())
+        return self._handle(self.file_of[name]).shape(name)
 
     def dtype(self, name: str) -> str:
-        return self._handle(self.file_of[name]).get_slice(name).get_dtype()
+        return self._handle(self.file_of[name]).entries[name]["dtype"]
 
     def get(self, name: str) -> torch.Tensor:
         path = self.file_of.get(name)
         if path is None:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
-        try:
-            return self._handle(path).get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name!r} from {path}: {type(e).__name__}: {e}") from None
+        handle = self._handle(path)
+        if name not in handle.entries:
+            raise CheckpointError(f"tensor {name!r} is listed for {path} but the file does not contain it")
+        return handle.get(name)
 
     @classmethod
     def from_files(cls, paths: list[str]) -> SafetensorsFiles:
-        files = {}
+        st = cls({})
         for path in paths:
-            try:
-                with safe_open(path, framework="pt") as f:
-                    for name in f.keys():
-                        files[name] = path
-            except Exception as e:
-                raise CheckpointError(f"{path} is truncated or corrupted ({type(e).__name__}: {e})") from None
-        return cls(files)
+            for name in st._handle(path).entries:
+                st.file_of[name] = path
+        return st
 
 
 class HFCheckpoint:
@@ -119,4 +168,5 @@ class HFCheckpoint:
         raise CheckpointError(f"no *.safetensors files in {self.model_dir}")
 
     def tokenizer_files(self) -> list[str]:
-        return [os.path.join(self.model_dir, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(self.model_dir, f))]
+        paths = [os.path.join(self.model_dir, f) for f in TOKENIZER_FILES]
+        return [p for p in paths if os.path.isfile(p)]

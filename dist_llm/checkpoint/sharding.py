@@ -33,7 +33,9 @@ def validate_parallelism(cfg: ModelConfig, tp: int, pp: int) -> None:
     if cfg.intermediate_size % tp:
         raise DistLLMError(f"--tp_size {tp} does not divide intermediate_size={cfg.intermediate_size}")
     if pp > cfg.num_layers:
-        raise DistLLMError(f"--pp_size {pp} exceeds the model's {cfg.num_layers} layers; use --pp_size <= {cfg.num_layers}")
+        raise DistLLMError(
+            f"--pp_size {pp} exceeds the model's {cfg.num_layers} layers; use --pp_size <= {cfg.num_layers}"
+        )
 
 
 def kv_heads_of_rank(num_kv_heads: int, tp: int, tp_rank: int) -> tuple[int, int]:

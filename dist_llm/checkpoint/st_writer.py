@@ -34,7 +34,8 @@ class StreamingSafetensorsWriter:
             header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
         for name, dtype, shape in specs:
             nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offsets = [offset, offset + nbytes]
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": offsets}
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned

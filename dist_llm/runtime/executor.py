@@ -18,7 +18,7 @@ from dist_llm.parallel import comm
 from dist_llm.runtime.block_manager import BlockManager
 from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult
 from dist_llm.runtime.scheduler import ScheduledBatch, Scheduler
-from dist_llm.runtime.sequence import Sequence, Status
+from dist_llm.runtime.sequence import Sequence
 from dist_llm.runtime.worker import Worker
 
 
@@ -51,7 +51,9 @@ class Executor:
         if seq.prompt_len == 0:
             raise DistLLMError("empty prompt: give at least one token")
         if seq.prompt_len > b.max_input_len:
-            raise DistLLMError(f"prompt of {seq.prompt_len} tokens exceeds the engine's max_input_len {b.max_input_len}")
+            raise DistLLMError(
+                f"prompt of {seq.prompt_len} tokens exceeds the engine's max_input_len {b.max_input_len}"
+            )
         if total > b.max_seq_len:
             raise DistLLMError(
                 f"prompt ({seq.prompt_len}) + max_new_tokens ({seq.params.max_new_tokens}) = {total} exceeds the "

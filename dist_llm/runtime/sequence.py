@@ -80,4 +80,5 @@ class Sequence:
         return len(self.token_ids)
 
     def __repr__(self) -> str:
-        return f"Sequence(id={self.request_id}, len={len(self)}, computed={self.num_computed_tokens}, {self.status.value})"
+        done = self.num_computed_tokens
+        return f"Sequence(id={self.request_id}, len={len(self)}, computed={done}, {self.status.value})"
