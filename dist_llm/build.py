@@ -25,6 +25,14 @@ def parse_args(argv=None):
     p.add_argument("--tokens_per_block", type=int, default=64, help="KV cache block size in tokens")
     p.add_argument("--workers", type=int, default=1, help="build ranks in this many parallel processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
+    p.add_argument("--dummy_weights", action="store_true",
+                   help="random weights made on the device at load time (benchmarks); needs --model")
+    p.add_argument("--model", help="preset for --dummy_weights: llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, "
+                   "mistral-7b, tiny")
+    p.add_argument("--tp_size", type=int, default=1, help="with --dummy_weights")
+    p.add_argument("--pp_size", type=int, default=1, help="with --dummy_weights")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],
+                   help="with --dummy_weights")
     p.add_argument("--paged_kv_cache", choices=["enable"], default="enable",
                    help="accepted for TensorRT-LLM compatibility; the KV cache is always paged")
     p.add_argument("--use_inflight_batching", action="store_true",
@@ -41,10 +49,15 @@ def main(argv=None):
     from dist_llm.errors import DistLLMError
     from dist_llm.parallel.spmd import World
 
-    if not args.checkpoint_dir:
-        raise DistLLMError("--checkpoint_dir is required")
     cfg = BuildConfig(args.max_batch_size, args.max_input_len, args.max_seq_len, args.max_num_tokens,
                       args.tokens_per_block)
+    if args.dummy_weights:
+        if not args.model:
+            raise DistLLMError("--dummy_weights needs --model PRESET (e.g. llama-2-7b)")
+        builder.build_dummy(args.model, args.output_dir, cfg, args.tp_size, args.pp_size, args.dtype, args.overwrite)
+        return
+    if not args.checkpoint_dir:
+        raise DistLLMError("--checkpoint_dir is required (or --dummy_weights --model PRESET)")
     world = World()
     if world.size == 1:
         builder.build(args.checkpoint_dir, args.output_dir, cfg, args.workers, args.overwrite)

@@ -168,8 +168,11 @@ class EngineConfig:
     dtype: str
     quantization: dict = field(default_factory=lambda: {"quant_algo": None})
     versions: dict = field(default_factory=dict)
+    weights: str = "files"  # "files": rank{r}.safetensors; "dummy": random, made on the device at load
 
     def __post_init__(self):
+        if self.weights not in ("files", "dummy"):
+            raise DistLLMError(f"engine weights must be 'files' or 'dummy', got {self.weights!r}")
         if self.dtype not in DTYPES:
             raise DistLLMError(f"engine dtype {self.dtype!r} is not one of {DTYPES}")
 
@@ -181,6 +184,7 @@ class EngineConfig:
             "dtype": self.dtype,
             "quantization": self.quantization,
             "versions": self.versions,
+            "weights": self.weights,
         }
 
     @classmethod
@@ -200,4 +204,5 @@ class EngineConfig:
             dtype=d["dtype"],
             quantization=d.get("quantization", {"quant_algo": None}),
             versions=d.get("versions", {}),
+            weights=d.get("weights", "files"),
         )

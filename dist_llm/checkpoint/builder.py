@@ -15,7 +15,13 @@ import transformers
 
 import dist_llm
 from dist_llm.checkpoint.hf_reader import SafetensorsFiles, read_json
-from dist_llm.checkpoint.io import check_output_dir, copy_files, make_staging_dir, publish_staging_dir
+from dist_llm.checkpoint.io import (
+    atomic_output_dir,
+    check_output_dir,
+    copy_files,
+    make_staging_dir,
+    publish_staging_dir,
+)
 from dist_llm.checkpoint.st_writer import StreamingSafetensorsWriter
 from dist_llm.config import BuildConfig, EngineConfig, MappingConfig, ModelConfig
 from dist_llm.errors import CheckpointError, DistLLMError
@@ -78,13 +84,7 @@ def build_rank(checkpoint_dir: str, staging_dir: str, rank: int) -> str:
     return out
 
 
-def engine_config(checkpoint_dir: str, build: BuildConfig) -> EngineConfig:
-    ckpt_cfg = read_json(os.path.join(checkpoint_dir, "config.json"))
-    if "model" not in ckpt_cfg or "mapping" not in ckpt_cfg:
-        raise DistLLMError(
-            f"{checkpoint_dir}/config.json is not a dist_llm checkpoint; run `python -m dist_llm.convert` first"
-        )
-    cfg = ModelConfig.from_dict(ckpt_cfg["model"])
+def check_limits(cfg: ModelConfig, build: BuildConfig) -> None:
     if build.max_seq_len > cfg.max_position_embeddings and not cfg.rope_scaling:
         raise DistLLMError(
             f"--max_seq_len {build.max_seq_len} exceeds the model's max_position_embeddings "
@@ -94,6 +94,26 @@ def engine_config(checkpoint_dir: str, build: BuildConfig) -> EngineConfig:
         raise DistLLMError(
             f"sliding-window attention is not supported yet: use --max_seq_len <= sliding_window ({cfg.sliding_window})"
         )
+
+
+def versions() -> dict:
+    return {
+        "dist_llm": dist_llm.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def engine_config(checkpoint_dir: str, build: BuildConfig) -> EngineConfig:
+    ckpt_cfg = read_json(os.path.join(checkpoint_dir, "config.json"))
+    if "model" not in ckpt_cfg or "mapping" not in ckpt_cfg:
+        raise DistLLMError(
+            f"{checkpoint_dir}/config.json is not a dist_llm checkpoint; run `python -m dist_llm.convert` first"
+        )
+    cfg = ModelConfig.from_dict(ckpt_cfg["model"])
+    check_limits(cfg, build)
     m = ckpt_cfg["mapping"]
     return EngineConfig(
         model=cfg,
@@ -101,14 +121,25 @@ def engine_config(checkpoint_dir: str, build: BuildConfig) -> EngineConfig:
         build=build,
         dtype=ckpt_cfg["dtype"],
         quantization=ckpt_cfg.get("quantization", {"quant_algo": None}),
-        versions={
-            "dist_llm": dist_llm.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
+        versions=versions(),
     )
+
+
+def build_dummy(preset: str, output_dir: str, build: BuildConfig, tp_size: int, pp_size: int, dtype: str,
+                overwrite: bool = False) -> str:
+    """An engine of engine.json alone: random weights are made on the device at load time."""
+    from dist_llm.checkpoint.presets import preset_config
+    from dist_llm.checkpoint.sharding import validate_parallelism
+
+    cfg = ModelConfig.from_hf(preset_config(preset))
+    validate_parallelism(cfg, tp_size, pp_size)
+    check_limits(cfg, build)
+    engine = EngineConfig(model=cfg, mapping=MappingConfig(tp_size, pp_size), build=build, dtype=dtype,
+                          versions=versions(), weights="dummy")
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        with open(os.path.join(tmp, "engine.json"), "w") as f:
+            json.dump(engine.to_dict(), f, indent=2)
+    return output_dir
 
 
 def tokenizer_files(checkpoint_dir: str) -> list[str]:

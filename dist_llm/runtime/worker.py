@@ -47,6 +47,19 @@ def load_weights(model: torch.nn.Module, path: str, device: torch.device) -> Non
     model.tie_weights()
 
 
+@torch.no_grad()
+def init_dummy_weights(model: torch.nn.Module, device: torch.device, std: float = 0.02) -> None:
+    """Random weights made directly on the device (benchmarks: no checkpoint on disk)."""
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, std, generator=gen)
+    model.tie_weights()
+
+
 class Worker:
     def __init__(self, engine_dir: str, engine: EngineConfig, pstate: ParallelState, kernel_backend: str):
         self.engine, self.pstate = engine, pstate
@@ -56,7 +69,10 @@ class Worker:
         model_cls = get_model_class(engine.model.architecture)
         with torch.device("meta"):
             self.model = model_cls(engine.model, self.mapping, engine.build.max_seq_len, self.dtype, self.ops)
-        load_weights(self.model, os.path.join(engine_dir, f"rank{self.mapping.rank}.safetensors"), self.device)
+        if engine.weights == "dummy":
+            init_dummy_weights(self.model, self.device)
+        else:
+            load_weights(self.model, os.path.join(engine_dir, f"rank{self.mapping.rank}.safetensors"), self.device)
         for m in self.model.modules():
             if isinstance(m, RotaryEmbedding):
                 m.build_cache(self.device)

@@ -1,0 +1,157 @@
+"""Decode latency: batch 1 (and 8, 32, 64), 128 tokens in, 256 out, a Llama-2-7B-shaped bf16 model
+with random weights made on the GPU. Reports decode tok/s, TTFT and GB/s beside the roofline
+(weight + KV bytes read per step / the copy rate measured in this run), and HF transformers eager
+`generate` on the same shapes as the baseline.
+
+    python benchmarks/bench_latency.py --output_dir bench_out/latency [--model llama-2-7b] [--batch_sizes 1 8 32 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import copy_bandwidth_gbs, header, write_json  # noqa: E402
+
+
+def build_runner(model: str, max_batch: int, tmp: str):
+    from dist_llm.checkpoint.builder import build_dummy
+    from dist_llm.config import BuildConfig
+    from dist_llm.runtime import ModelRunner
+
+    engine = build_dummy(model, f"{tmp}/engine_{model}", BuildConfig(max_batch, 512, 1024, 8192, 64), 1, 1,
+                         "bfloat16", overwrite=True)
+    t0 = time.perf_counter()
+    runner = ModelRunner.from_dir(engine, device="cuda")
+    return runner, time.perf_counter() - t0
+
+
+def measure(runner, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    from dist_llm.runtime.sequence import SamplingParams, Sequence
+
+    ex = runner.executor
+    vocab = runner.engine.model.vocab_size
+    gen = torch.Generator().manual_seed(batch)
+    seqs = [Sequence(torch.randint(3, vocab, (prompt_len,), generator=gen).tolist(),
+                     SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)) for _ in range(batch)]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for s in seqs:
+        ex.enqueue(s)
+    while any(not s.is_finished for s in seqs):
+        ex.step()
+    t_end = time.perf_counter()
+    ttft = max(s.first_token_time for s in seqs) - t0
+    decode_s = t_end - max(s.first_token_time for s in seqs)
+    return {"batch": batch, "ttft_ms": ttft * 1e3, "decode_s": decode_s,
+            "decode_tok_s_per_seq": (new_tokens - 1) / decode_s, "decode_tok_s": batch * (new_tokens - 1) / decode_s}
+
+
+def weight_bytes(runner) -> int:
+    return sum(p.numel() * p.element_size() for p in runner.executor.worker.model.parameters())
+
+
+def kv_bytes_per_step(runner, batch: int, context: int) -> int:
+    w = runner.executor.worker
+    return w.kv_bytes_per_block() // w.engine.build.tokens_per_block * context * batch
+
+
+def profile_decode(runner, steps: int = 8) -> list[dict]:
+    """Top kernels by GPU time per decode step, batch 1."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dist_llm.runtime.sequence import SamplingParams, Sequence
+
+    ex = runner.executor
+    seq = Sequence(list(range(3, 131)), SamplingParams(max_new_tokens=steps + 9, ignore_eos=True))
+    ex.enqueue(seq)
+    for _ in range(8):
+        ex.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            ex.step()
+    while not seq.is_finished:
+        ex.step()
+    rows = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"kernel": evt.key[:90], "us_per_step": t / steps, "calls_per_step": evt.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows[:15]
+
+
+def hf_baseline(model: str, prompt_len: int, new_tokens: int) -> float:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dist_llm.checkpoint.presets import preset_config
+
+    cfg_dict = preset_config(model)
+    cfg = AutoConfig.for_model("mistral" if "Mistral" in cfg_dict["architectures"][0] else "llama",
+                               **{k: v for k, v in cfg_dict.items() if k != "architectures"})
+    with torch.device("cuda"):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    ids = torch.randint(3, cfg.vocab_size, (1, prompt_len), device="cuda")
+    with torch.no_grad():
+        m.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        torch.cuda.synchronize()
+    tok_s = new_tokens / (time.perf_counter() - t0)
+    del m
+    torch.cuda.empty_cache()
+    return tok_s
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--model", default="llama-2-7b")
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--input_len", type=int, default=128)
+    p.add_argument("--output_len", type=int, default=256)
+    p.add_argument("--skip_hf", action="store_true")
+    args = p.parse_args()
+
+    info = header()
+    bw = copy_bandwidth_gbs()
+    hf = None if args.skip_hf else hf_baseline(args.model, args.input_len, args.output_len)
+    runner, startup_s = build_runner(args.model, max(args.batch_sizes), args.output_dir)
+    wbytes = weight_bytes(runner)
+    measure(runner, 1, args.input_len, 16)  # warm-up: Triton compiles
+    rows = []
+    for b in args.batch_sizes:
+        r = measure(runner, b, args.input_len, args.output_len)
+        avg_ctx = args.input_len + args.output_len // 2
+        step_bytes = wbytes + kv_bytes_per_step(runner, b, avg_ctx)
+        step_s = r["decode_s"] / (args.output_len - 1)
+        r["gb_s"] = step_bytes / step_s / 1e9
+        r["roofline_tok_s_per_seq"] = bw * 1e9 / step_bytes
+        r["pct_roofline"] = 100 * r["decode_tok_s_per_seq"] / r["roofline_tok_s_per_seq"]
+        rows.append(r)
+    prof = profile_decode(runner)
+    runner.shutdown()
+    result = {**info, "model": args.model, "copy_gb_s": bw, "weight_gb": wbytes / 1e9, "startup_s": startup_s,
+              "hf_eager_tok_s": hf, "rows": rows, "profile_batch1": prof,
+              "command": "python " + " ".join(sys.argv)}
+    write_json(args.output_dir, "latency.json", result)
+    print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}  {info['date']}")
+    print(f"copy {bw:.0f} GB/s; weights {wbytes / 1e9:.2f} GB; start-up {startup_s:.1f} s; "
+          f"HF eager batch 1: {hf and round(hf, 1)} tok/s")
+    print("| batch | decode tok/s/seq | total tok/s | TTFT ms | GB/s | % of copy roofline |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['batch']} | {r['decode_tok_s_per_seq']:.1f} | {r['decode_tok_s']:.0f} | {r['ttft_ms']:.1f} | "
+              f"{r['gb_s']:.0f} | {r['pct_roofline']:.1f}% (roofline {r['roofline_tok_s_per_seq']:.0f}) |")
+    print("\ntop kernels per decode step (batch 1):")
+    for k in prof:
+        print(f"  {k['us_per_step']:8.1f} us  x{k['calls_per_step']:.0f}  {k['kernel']}")
+
+
+if __name__ == "__main__":
+    main()
