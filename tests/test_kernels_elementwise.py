@@ -290,3 +290,22 @@ def test_sample_top_k_one_is_greedy():
     top_k = torch.ones(6, dtype=torch.int32, device=DEVICE)
     temperature = torch.full_like(temperature, 1.3)
     assert torch.equal(sample(logits, temperature, top_k, top_p, seeds, offsets), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sampling_modes_agree_with_full(backend):
+    """"greedy" and "plain" are host-side shortcuts: on batches that qualify they give the "full" tokens."""
+    from dist_llm.kernels import get_ops
+
+    sample = get_ops(backend).sample
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 300, generator=gen).to(DEVICE) * 3
+    seeds = torch.arange(5, dtype=torch.int64, device=DEVICE) + 11
+    offsets = torch.full((5,), 4, dtype=torch.int64, device=DEVICE)
+    no_k = torch.zeros(5, dtype=torch.int32, device=DEVICE)
+    no_p = torch.ones(5, device=DEVICE)
+    temp = torch.tensor([0.0, 0.7, 1.0, 1.3, 0.0], device=DEVICE)
+    full = sample(logits, temp, no_k, no_p, seeds, offsets, mode="full")
+    assert torch.equal(sample(logits, temp, no_k, no_p, seeds, offsets, mode="plain"), full)
+    zero = torch.zeros(5, device=DEVICE)
+    assert torch.equal(sample(logits, zero, no_k, no_p, seeds, offsets, mode="greedy"), logits.argmax(-1))

@@ -130,22 +130,27 @@ def counter_uniform(seeds: torch.Tensor, offsets: torch.Tensor, vocab: int) -> t
     return (((bits >> 40) & 0xFFFFFF).float() + 0.5) / float(1 << 24)
 
 
-def sample_ref(logits, temperature, top_k, top_p, seeds, offsets) -> torch.Tensor:
+def sample_ref(logits, temperature, top_k, top_p, seeds, offsets, mode: str = "full") -> torch.Tensor:
+    """`mode` ("greedy", "plain" or "full") is a host-side promise about the batch; it changes speed only."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
+    if mode == "greedy":
+        return greedy
     bsz, vocab = logits.shape
     temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     scaled = logits / temp[:, None]
+    # Gumbel-max with counter-based noise: argmax(logit/T - log(-log u)) samples softmax(logit/T).
+    gumbel = -torch.log(-torch.log(counter_uniform(seeds, offsets, vocab)))
+    if mode == "plain":
+        return torch.where(temperature > 0, (scaled + gumbel).argmax(dim=-1), greedy)
     sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
     drop = ranks >= k[:, None].long()
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p < 1)[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     filtered = torch.full_like(scaled, float("-inf")).scatter(1, sorted_idx, sorted_logits)
-    # Gumbel-max with counter-based noise: argmax(logit/T - log(-log u)) samples softmax(logit/T).
-    gumbel = -torch.log(-torch.log(counter_uniform(seeds, offsets, vocab)))
     sampled = (filtered + gumbel).argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy)

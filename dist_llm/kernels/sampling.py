@@ -77,8 +77,13 @@ def sample(
     top_p: torch.Tensor,
     seeds: torch.Tensor,
     offsets: torch.Tensor,
+    mode: str = "full",
 ) -> torch.Tensor:
-    """Token ids int64 [B]; temperature 0 = greedy, top_k 0 = off, top_p 1 = off (docs/architecture.md)."""
+    """Token ids int64 [B]; temperature 0 = greedy, top_k 0 = off, top_p 1 = off (docs/architecture.md).
+
+    `mode` is the caller's host-side knowledge of the batch, so no device data is branched on:
+    "greedy" (every row greedy: argmax only), "plain" (no row uses top-k or top-p: no sort) or "full".
+    """
     assert logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}"
     bsz, vocab = logits.shape
     for name, t in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
@@ -87,18 +92,22 @@ def sample(
         assert t.device == logits.device, f"{name} is on {t.device}, logits on {logits.device}"
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
+    if mode == "greedy":
+        return greedy
     temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     scaled = logits / temp[:, None]
+    gumbel = -torch.log(-torch.log(_counter_uniform(seeds.contiguous(), offsets.contiguous(), vocab)))
+    if mode == "plain":
+        return torch.where(temperature > 0, (scaled + gumbel).argmax(dim=-1), greedy)
     sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
     drop = ranks >= k[:, None].long()
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p < 1)[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     filtered = torch.full_like(scaled, float("-inf")).scatter(1, sorted_idx, sorted_logits)
     # Gumbel-max: argmax(logit/T - log(-log u)) samples softmax(logit/T)
-    gumbel = -torch.log(-torch.log(_counter_uniform(seeds.contiguous(), offsets.contiguous(), vocab)))
     sampled = (filtered + gumbel).argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy)

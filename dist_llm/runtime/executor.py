@@ -115,6 +115,7 @@ class Executor:
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
             seeds=torch.tensor([s.seed for s in batch.seqs], dtype=torch.int64),
             offsets=torch.tensor([s.num_generated for s in batch.seqs], dtype=torch.int64),
+            sampling_mode=sampling_mode(params),
             return_logits=any(p.return_first_logits and s.num_generated == 0 for p, s in zip(params, batch.seqs)),
             return_logprobs=any(p.return_logprobs for p in params),
         )
@@ -177,6 +178,14 @@ class Executor:
                 self.scheduler.finish(seq, "cancelled")
         comm.broadcast_object(SHUTDOWN)
         comm.barrier()
+
+
+def sampling_mode(params) -> str:
+    if all(p.temperature == 0 for p in params):
+        return "greedy"
+    if all(p.temperature == 0 or (p.top_k == 0 and p.top_p >= 1) for p in params):
+        return "plain"
+    return "full"
 
 
 def serve_worker(worker: Worker) -> None:

@@ -22,6 +22,7 @@ class StepPlan:
     top_p: torch.Tensor  # fp32 [B]
     seeds: torch.Tensor  # int64 [B]
     offsets: torch.Tensor  # int64 [B]
+    sampling_mode: str = "full"  # "greedy" | "plain" (no top-k/top-p row) | "full": picked on the host
     return_logits: bool = False
     return_logprobs: bool = False
 

@@ -125,7 +125,7 @@ class Worker:
         logits = self.model.compute_logits(out[last]).float()
         tokens = self.ops.sample(
             logits, plan.temperature.to(dev), plan.top_k.to(dev), plan.top_p.to(dev),
-            plan.seeds.to(dev), plan.offsets.to(dev),
+            plan.seeds.to(dev), plan.offsets.to(dev), mode=plan.sampling_mode,
         )
         result = StepResult(token_ids=tokens.cpu())
         if plan.return_logprobs:
