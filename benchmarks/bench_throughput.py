@@ -1,0 +1,127 @@
+"""Offline throughput with in-flight batching: N requests per (input, output) length, all queued at
+once, on a Llama-2-7B-shaped bf16 model with random weights made on the GPU. vLLM's metric names:
+output tok/s, req/s, TTFT, TPOT (time per output token after the first) and ITL (inter-token latency).
+HF transformers static batching (batch 64, 128/128) runs in the same process as the baseline.
+
+    python benchmarks/bench_throughput.py --output_dir bench_out/throughput [--grid 128/128 128/2048 2048/128 1000/1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import copy_bandwidth_gbs, header, write_json  # noqa: E402
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def run_grid_point(runner, n: int, in_len: int, out_len: int) -> dict:
+    from dist_llm.runtime.sequence import SamplingParams, Sequence
+
+    ex = runner.executor
+    vocab = runner.engine.model.vocab_size
+    gen = torch.Generator().manual_seed(in_len * 7 + out_len)
+    seqs = [Sequence(torch.randint(3, vocab, (in_len,), generator=gen).tolist(),
+                     SamplingParams(max_new_tokens=out_len, ignore_eos=True)) for _ in range(n)]
+    t0 = time.perf_counter()
+    for s in seqs:
+        s.arrival_time = t0
+        ex.enqueue(s)
+    with tqdm(total=n * out_len, desc=f"{in_len}/{out_len}", unit="tok", mininterval=2) as bar:
+        done = 0
+        while ex.has_unfinished():
+            ex.step()
+            now = sum(s.num_generated for s in seqs)
+            bar.update(now - done)
+            done = now
+    elapsed = time.perf_counter() - t0
+    ttft = [s.first_token_time - s.arrival_time for s in seqs]
+    tpot = [(s.token_times[-1] - s.first_token_time) / max(1, len(s.token_times) - 1) for s in seqs]
+    itl = [b - a for s in seqs for a, b in zip(s.token_times, s.token_times[1:])]
+    return {
+        "input_len": in_len, "output_len": out_len, "num_requests": n, "elapsed_s": elapsed,
+        "output_tok_s": n * out_len / elapsed, "req_s": n / elapsed,
+        "ttft_ms_p50": 1e3 * percentile(ttft, 50), "ttft_ms_p99": 1e3 * percentile(ttft, 99),
+        "tpot_ms_p50": 1e3 * percentile(tpot, 50), "tpot_ms_p99": 1e3 * percentile(tpot, 99),
+        "itl_ms_mean": 1e3 * statistics.fmean(itl) if itl else float("nan"),
+        "preemptions": ex.scheduler.num_preemptions,
+    }
+
+
+def hf_static_batching(model: str, batch: int, in_len: int, out_len: int) -> float:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dist_llm.checkpoint.presets import preset_config
+
+    cfg_dict = preset_config(model)
+    cfg = AutoConfig.for_model("llama", **{k: v for k, v in cfg_dict.items() if k != "architectures"})
+    with torch.device("cuda"):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    ids = torch.randint(3, cfg.vocab_size, (batch, in_len), device="cuda")
+    with torch.no_grad():
+        m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m.generate(ids, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False)
+        torch.cuda.synchronize()
+    tok_s = batch * out_len / (time.perf_counter() - t0)
+    del m
+    torch.cuda.empty_cache()
+    return tok_s
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--model", default="llama-2-7b")
+    p.add_argument("--grid", nargs="+", default=["128/128", "128/2048", "2048/128", "1000/1000"])
+    p.add_argument("--num_requests", type=int, default=1000)
+    p.add_argument("--max_batch_size", type=int, default=256)
+    p.add_argument("--max_num_tokens", type=int, default=8192)
+    p.add_argument("--skip_hf", action="store_true")
+    args = p.parse_args()
+
+    from dist_llm.checkpoint.builder import build_dummy
+    from dist_llm.config import BuildConfig
+    from dist_llm.runtime import ModelRunner
+
+    info = header()
+    bw = copy_bandwidth_gbs()
+    hf = None if args.skip_hf else hf_static_batching(args.model, 64, 128, 128)
+    engine = build_dummy(args.model, f"{args.output_dir}/engine_{args.model}",
+                         BuildConfig(args.max_batch_size, 2048, 4096, args.max_num_tokens, 64), 1, 1, "bfloat16",
+                         overwrite=True)
+    runner = ModelRunner.from_dir(engine, device="cuda")
+    run_grid_point(runner, 8, 128, 8)  # warm-up: Triton compiles
+    rows = []
+    for point in args.grid:
+        in_len, out_len = map(int, point.split("/"))
+        rows.append(run_grid_point(runner, args.num_requests, in_len, out_len))
+    num_blocks = runner.executor.block_manager.num_blocks
+    runner.shutdown()
+    result = {**info, "model": args.model, "copy_gb_s": bw, "hf_static_batch64_128_128_tok_s": hf,
+              "kv_blocks": num_blocks, "max_batch_size": args.max_batch_size, "rows": rows,
+              "command": "python " + " ".join(sys.argv)}
+    write_json(args.output_dir, "throughput.json", result)
+    print(f"# {info['gpu']}  torch {info['torch']}  {info['date']}; copy {bw:.0f} GB/s; KV blocks {num_blocks}; "
+          f"HF static batch 64 128/128: {hf and round(hf)} output tok/s")
+    print("| in/out | requests | output tok/s | req/s | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL mean ms | preempt |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['input_len']}/{r['output_len']} | {r['num_requests']} | {r['output_tok_s']:.0f} | "
+              f"{r['req_s']:.2f} | {r['ttft_ms_p50']:.0f}/{r['ttft_ms_p99']:.0f} | "
+              f"{r['tpot_ms_p50']:.1f}/{r['tpot_ms_p99']:.1f} | {r['itl_ms_mean']:.1f} | {r['preemptions']} |")
+
+
+if __name__ == "__main__":
+    main()
