@@ -98,7 +98,13 @@ def main(argv=None):
     if args.output_first_logits:
         import torch
 
-        torch.save(torch.stack([o.first_logits for o in outputs]), args.output_first_logits)
+        torch.save(torch.stack([o.first_logits for o in outputs if o.first_logits is not None]),
+                   args.output_first_logits)
+    rejected = [f"prompt {i}: {o.error}" for i, o in enumerate(outputs) if o.error]
+    if rejected:
+        from dist_llm.errors import DistLLMError
+
+        raise DistLLMError("; ".join(rejected))
 
 
 if __name__ == "__main__":

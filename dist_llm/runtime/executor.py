@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,11 @@ class Executor:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def stream(self) -> Iterator[TokenEvent]:
+        """Run steps while there is work, yielding every token as it is produced."""
+        while self.has_unfinished():
+            yield from self.step()
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -172,7 +178,10 @@ class Executor:
             return "length"
         return None
 
-    def shutdown(self) -> None:
+    def shutdown(self, drain: bool = False) -> None:
+        """Stop the worker ranks: first finish what is in flight (drain) or cancel it."""
+        while drain and self.has_unfinished():
+            self.step()
         for seq in list(self.requests.values()):
             if not seq.is_finished:
                 self.scheduler.finish(seq, "cancelled")

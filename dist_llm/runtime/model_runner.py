@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ from dist_llm.errors import DistLLMError
 from dist_llm.parallel.state import destroy, init_distributed
 from dist_llm.runtime.executor import Executor, serve_worker
 from dist_llm.runtime.kv_sizing import decide_num_blocks
-from dist_llm.runtime.sequence import SamplingParams, Sequence
+from dist_llm.runtime.sequence import SamplingParams, Sequence, Status
 from dist_llm.runtime.worker import Worker
 
 log = logging.getLogger("dist_llm")
@@ -43,6 +44,7 @@ class GenerationOutput:
     num_cached_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
     first_logits: torch.Tensor | None = None
+    error: str | None = None
 
     def to_json(self) -> dict:
         return {
@@ -51,6 +53,15 @@ class GenerationOutput:
             "output_token_ids": self.output_token_ids,
             "finish_reason": self.finish_reason,
         }
+
+
+@dataclass
+class StreamChunk:
+    index: int  # position of the prompt in the call
+    request_id: int
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
 
 
 class ModelRunner:
@@ -88,28 +99,55 @@ class ModelRunner:
             raise DistLLMError("no tokenizer in the engine directory: pass token ids or --tokenizer_dir")
         return [self.tokenizer(t)["input_ids"] for t in texts]
 
-    def generate(self, input_texts: list[str] | None = None, batch_input_ids=None, max_new_tokens: int = 16,
-                 **sampling) -> list[GenerationOutput] | None:
-        """Generate for a batch of prompts (texts or token ids); returns outputs in input order.
-
-        `sampling` takes the SamplingParams fields: temperature, top_k, top_p, seed, stop, stop_token_ids,
-        end_id, ignore_eos, return_logprobs, return_first_logits. A seed applies to every prompt of the call.
-        """
-        if not self.is_leader:
-            return None
+    def _submit(self, input_texts, batch_input_ids, max_new_tokens: int, sampling: dict):
         if (input_texts is None) == (batch_input_ids is None):
             raise DistLLMError("give exactly one of input_texts or batch_input_ids")
         if input_texts is not None:
+            if isinstance(input_texts, str):
+                input_texts = [input_texts]
             prompts = self.tokenize(list(input_texts))
         else:
             prompts = [list(map(int, p.tolist() if torch.is_tensor(p) else p)) for p in batch_input_ids]
         params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
         seqs = [Sequence(p, params) for p in prompts]
         for s in seqs:
-            self.executor.enqueue(s)
+            try:
+                self.executor.enqueue(s)
+            except DistLLMError as e:  # refused at admission; the others run on
+                s.status, s.finish_reason, s.error = Status.FINISHED, "rejected", str(e)
+                log.error("request %d rejected: %s", s.request_id, e)
+        return input_texts, seqs
+
+    def generate(self, input_texts: list[str] | None = None, batch_input_ids=None, max_new_tokens: int = 16,
+                 **sampling) -> list[GenerationOutput] | None:
+        """Generate for a batch of prompts (texts or token ids); returns outputs in input order.
+
+        `sampling` takes the SamplingParams fields: temperature, top_k, top_p, seed, stop, stop_token_ids,
+        end_id, ignore_eos, return_logprobs, return_first_logits. A seed applies to every prompt of the call.
+        A prompt that can never fit the engine comes back with finish_reason "rejected" and `error` set.
+        """
+        if not self.is_leader:
+            return None
+        texts, seqs = self._submit(input_texts, batch_input_ids, max_new_tokens, sampling)
         while any(not s.is_finished for s in seqs):
             self.executor.step()
-        return [self._output(s, input_texts[i] if input_texts else None) for i, s in enumerate(seqs)]
+        return [self._output(s, texts[i] if texts else None) for i, s in enumerate(seqs)]
+
+    def generate_stream(self, input_texts: list[str] | None = None, batch_input_ids=None, max_new_tokens: int = 16,
+                        **sampling) -> Iterator[StreamChunk]:
+        """Like `generate`, but yields each token as soon as it is sampled (in-flight batching underneath)."""
+        if not self.is_leader:
+            return
+        texts, seqs = self._submit(input_texts, batch_input_ids, max_new_tokens, sampling)
+        index = {s.request_id: i for i, s in enumerate(seqs)}
+        for s in seqs:
+            if s.finish_reason == "rejected":
+                yield StreamChunk(index[s.request_id], s.request_id, [], True, "rejected")
+        while any(not s.is_finished for s in seqs):
+            for ev in self.executor.step():
+                if ev.request_id in index:
+                    yield StreamChunk(index[ev.request_id], ev.request_id, ev.new_token_ids, ev.finished,
+                                      ev.finish_reason)
 
     def _output(self, seq: Sequence, text: str | None) -> GenerationOutput:
         out_text = None
@@ -128,6 +166,7 @@ class ModelRunner:
             num_cached_tokens=seq.reported_cached_tokens,
             logprobs=seq.logprobs,
             first_logits=seq.first_logits,
+            error=seq.error,
         )
 
     def shutdown(self) -> None:

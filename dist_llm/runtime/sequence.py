@@ -56,6 +56,7 @@ class Sequence:
         self.reported_cached_tokens = 0  # prompt tokens served from the prefix cache (first admission)
         self.status = Status.WAITING
         self.finish_reason: str | None = None
+        self.error: str | None = None
         self.logprobs: list[float] = []
         self.first_logits = None
         self.num_preemptions = 0
