@@ -76,3 +76,18 @@ def test_model_runner_under_mpirun(tiny_models, references, tmp_path):
     script.write_text(RUNNER_SCRIPT)
     run_cmd(mpirun_cmd(2) + [sys.executable, str(script), engine, json.dumps(PROMPTS), str(MAX_NEW), str(out)])
     assert json.loads(out.read_text()) == references["llama"][0]
+
+
+@pytest.mark.parametrize("arch,tp", [("llama", 2), ("qwen2", 1)])
+def test_triton_backend_matches_transformers(arch, tp, tiny_models, references, tmp_path):
+    """The same story with every op on the Triton kernels (the interpreter on the CPU)."""
+    engine = convert_and_build(tiny_models[arch], tmp_path, tp, 1)
+    out_json, out_logits = tmp_path / "out.json", tmp_path / "logits.pt"
+    new = 6
+    run_dist(tp, ["--engine_dir", engine, "--input_text", *PROMPTS, "--max_new_tokens", str(new),
+                  "--attention_backend", "triton", "--output_json", str(out_json),
+                  "--output_first_logits", str(out_logits), "--quiet"], timeout=600)
+    ref_tokens, ref_logits = references[arch]
+    assert [o["output_token_ids"] for o in json.loads(out_json.read_text())] == [t[:new] for t in ref_tokens]
+    logits = torch.load(out_logits)
+    assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() < 1e-4
