@@ -10,10 +10,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.
 step() { local name=$1 limit=$2; shift 2; echo "=== $name"; local t0=$SECONDS
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
     echo "rc=$rc in $((SECONDS - t0)) s"; tail -n "${TAIL:-25}" "$OUT/$name.log"; }
-TAIL=6 step pytest_gpu 240 python3 -m pytest -q -s -x -p no:cacheprovider tests/test_gpu.py tests/test_kernels_elementwise.py tests/test_kernels_attention.py
+TAIL=8 step pytest_gpu 170 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py tests/test_kernels_elementwise.py tests/test_kernels_attention.py
 grep -h "largest first-step" "$OUT/pytest_gpu.log"
-TAIL=40 step bench_kernels 150 python3 benchmarks/bench_kernels.py --output_dir "$OUT/kernels"
-TAIL=30 step bench_latency 200 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency" --batch_sizes 1 8 32 64
-TAIL=12 step bench_throughput 180 python3 benchmarks/bench_throughput.py --output_dir "$OUT/throughput" --grid 128/128 --num_requests 1000
+TAIL=40 step bench_kernels 110 python3 benchmarks/bench_kernels.py --output_dir "$OUT/kernels"
+TAIL=30 step bench_latency 160 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency" --batch_sizes 1 8 32 64
+TAIL=12 step bench_throughput 110 python3 benchmarks/bench_throughput.py --output_dir "$OUT/throughput" --grid 128/128 --num_requests 1000
 rm -rf "$OUT"/*/engine_* 2>/dev/null
 echo done
