@@ -13,7 +13,7 @@ import torch
 from conftest import PROMPTS, convert_and_build, run_dist
 
 pytestmark = pytest.mark.gpu
-MAX_NEW = 32
+MAX_NEW = 128  # the Multi-GPU issue's 128 steps
 
 
 def hf_bf16(model_dir: str, prompts: list[str], max_new: int):
@@ -39,6 +39,34 @@ def run_engine(engine: str, n: int, tmp_path, *extra: str):
     return [o["output_token_ids"] for o in json.loads(out.read_text())], torch.load(lg)
 
 
+NEAR_TIE = 0.25  # logits; a few bf16 ulps at the tiny models' logit scale (about 4)
+
+
+def margin_at(model_dir: str, prompt: str, tokens: list[int]) -> float:
+    """fp32 top-1 minus top-2 logit after prompt + tokens: how close a greedy decision was."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([tok(prompt)["input_ids"] + tokens])
+    with torch.no_grad():
+        top2 = model(ids).logits[0, -1].topk(2).values
+    return (top2[0] - top2[1]).item()
+
+
+def assert_same_greedy(model_dir: str, got: list[list[int]], want: list[list[int]]) -> None:
+    """bf16 greedy tokens must be equal, except from a step where the fp32 model itself is at a near-tie
+    (then bf16 rounding may pick either token, and the texts legitimately part)."""
+    for prompt, g, w in zip(PROMPTS, got, want):
+        first = next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), None)
+        if first is None:
+            assert len(g) == len(w)
+            continue
+        margin = margin_at(model_dir, prompt, w[:first])
+        print(f"  diverged at step {first} of {len(w)}, fp32 top-2 margin there {margin:.4f}")
+        assert margin < NEAR_TIE, f"tokens differ at step {first} where the fp32 margin is {margin:.3f}"
+
+
 def report(name: str, got, want) -> float:
     diff = (got - want).abs().max().item()
     print(f"\n{name}: largest first-step logit difference {diff:.4g} (logit scale {want.abs().max().item():.3g})")
@@ -51,7 +79,7 @@ def test_bf16_tp1_matches_transformers(arch, tiny_models, tmp_path):
     engine = convert_and_build(tiny_models[arch], tmp_path, 1, 1, dtype="bfloat16")
     tokens, logits = run_engine(engine, 1, tmp_path)
     report(f"{arch} bf16 tp=1 (triton kernels) vs HF bf16", logits, ref_logits)
-    assert tokens == ref_tokens
+    assert_same_greedy(tiny_models[arch], tokens, ref_tokens)
     assert (logits - ref_logits).abs().max() <= 0.05 * ref_logits.abs().max()
 
 
@@ -60,7 +88,8 @@ def test_bf16_tp2_gloo_on_one_gpu(tiny_models, tmp_path):
     engine = convert_and_build(tiny_models["llama"], tmp_path, 2, 1, dtype="bfloat16")
     tokens, logits = run_engine(engine, 2, tmp_path, "--backend", "gloo")
     report("llama bf16 tp=2 gloo on one GPU vs HF bf16", logits, ref_logits)
-    assert tokens == ref_tokens
+    assert_same_greedy(tiny_models["llama"], tokens, ref_tokens)
+    assert (logits - ref_logits).abs().max() <= 0.05 * ref_logits.abs().max()
 
 
 needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for NCCL")
@@ -74,4 +103,5 @@ def test_nccl_matches_tp1(tp, pp, tiny_models, tmp_path):
     engine = convert_and_build(tiny_models["llama"], tmp_path, tp, pp, dtype="bfloat16")
     tokens, logits = run_engine(engine, tp * pp, tmp_path, "--backend", "nccl")
     report(f"llama bf16 tp={tp} pp={pp} NCCL vs tp=1", logits, base_logits)
-    assert tokens == base_tokens
+    assert_same_greedy(tiny_models["llama"], tokens, base_tokens)
+    assert (logits - base_logits).abs().max() <= 0.05 * base_logits.abs().max()
