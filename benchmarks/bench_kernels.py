@@ -282,19 +282,20 @@ def _prefill_case(b: Bench, s: Shapes, bs: int):
             sdpa_tflops=flops / sdpa["sdpa_us"] / 1e6, **sdpa)  # fmt: skip
 
 
-def _sample_case(b: Bench, bsz: int, vocab: int, greedy: bool):
+def _sample_case(b: Bench, bsz: int, vocab: int, mode: str):
+    """The runtime picks the mode on the host: greedy (argmax), plain (temperature only) or full (top-k/p)."""
     logits = 3 * b.randn(bsz, vocab, dtype=F32)
-    temperature = torch.full((bsz,), 0.0 if greedy else 1.0, device=b.dev)
-    top_k = torch.full((bsz,), 0 if greedy else 50, dtype=torch.int32, device=b.dev)
-    top_p = torch.full((bsz,), 1.0 if greedy else 0.9, device=b.dev)
+    temperature = torch.full((bsz,), 0.0 if mode == "greedy" else 1.0, device=b.dev)
+    top_k = torch.full((bsz,), 50 if mode == "full" else 0, dtype=torch.int32, device=b.dev)
+    top_p = torch.full((bsz,), 0.9 if mode == "full" else 1.0, device=b.dev)
     seeds = torch.arange(bsz, dtype=torch.int64, device=b.dev)
     offsets = torch.full((bsz,), 7, dtype=torch.int64, device=b.dev)
     args = (logits, temperature, top_k, top_p, seeds, offsets)
-    differ = int((b.tri.sample(*args) != b.ref.sample(*args)).sum().item())
-    us = b.time_us(lambda: b.tri.sample(*args))
+    differ = int((b.tri.sample(*args, mode=mode) != b.ref.sample(*args)).sum().item())
+    us = b.time_us(lambda: b.tri.sample(*args, mode=mode))
     ref_us = b.time_us(lambda: b.ref.sample(*args))
-    mode = "greedy" if greedy else "T=1 top_p=0.9 top_k=50"
-    b.add("sample", f"logits [{bsz}, {vocab}] fp32, {mode}", us, ref_us=ref_us, diff=differ,
+    label = {"greedy": "greedy", "plain": "T=1", "full": "T=1 top_p=0.9 top_k=50"}[mode]
+    b.add("sample", f"logits [{bsz}, {vocab}] fp32, {label} (mode {mode})", us, ref_us=ref_us, diff=differ,
           check=f"{differ}/{bsz} tokens differ")  # fmt: skip
 
 
@@ -308,7 +309,8 @@ CASES = {  # what each --only name runs
         _decode_case(b, s, bs, hk) for bs in s.block_sizes for hk in (s.heads, s.gqa_kv_heads)
     ],
     "context_attention": lambda b, s: [_prefill_case(b, s, bs) for bs in reversed(s.block_sizes)],
-    "sample": lambda b, s: [_sample_case(b, n, s.vocab, g) for n in s.sample_batches for g in (True, False)],
+    "sample": lambda b, s: [_sample_case(b, n, s.vocab, g) for n in s.sample_batches
+                                for g in ("greedy", "plain", "full")],
 }
 
 
