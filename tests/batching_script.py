@@ -64,6 +64,8 @@ seqs = run(ex, waves)
 report["staggered"] = {i: s.output_token_ids for i, s in seqs.items()}
 report["cached_tokens"] = {i: s.reported_cached_tokens for i, s in seqs.items()}
 report["staggered_free_blocks"] = [ex.block_manager.num_free_blocks, ex.block_manager.num_blocks]
+report["max_inflight"] = ex.max_inflight_seen
+report["pp_size"] = runner.engine.mapping.pp_size
 
 small = fresh_executor(14)  # 14 blocks of 16 tokens: far too few for 16 running requests
 seqs = run(small, waves)

@@ -31,6 +31,11 @@ def test_staggered_requests_match_alone(report):
     assert free == total
 
 
+def test_pipeline_keeps_micro_batches_in_flight(report):
+    """With pp stages, up to pp micro-batches of disjoint requests are in the pipeline at once."""
+    assert report["max_inflight"] == report["pp_size"]
+
+
 def test_preemption_keeps_outputs(report):
     assert report["num_preemptions"] > 0
     assert report["preempted"] == report["alone"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import torch
 import torch.distributed as dist
 
@@ -39,11 +41,16 @@ def _needs_host_staging(x: torch.Tensor) -> bool:
     return get_state().backend == "gloo" and x.is_cuda
 
 
-def pp_send(x: torch.Tensor, to_pp_rank: int) -> None:
-    """Send activations to the rank with the same tp_rank in stage `to_pp_rank`."""
+def pp_send(x: torch.Tensor, to_pp_rank: int):
+    """Send activations to the rank with the same tp_rank in stage `to_pp_rank`, asynchronously.
+
+    Returns a handle; the caller keeps it (and so the tensor) until `wait()`. Not waiting here is what lets
+    a stage start its next micro-batch while the next stage is still busy with this one.
+    """
     s = get_state()
     dst = s.mapping.peer_in_stage(to_pp_rank)
-    dist.send(x.cpu() if _needs_host_staging(x) else x.contiguous(), dst=dst)
+    x = x.cpu() if _needs_host_staging(x) else x.contiguous()
+    return _Pending(dist.isend(x, dst=dst), x)
 
 
 def pp_recv(shape, dtype: torch.dtype, from_pp_rank: int) -> torch.Tensor:
@@ -58,24 +65,59 @@ def pp_recv(shape, dtype: torch.dtype, from_pp_rank: int) -> torch.Tensor:
     return buf
 
 
+class _Pending:
+    """An asynchronous operation and the tensors it reads, kept alive until it completes."""
+
+    def __init__(self, work, *tensors):
+        self.work, self.tensors = work, tensors
+
+    def wait(self) -> None:
+        self.work.wait()
+        self.tensors = ()
+
+
+_broadcasts: list[_Pending] = []
+
+
 def broadcast_object(obj=None):
-    """Rank 0's `obj` on every rank (control plane, gloo)."""
+    """Rank 0's `obj` on every rank (control plane, gloo).
+
+    On rank 0 it does not wait for the other ranks to receive: with pipeline parallelism the last stage
+    may still be busy with an earlier micro-batch. The other ranks block until the object arrives.
+    """
     s = get_state()
     if not s.distributed:
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=s.control_group)
-    return box[0]
+    group = s.control_group
+    if s.mapping.rank == 0:
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        works = [dist.broadcast(t, src=0, group=group, async_op=True) for t in (size, payload)]
+        _broadcasts.append(_Pending(works[1], size, payload))
+        _broadcasts[:] = [p for p in _broadcasts if not p.work.is_completed()]
+        return obj
+    size = torch.empty(1, dtype=torch.int64)
+    dist.broadcast(size, src=0, group=group)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(payload, src=0, group=group)
+    return pickle.loads(payload.numpy().tobytes())
+
+
+def flush_broadcasts() -> None:
+    """Wait until every rank has received rank 0's broadcasts (before shutting down)."""
+    for p in _broadcasts:
+        p.wait()
+    _broadcasts.clear()
 
 
 def send_object(obj, dst: int) -> None:
-    """Point-to-point on the control plane (e.g. sampled ids from the last stage to rank 0)."""
-    dist.send_object_list([obj], dst=dst, group=get_state().control_group)
+    """Point-to-point on the result channel (sampled ids from the last stage to rank 0)."""
+    dist.send_object_list([obj], dst=dst, group=get_state().result_group)
 
 
 def recv_object(src: int):
     box = [None]
-    dist.recv_object_list(box, src=src, group=get_state().control_group)
+    dist.recv_object_list(box, src=src, group=get_state().result_group)
     return box[0]
 
 

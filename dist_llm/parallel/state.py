@@ -30,7 +30,8 @@ class ParallelState:
     backend: str
     device: torch.device
     tp_group: object = None
-    control_group: object = None
+    control_group: object = None  # gloo, world: step plans from rank 0
+    result_group: object = None  # gloo, world: sampled ids from the last stage to rank 0
 
     @property
     def distributed(self) -> bool:
@@ -118,7 +119,10 @@ def init_distributed(tp_size: int, pp_size: int, backend: str = "auto", device: 
             timeout=timeout,
             **kwargs,
         )
-        state.control_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+        # own groups for the control plane, so that its asynchronous broadcasts never queue behind,
+        # or ahead of, data-plane collectives
+        state.control_group = dist.new_group(backend="gloo", timeout=timeout)
+        state.result_group = dist.new_group(backend="gloo", timeout=timeout)
         for pp_rank in range(pp_size):
             group = dist.new_group(mapping.stage_ranks(pp_rank), backend=backend, timeout=timeout)
             if pp_rank == mapping.pp_rank:

@@ -2,12 +2,17 @@
 
 Each step: schedule -> build a StepPlan -> broadcast it -> run this rank's shard -> receive the
 sampled ids from the last stage -> append them, check stops, free finished requests' blocks.
+
+With pipeline parallelism up to pp_size micro-batches (of disjoint requests) are in flight: rank 0
+launches the next one into stage 0 while later stages still work on earlier ones, and completes them
+in launch order.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -43,6 +48,9 @@ class Executor:
         self.eos_ids = set(engine.model.eos_token_ids)
         self.mapping = worker.mapping
         self.steps = 0
+        self.depth = self.mapping.pp_size  # micro-batches in flight at most
+        self.inflight: deque[tuple[ScheduledBatch, StepResult | None]] = deque()
+        self.max_inflight_seen = 0
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -84,7 +92,7 @@ class Executor:
             self.scheduler.finish(seq, "cancelled")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.inflight)
 
     def stream(self) -> Iterator[TokenEvent]:
         """Run steps while there is work, yielding every token as it is produced."""
@@ -126,24 +134,37 @@ class Executor:
             return_logprobs=any(p.return_logprobs for p in params),
         )
 
-    def _run(self, plan: StepPlan) -> StepResult:
+    def _launch(self, batch: ScheduledBatch) -> None:
+        plan = self._plan(batch)
         comm.broadcast_object(plan)
-        result = self.worker.execute(plan)
-        if not self.mapping.is_last_stage:
-            result = comm.recv_object(self.mapping.sampler_rank)
-        return result
+        result = self.worker.execute(plan)  # the result itself when rank 0 is also the last stage
+        self.inflight.append((batch, result))
+        self.max_inflight_seen = max(self.max_inflight_seen, len(self.inflight))
 
     def step(self) -> list[TokenEvent]:
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
+        """Launch micro-batches until the pipeline is full, then complete the oldest one."""
+        while len(self.inflight) < self.depth:
+            busy = {s.request_id for b, _ in self.inflight for s in b.seqs}
+            batch = self.scheduler.schedule(busy)
+            if not batch.seqs:
+                break
+            self._launch(batch)
+        if not self.inflight:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress with requests pending (a bug: please report)")
             return []
-        result = self._run(self._plan(batch))
+        batch, result = self.inflight.popleft()
+        if result is None:
+            result = comm.recv_object(self.mapping.sampler_rank)
         self.steps += 1
+        return self._complete(batch, result)
+
+    def _complete(self, batch: ScheduledBatch, result: StepResult) -> list[TokenEvent]:
         now = time.perf_counter()
         events = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if seq.is_finished:  # cancelled while its micro-batch was in the pipeline
+                continue
             seq.num_computed_tokens += n
             self.block_manager.commit(seq, seq.num_computed_tokens)
             if seq.num_computed_tokens < len(seq):
@@ -165,10 +186,9 @@ class Executor:
 
     def _stop_reason(self, seq: Sequence) -> str | None:
         p, token = seq.params, seq.token_ids[-1]
-        if token in p.stop_token_ids:
-            return "stop"
         eos = self.eos_ids if p.end_id is None else ({p.end_id} if p.end_id >= 0 else set())
-        if not p.ignore_eos and token in eos:
+        if token in p.stop_token_ids or (not p.ignore_eos and token in eos):
+            seq.stopped_on_token = True
             return "stop"
         if p.stop and self.tokenizer is not None:
             tail = self.tokenizer.decode(seq.output_token_ids[-32:], skip_special_tokens=True)
@@ -185,7 +205,13 @@ class Executor:
         for seq in list(self.requests.values()):
             if not seq.is_finished:
                 self.scheduler.finish(seq, "cancelled")
+        while self.inflight:  # let the pipeline empty, so no rank is left mid-step
+            _, result = self.inflight.popleft()
+            if result is None:
+                comm.recv_object(self.mapping.sampler_rank)
+        self.worker.wait_sends()
         comm.broadcast_object(SHUTDOWN)
+        comm.flush_broadcasts()
         comm.barrier()
 
 
@@ -203,6 +229,7 @@ def serve_worker(worker: Worker) -> None:
     while True:
         plan = comm.broadcast_object()
         if plan == SHUTDOWN:
+            worker.wait_sends()
             comm.barrier()
             return
         result = worker.execute(plan)

@@ -4,6 +4,9 @@ Running requests go first (a decode token each, or their next prefill chunk), th
 are admitted while KV blocks, `max_batch_size` and the token budget `max_num_tokens` allow. Decode
 tokens and prefill chunks share one forward (chunked prefill), so a long prompt never stalls decoders.
 When blocks run out, the newest running request is preempted (its blocks freed, recomputed later).
+
+With pipeline parallelism several micro-batches are in flight at once: `schedule(busy)` leaves out the
+requests of the micro-batches still in the pipeline, and never preempts one of them.
 """
 
 from __future__ import annotations
@@ -53,23 +56,28 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, busy: set[int] | None = None) -> ScheduledBatch:
+        """`busy`: request ids whose previous micro-batch has not come back yet."""
+        busy = busy or set()
         seqs, counts, preempted = [], [], []
         budget = self.max_num_tokens
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq not in self.running:  # preempted while making room for an older request
-                continue
+            if seq not in self.running or seq.request_id in busy:
+                continue  # preempted while making room for an older request, or still in the pipeline
             remaining = len(seq) - seq.num_computed_tokens
             if remaining == 1:  # decode: the newest token needs a slot
                 while not self.bm.can_append(seq):
-                    victim = self.running[-1]
+                    victims = [s for s in self.running if s.request_id not in busy]
+                    victim = victims[-1]
+                    if victim is seq and len(victims) < len(self.running):
+                        break  # wait for the in-flight micro-batches to finish instead
                     self._preempt(victim)
                     preempted.append(victim)
                     if victim is seq:
                         break
-                if seq not in self.running:
+                if seq not in self.running or not self.bm.can_append(seq):
                     continue
                 self.bm.append_slot(seq)
             n = min(remaining, budget)

@@ -78,6 +78,7 @@ class Worker:
                 m.build_cache(self.device)
         self.model.eval()
         self.num_blocks = 0
+        self._pending_send = None  # the previous micro-batch's activations, still on their way
 
     # ---- KV cache -------------------------------------------------------------------------------
 
@@ -99,6 +100,11 @@ class Worker:
 
     # ---- one step -------------------------------------------------------------------------------
 
+    def wait_sends(self) -> None:
+        if self._pending_send is not None:
+            self._pending_send.wait()
+            self._pending_send = None
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
         dev = self.device
@@ -119,7 +125,8 @@ class Worker:
             packed = comm.pp_recv(shape, self.dtype, m.pp_rank - 1)
             out = self.model(positions, hidden=packed[0], residual=packed[1])
         if not m.is_last_stage:
-            comm.pp_send(torch.stack(out), m.pp_rank + 1)
+            self.wait_sends()
+            self._pending_send = comm.pp_send(torch.stack(out), m.pp_rank + 1)
             return None
         last = (plan.cu_seqlens_q[1:] - 1).to(dev, non_blocking=True).long()
         logits = self.model.compute_logits(out[last]).float()
