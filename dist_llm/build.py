@@ -76,6 +76,7 @@ def main(argv=None):
     if errors:
         if world.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
+        world.barrier()  # the first rank to exit ends the job: not before rank 0 has removed the staging dir
         raise DistLLMError("; ".join(errors))
     if world.rank == 0:
         builder.finish_engine(args.checkpoint_dir, staging, args.output_dir, engine)

@@ -69,11 +69,26 @@ def read_inputs(args) -> tuple[list[str] | None, list[list[int]] | None]:
     return texts, None
 
 
+def check_tokenizer(args) -> None:
+    """Text prompts need a tokenizer: say so before any rank loads weights, naming where it was looked for."""
+    from dist_llm.config import EngineConfig
+    from dist_llm.errors import DistLLMError
+    from dist_llm.runtime.model_runner import has_tokenizer
+
+    EngineConfig.load(args.engine_dir)  # a missing engine is the error to report first
+    where = args.tokenizer_dir or args.engine_dir
+    if not has_tokenizer(where):
+        flag = "--tokenizer_dir " if args.tokenizer_dir else ""
+        raise DistLLMError(f"no tokenizer in {flag}{where}; pass --tokenizer_dir or --input_ids")
+
+
 def main(argv=None):
     args = parse_args(argv)
     from dist_llm.runtime import ModelRunner
 
     texts, ids = read_inputs(args)  # before start-up, so bad input fails fast on every rank
+    if texts is not None:
+        check_tokenizer(args)
     runner = ModelRunner.from_dir(
         args.engine_dir, device=args.device, backend=args.backend, kernel_backend=args.kernel_backend,
         tokenizer_dir=args.tokenizer_dir, kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,

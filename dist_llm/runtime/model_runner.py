@@ -65,6 +65,8 @@ class StreamChunk:
 
 
 class ModelRunner:
+    tokenizer_dir: str | None = None  # where the tokenizer was looked for (for error messages)
+
     def __init__(self, engine: EngineConfig, executor: Executor | None, tokenizer, is_leader: bool):
         self.engine, self.executor, self.tokenizer, self.is_leader = engine, executor, tokenizer, is_leader
         self._closed = not is_leader
@@ -89,6 +91,7 @@ class ModelRunner:
         bs = engine.build.tokens_per_block
         log.info("KV cache: %d blocks of %d tokens = %d tokens in flight at most", num_blocks, bs, num_blocks * bs)
         runner = cls(engine, executor, tokenizer, is_leader=True)
+        runner.tokenizer_dir = tokenizer_dir or engine_dir
         atexit.register(runner.shutdown)
         return runner
 
@@ -96,7 +99,8 @@ class ModelRunner:
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         if self.tokenizer is None:
-            raise DistLLMError("no tokenizer in the engine directory: pass token ids or --tokenizer_dir")
+            raise DistLLMError(f"no tokenizer in {self.tokenizer_dir or 'the engine directory'}; pass tokenizer_dir "
+                               "(--tokenizer_dir) or token ids (batch_input_ids, --input_ids)")
         return [self.tokenizer(t)["input_ids"] for t in texts]
 
     def _submit(self, input_texts, batch_input_ids, max_new_tokens: int, sampling: dict):
@@ -124,6 +128,9 @@ class ModelRunner:
 
         `sampling` takes the SamplingParams fields: temperature, top_k, top_p, seed, stop, stop_token_ids,
         end_id, ignore_eos, return_logprobs, return_first_logits. A seed applies to every prompt of the call.
+        Stops work as in vLLM: a stop token (stop_token_ids, EOS or end_id) ends the output and stays in
+        output_token_ids, but its text is not in output_text; a stop string is cut from output_text, with
+        whatever follows it, while output_token_ids keep every token up to the one that completed it.
         A prompt that can never fit the engine comes back with finish_reason "rejected" and `error` set.
         """
         if not self.is_leader:
@@ -152,7 +159,10 @@ class ModelRunner:
     def _output(self, seq: Sequence, text: str | None) -> GenerationOutput:
         out_text = None
         if self.tokenizer is not None:
-            out_text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            ids = seq.output_token_ids
+            if seq.stopped_on_token:
+                ids = ids[:-1]  # as vLLM: the stop token is in output_token_ids, not in output_text
+            out_text = self.tokenizer.decode(ids, skip_special_tokens=True)
             for s in seq.params.stop:
                 if s in out_text:
                     out_text = out_text[: out_text.index(s)]
@@ -184,10 +194,14 @@ class ModelRunner:
         self.shutdown()
 
 
+def has_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    if not has_tokenizer(path):
         log.warning("no tokenizer files in %s: only token-id input will work", path)
         return None
     return AutoTokenizer.from_pretrained(path)

@@ -17,8 +17,10 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None  # None with temperature > 0: a random seed is drawn at admission
+    # a stop token (here, EOS or end_id) finishes with "stop"; as in vLLM it stays in the output token ids
+    # but its text is left out of the output text
     stop_token_ids: list[int] = field(default_factory=list)
-    stop: list[str] = field(default_factory=list)  # stop strings; the match is cut from the text
+    stop: list[str] = field(default_factory=list)  # stop strings; the match and what follows are cut from the text
     end_id: int | None = None  # overrides the engine's EOS ids; -1 disables EOS stopping
     ignore_eos: bool = False
     return_logprobs: bool = False
@@ -57,6 +59,7 @@ class Sequence:
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.stopped_on_token = False  # finished by a stop token (stop_token_ids, EOS, end_id)
         self.logprobs: list[float] = []
         self.first_logits = None
         self.num_preemptions = 0
