@@ -15,7 +15,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import copy_bandwidth_gbs, header, write_json  # noqa: E402
+from common import copy_bandwidth_gbs, header, hf_generate_tok_s, write_json  # noqa: E402
 
 
 def build_runner(model: str, max_batch: int, tmp: str):
@@ -85,29 +85,6 @@ def profile_decode(runner, steps: int = 8) -> list[dict]:
     return rows[:15]
 
 
-def hf_baseline(model: str, prompt_len: int, new_tokens: int) -> float:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from dist_llm.checkpoint.presets import preset_config
-
-    cfg_dict = preset_config(model)
-    cfg = AutoConfig.for_model("mistral" if "Mistral" in cfg_dict["architectures"][0] else "llama",
-                               **{k: v for k, v in cfg_dict.items() if k != "architectures"})
-    with torch.device("cuda"):
-        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    ids = torch.randint(3, cfg.vocab_size, (1, prompt_len), device="cuda")
-    with torch.no_grad():
-        m.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        torch.cuda.synchronize()
-    tok_s = new_tokens / (time.perf_counter() - t0)
-    del m
-    torch.cuda.empty_cache()
-    return tok_s
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", required=True)
@@ -120,7 +97,7 @@ def main():
 
     info = header()
     bw = copy_bandwidth_gbs()
-    hf = None if args.skip_hf else hf_baseline(args.model, args.input_len, args.output_len)
+    hf = None if args.skip_hf else hf_generate_tok_s(args.model, 1, args.input_len, args.output_len)
     runner, startup_s = build_runner(args.model, max(args.batch_sizes), args.output_dir)
     wbytes = weight_bytes(runner)
     measure(runner, 1, args.input_len, 16)  # warm-up: Triton compiles

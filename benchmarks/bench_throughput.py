@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import copy_bandwidth_gbs, header, write_json  # noqa: E402
+from common import copy_bandwidth_gbs, header, hf_generate_tok_s, write_json  # noqa: E402
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -58,28 +58,6 @@ def run_grid_point(runner, n: int, in_len: int, out_len: int) -> dict:
     }
 
 
-def hf_static_batching(model: str, batch: int, in_len: int, out_len: int) -> float:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from dist_llm.checkpoint.presets import preset_config
-
-    cfg_dict = preset_config(model)
-    cfg = AutoConfig.for_model("llama", **{k: v for k, v in cfg_dict.items() if k != "architectures"})
-    with torch.device("cuda"):
-        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    ids = torch.randint(3, cfg.vocab_size, (batch, in_len), device="cuda")
-    with torch.no_grad():
-        m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        m.generate(ids, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False)
-        torch.cuda.synchronize()
-    tok_s = batch * out_len / (time.perf_counter() - t0)
-    del m
-    torch.cuda.empty_cache()
-    return tok_s
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", required=True)
@@ -97,7 +75,7 @@ def main():
 
     info = header()
     bw = copy_bandwidth_gbs()
-    hf = None if args.skip_hf else hf_static_batching(args.model, 64, 128, 128)
+    hf = None if args.skip_hf else hf_generate_tok_s(args.model, 64, 128, 128)
     engine = build_dummy(args.model, f"{args.output_dir}/engine_{args.model}",
                          BuildConfig(args.max_batch_size, 2048, 4096, args.max_num_tokens, 64), 1, 1, "bfloat16",
                          overwrite=True)

@@ -47,3 +47,30 @@ def write_json(output_dir: str, name: str, data) -> str:
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
     return path
+
+
+def hf_generate_tok_s(model: str, batch: int, in_len: int, out_len: int) -> float:
+    """HF transformers eager `generate` on the same shapes, random bf16 weights made on the GPU: the baseline.
+    Returns output tokens per second over the whole batch (static batching)."""
+    import time
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dist_llm.checkpoint.presets import preset_config
+
+    cfg_dict = preset_config(model)
+    kind = "mistral" if "Mistral" in cfg_dict["architectures"][0] else "llama"
+    cfg = AutoConfig.for_model(kind, **{k: v for k, v in cfg_dict.items() if k != "architectures"})
+    with torch.device("cuda"):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    ids = torch.randint(3, cfg.vocab_size, (batch, in_len), device="cuda")
+    with torch.no_grad():
+        m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m.generate(ids, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False)
+        torch.cuda.synchronize()
+    tok_s = batch * out_len / (time.perf_counter() - t0)
+    del m
+    torch.cuda.empty_cache()
+    return tok_s

@@ -130,17 +130,19 @@ def counter_uniform(seeds: torch.Tensor, offsets: torch.Tensor, vocab: int) -> t
     return (((bits >> 40) & 0xFFFFFF).float() + 0.5) / float(1 << 24)
 
 
-def sample_ref(logits, temperature, top_k, top_p, seeds, offsets, mode: str = "full") -> torch.Tensor:
-    """`mode` ("greedy", "plain" or "full") is a host-side promise about the batch; it changes speed only."""
+def gumbel_max_sample(logits, temperature, top_k, top_p, uniform, mode: str = "full") -> torch.Tensor:
+    """Greedy / temperature / top-k / top-p sampling by the Gumbel-max trick, given `uniform(vocab)`: noise
+    [B, vocab] in (0, 1). `mode` ("greedy", "plain" or "full") is a host-side promise about the batch
+    (every row greedy; no row with top-k/top-p); it changes speed only, never the tokens."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
     if mode == "greedy":
         return greedy
-    bsz, vocab = logits.shape
+    vocab = logits.shape[1]
     temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     scaled = logits / temp[:, None]
-    # Gumbel-max with counter-based noise: argmax(logit/T - log(-log u)) samples softmax(logit/T).
-    gumbel = -torch.log(-torch.log(counter_uniform(seeds, offsets, vocab)))
+    # argmax(logit/T - log(-log u)) samples softmax(logit/T)
+    gumbel = -torch.log(-torch.log(uniform(vocab)))
     if mode == "plain":
         return torch.where(temperature > 0, (scaled + gumbel).argmax(dim=-1), greedy)
     sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)
@@ -154,3 +156,7 @@ def sample_ref(logits, temperature, top_k, top_p, seeds, offsets, mode: str = "f
     filtered = torch.full_like(scaled, float("-inf")).scatter(1, sorted_idx, sorted_logits)
     sampled = (filtered + gumbel).argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy)
+
+
+def sample_ref(logits, temperature, top_k, top_p, seeds, offsets, mode: str = "full") -> torch.Tensor:
+    return gumbel_max_sample(logits, temperature, top_k, top_p, lambda v: counter_uniform(seeds, offsets, v), mode)

@@ -1,7 +1,7 @@
 """Sampling: greedy, temperature, top-k and top-p, token-for-token identical to `sample_ref`.
 
 Choice: the filtering math (divide by temperature, sort, top-k, softmax, top-p, scatter back, argmax)
-stays the exact torch ops of `sample_ref`, because exact equality needs the same sort order, the same
+is the reference's own `gumbel_max_sample`, because exact equality needs the same sort order, the same
 softmax and the same cumsum rounding. A faster sort-free path for rows without top-k/top-p would need a
 data-dependent branch (a host sync, no CUDA graph) and is not bit-exact anyway (the reference can drop a
 tail token whose exclusive cumsum rounds up to 1.0 even at top_p = 1).
@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from dist_llm.kernels.reference import gumbel_max_sample
 
 
 @triton.jit
@@ -90,24 +92,5 @@ def sample(
                     ("offsets", offsets)):  # fmt: skip
         assert t.shape == (bsz,), f"{name} must be [{bsz}], got {tuple(t.shape)}"
         assert t.device == logits.device, f"{name} is on {t.device}, logits on {logits.device}"
-    logits = logits.float()
-    greedy = logits.argmax(dim=-1)
-    if mode == "greedy":
-        return greedy
-    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    scaled = logits / temp[:, None]
-    gumbel = -torch.log(-torch.log(_counter_uniform(seeds.contiguous(), offsets.contiguous(), vocab)))
-    if mode == "plain":
-        return torch.where(temperature > 0, (scaled + gumbel).argmax(dim=-1), greedy)
-    sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
-    drop = ranks >= k[:, None].long()
-    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-    drop |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p < 1)[:, None]
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    filtered = torch.full_like(scaled, float("-inf")).scatter(1, sorted_idx, sorted_logits)
-    # Gumbel-max: argmax(logit/T - log(-log u)) samples softmax(logit/T)
-    sampled = (filtered + gumbel).argmax(dim=-1)
-    return torch.where(temperature > 0, sampled, greedy)
+    noise = lambda v: _counter_uniform(seeds.contiguous(), offsets.contiguous(), v)  # noqa: E731
+    return gumbel_max_sample(logits, temperature, top_k, top_p, noise, mode)
