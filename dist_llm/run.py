@@ -35,6 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer_dir", help="tokenizer files (default: the engine directory)")
     p.add_argument("--kv_cache_free_gpu_mem_fraction", type=float, default=0.9)
     p.add_argument("--num_kv_blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
+    p.add_argument("--cuda_graphs", default="off", choices=["off", "on", "static"],
+                   help="replay decode steps from CUDA graphs (on), or run their static-buffer path eagerly "
+                   "(static, for testing); not yet the default: see docs/performance.md")
     p.add_argument("--quiet", action="store_true", help="do not print the outputs")
     return p.parse_args(argv)
 
@@ -92,7 +95,7 @@ def main(argv=None):
     runner = ModelRunner.from_dir(
         args.engine_dir, device=args.device, backend=args.backend, kernel_backend=args.kernel_backend,
         tokenizer_dir=args.tokenizer_dir, kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
-        num_kv_blocks=args.num_kv_blocks,
+        num_kv_blocks=args.num_kv_blocks, cuda_graphs=args.cuda_graphs,
     )
     if not runner.is_leader:
         return

@@ -132,6 +132,10 @@ def init_distributed(tp_size: int, pp_size: int, backend: str = "auto", device: 
     return state
 
 
+def is_initialized() -> bool:
+    return _state is not None
+
+
 def get_state() -> ParallelState:
     if _state is None:
         raise RuntimeError("dist_llm.parallel.state.init_distributed() has not been called in this process")

@@ -24,7 +24,7 @@ import torch
 
 from dist_llm.config import EngineConfig
 from dist_llm.errors import DistLLMError
-from dist_llm.parallel.state import destroy, init_distributed
+from dist_llm.parallel.state import destroy, init_distributed, is_initialized
 from dist_llm.runtime.executor import Executor, serve_worker
 from dist_llm.runtime.kv_sizing import decide_num_blocks
 from dist_llm.runtime.sequence import SamplingParams, Sequence, Status
@@ -74,7 +74,11 @@ class ModelRunner:
     @classmethod
     def from_dir(cls, engine_dir: str, *, device: str = "auto", backend: str = "auto",
                  kernel_backend: str = "auto", tokenizer_dir: str | None = None,
-                 kv_cache_free_gpu_mem_fraction: float = 0.9, num_kv_blocks: int | None = None) -> ModelRunner:
+                 kv_cache_free_gpu_mem_fraction: float = 0.9, num_kv_blocks: int | None = None,
+                 cuda_graphs: str = "off") -> ModelRunner:
+        """`cuda_graphs`: "off" (eager), "on" (decode steps replayed from CUDA graphs; one GPU rank, or
+        tensor parallelism over NCCL, one pipeline stage) or "static" (the graphs' static-buffer path run
+        eagerly, for testing on the CPU)."""
         engine = EngineConfig.load(engine_dir)
         pstate = init_distributed(engine.mapping.tp_size, engine.mapping.pp_size, backend, device)
         if kernel_backend == "auto":
@@ -82,6 +86,9 @@ class ModelRunner:
         worker = Worker(engine_dir, engine, pstate, kernel_backend)
         num_blocks = decide_num_blocks(worker, kv_cache_free_gpu_mem_fraction, num_kv_blocks)
         worker.allocate_kv_cache(num_blocks)
+        if cuda_graphs != "off":
+            check_cuda_graphs(cuda_graphs, pstate)
+            worker.enable_decode_graphs("capture" if cuda_graphs == "on" else "static")
         if pstate.mapping.rank != 0:
             serve_worker(worker)
             destroy()
@@ -181,7 +188,7 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         """Finish: cancel what is in flight and release the worker ranks (rank 0 only; idempotent)."""
-        if self._closed:
+        if self._closed or not is_initialized():  # at exit after an explicit destroy(): nothing to release
             return
         self._closed = True
         self.executor.shutdown()
@@ -192,6 +199,17 @@ class ModelRunner:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def check_cuda_graphs(mode: str, pstate) -> None:
+    if mode not in ("on", "static"):
+        raise DistLLMError(f"cuda_graphs must be off, on or static, got {mode!r}")
+    if pstate.mapping.pp_size > 1:
+        raise DistLLMError("CUDA graphs cover one pipeline stage only for now: use them with --pp_size 1")
+    if mode == "on" and pstate.device.type != "cuda":
+        raise DistLLMError("--cuda_graphs on needs --device cuda (use --cuda_graphs static to test the path)")
+    if mode == "on" and pstate.distributed and pstate.backend != "nccl":
+        raise DistLLMError("--cuda_graphs on with several ranks needs --backend nccl (gloo cannot be captured)")
 
 
 def has_tokenizer(path: str) -> bool:

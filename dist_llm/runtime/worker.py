@@ -79,6 +79,7 @@ class Worker:
         self.model.eval()
         self.num_blocks = 0
         self._pending_send = None  # the previous micro-batch's activations, still on their way
+        self.graph_runner = None
 
     # ---- KV cache -------------------------------------------------------------------------------
 
@@ -98,6 +99,14 @@ class Worker:
             a.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             a.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
+    def enable_decode_graphs(self, mode: str) -> None:
+        """Decode steps from static buffers: "capture" (CUDA graphs) or "static" (the same path, eager).
+        Call after allocate_kv_cache: graphs hold the cache's addresses."""
+        from dist_llm.runtime.cuda_graphs import DecodeGraphRunner
+
+        self.graph_runner = DecodeGraphRunner(self, mode)
+        self.graph_runner.capture_all()
+
     # ---- one step -------------------------------------------------------------------------------
 
     def wait_sends(self) -> None:
@@ -107,6 +116,8 @@ class Worker:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
+        if self.graph_runner is not None and self.graph_runner.can_run(plan):
+            return self.graph_runner.run(plan)
         dev = self.device
         positions = plan.positions.to(dev, non_blocking=True)
         set_metadata(AttentionMetadata(

@@ -1,0 +1,137 @@
+"""Decode steps from static buffers, padded to batch-size buckets, replayed from CUDA graphs.
+
+A decode step's work depends only on the batch size once its inputs live at fixed addresses, so one
+graph per bucket (1, 2, 4, 8, then multiples of 16 up to max_batch_size) replays the whole forward, the
+LM head and sampling with a single launch. The plan's tensors are copied into the static buffers
+(padding rows write no KV: slot -1, and attend to one token of block 0); only the sampled ids come back.
+
+Modes:
+* "capture": CUDA graphs (GPU, one stage, NCCL or a single rank: gloo cannot be captured);
+* "static":  the same static-buffer, bucket-padded step run eagerly: what the CPU tests check, and a
+  debugging aid on the GPU;
+* the eager worker path is used for everything else (prefill, mixed batches, pipeline stages).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_llm.layers.context import AttentionMetadata, set_metadata
+from dist_llm.runtime.plan import StepPlan, StepResult
+
+SAMPLING_MODES = ("greedy", "plain", "full")
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    buckets = [b for b in (1, 2, 4, 8) if b < max_batch_size]
+    buckets += list(range(16, max_batch_size, 16))
+    return buckets + [max_batch_size]
+
+
+class DecodeGraphRunner:
+    def __init__(self, worker, mode: str):
+        if mode not in ("capture", "static"):
+            raise ValueError(f"DecodeGraphRunner mode must be 'capture' or 'static', got {mode!r}")
+        self.worker, self.mode = worker, mode
+        eng, dev = worker.engine, worker.device
+        self.max_bs = eng.build.max_batch_size
+        self.buckets = batch_buckets(self.max_bs)
+        max_blocks = -(-eng.build.max_seq_len // eng.build.tokens_per_block)
+        z = dict(device=dev)
+        self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, **z)
+        self.positions = torch.zeros(self.max_bs, dtype=torch.int64, **z)
+        self.slot_mapping = torch.full((self.max_bs,), -1, dtype=torch.int64, **z)
+        self.block_tables = torch.zeros(self.max_bs, max_blocks, dtype=torch.int32, **z)
+        self.seq_lens = torch.ones(self.max_bs, dtype=torch.int32, **z)
+        self.cu_seqlens_q = torch.arange(self.max_bs + 1, dtype=torch.int32, **z)
+        self.temperature = torch.zeros(self.max_bs, dtype=torch.float32, **z)
+        self.top_k = torch.zeros(self.max_bs, dtype=torch.int32, **z)
+        self.top_p = torch.ones(self.max_bs, dtype=torch.float32, **z)
+        self.seeds = torch.zeros(self.max_bs, dtype=torch.int64, **z)
+        self.offsets = torch.zeros(self.max_bs, dtype=torch.int64, **z)
+        self.tokens = torch.zeros(self.max_bs, dtype=torch.int64, **z)
+        self.workspace = self._workspace()
+        self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self.steps_run = 0
+
+    def _workspace(self):
+        attn = self.worker.model.attention_layers()
+        if self.worker.ops.paged_decode_attention.__module__.endswith("reference") or not attn:
+            return None
+        from dist_llm.kernels.decode_attention import DecodeWorkspace
+
+        a, eng = attn[0], self.worker.engine
+        return DecodeWorkspace.allocate(self.max_bs, a.num_heads, a.head_dim, eng.build.max_seq_len,
+                                        self.worker.device)
+
+    def can_run(self, plan: StepPlan) -> bool:
+        return plan.is_decode and plan.batch_size <= self.max_bs and not plan.return_logits \
+            and not plan.return_logprobs
+
+    def _forward(self, bucket: int, mode: str) -> None:
+        """The captured region: everything reads and writes the static buffers only."""
+        w = self.worker
+        set_metadata(AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bucket], block_tables=self.block_tables[:bucket],
+            seq_lens=self.seq_lens[:bucket], cu_seqlens_q=self.cu_seqlens_q[: bucket + 1], max_seqlen_q=1,
+            is_decode=True, decode_workspace=self.workspace,
+        ))
+        hidden = w.model(self.positions[:bucket], input_ids=self.input_ids[:bucket])
+        logits = w.model.compute_logits(hidden).float()
+        self.tokens[:bucket].copy_(w.ops.sample(
+            logits, self.temperature[:bucket], self.top_k[:bucket], self.top_p[:bucket], self.seeds[:bucket],
+            self.offsets[:bucket], mode=mode,
+        ))
+
+    def _capture(self, bucket: int, mode: str) -> torch.cuda.CUDAGraph:
+        self._pad(0, bucket)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph: Triton compiles, cuBLAS picks its kernels
+                self._forward(bucket, mode)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._forward(bucket, mode)
+        self.pool = graph.pool()
+        return graph
+
+    @torch.inference_mode()
+    def capture_all(self, modes=("greedy",)) -> None:
+        """Capture the common graphs at start-up, largest bucket first so smaller ones share its pool."""
+        if self.mode != "capture":
+            return
+        for bucket in reversed(self.buckets):
+            for mode in modes:
+                self.graphs[(bucket, mode)] = self._capture(bucket, mode)
+        torch.cuda.synchronize()
+
+    def _pad(self, start: int, end: int) -> None:
+        if end > start:
+            self.slot_mapping[start:end] = -1
+            self.seq_lens[start:end] = 1
+            self.block_tables[start:end] = 0
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> StepResult:
+        b = plan.batch_size
+        bucket = next(x for x in self.buckets if x >= b)
+        nb = plan.block_tables.shape[1]
+        for dst, src in ((self.input_ids, plan.input_ids), (self.positions, plan.positions),
+                         (self.slot_mapping, plan.slot_mapping), (self.seq_lens, plan.seq_lens),
+                         (self.temperature, plan.temperature), (self.top_k, plan.top_k), (self.top_p, plan.top_p),
+                         (self.seeds, plan.seeds), (self.offsets, plan.offsets)):
+            dst[:b].copy_(src, non_blocking=True)
+        self.block_tables[:b, :nb].copy_(plan.block_tables, non_blocking=True)
+        self._pad(b, bucket)
+        if self.mode == "static":
+            self._forward(bucket, plan.sampling_mode)
+        else:
+            key = (bucket, plan.sampling_mode)
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(bucket, plan.sampling_mode)
+            self.graphs[key].replay()
+        self.steps_run += 1
+        return StepResult(token_ids=self.tokens[:b].cpu())

@@ -1,0 +1,117 @@
+"""Decode steps from static, bucket-padded buffers (the CUDA-graph path). On the CPU the "static" mode
+runs that path eagerly; on a GPU "on" replays captured graphs. Both must give the eager tokens."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import PROMPTS, convert_and_build, run_dist
+
+from dist_llm.runtime.cuda_graphs import batch_buckets
+
+
+def test_buckets_cover_every_batch_size():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+    for max_bs in (1, 5, 16, 17, 64, 100):
+        buckets = batch_buckets(max_bs)
+        assert buckets == sorted(set(buckets)) and buckets[-1] == max_bs
+        assert all(any(b >= n for b in buckets) for n in range(1, max_bs + 1))
+
+
+def staggered_outputs(runner, requests, graphs_on: bool, steps_between: int = 3) -> list[list[int]]:
+    """Requests join one by one while the others decode, so batch sizes (and buckets) keep changing."""
+    from dist_llm.runtime.executor import Executor
+    from dist_llm.runtime.sequence import SamplingParams, Sequence
+
+    worker = runner.executor.worker
+    saved = worker.graph_runner
+    worker.graph_runner = saved if graphs_on else None
+    try:
+        ex = Executor(worker, runner.engine, runner.executor.block_manager.num_blocks, runner.tokenizer)
+        seqs = []
+        for prompt, params in requests:
+            seqs.append(Sequence(prompt, SamplingParams(**params)))
+            ex.enqueue(seqs[-1])
+            for _ in range(steps_between):
+                ex.step()
+        while ex.has_unfinished():
+            ex.step()
+        return [s.output_token_ids for s in seqs]
+    finally:
+        worker.graph_runner = saved
+
+
+def make_requests(vocab: int, n: int, max_new: int):
+    rng = random.Random(1)
+    reqs = []
+    for i in range(n):
+        params = dict(max_new_tokens=rng.randrange(max_new // 2, max_new), ignore_eos=True)
+        if i % 3 == 1:
+            params.update(temperature=0.8, seed=i)
+        if i % 3 == 2:
+            params.update(temperature=1.0, top_k=10, top_p=0.9, seed=i)
+        reqs.append(([rng.randrange(3, vocab) for _ in range(rng.randrange(2, 30))], params))
+    return reqs
+
+
+@pytest.mark.parametrize("kernels,n,max_new,min_static", [("torch", 7, 24, 20), ("triton", 3, 5, 3)])
+def test_static_path_matches_eager(kernels, n, max_new, min_static, tiny_models, tmp_path):
+    from dist_llm.parallel.state import destroy
+    from dist_llm.runtime import ModelRunner
+
+    engine = convert_and_build(tiny_models["llama"], tmp_path, 1, 1, max_batch_size=8)
+    try:
+        runner = ModelRunner.from_dir(engine, device="cpu", kernel_backend=kernels, cuda_graphs="static")
+        assert runner.executor.worker.graph_runner.buckets == [1, 2, 4, 8]
+        reqs = make_requests(runner.engine.model.vocab_size, n, max_new)
+        eager = staggered_outputs(runner, reqs, graphs_on=False)
+        static = staggered_outputs(runner, reqs, graphs_on=True)
+        assert runner.executor.worker.graph_runner.steps_run >= min_static  # decode steps took the static path
+        runner.shutdown()
+    finally:
+        destroy()
+    assert static == eager
+
+
+def test_static_path_under_mpirun_tp2(tiny_models, tmp_path):
+    engine = convert_and_build(tiny_models["llama"], tmp_path, 2, 1, max_batch_size=4)
+    outs = []
+    for mode in ("off", "static"):
+        path = tmp_path / f"{mode}.json"
+        run_dist(2, ["--engine_dir", engine, "--input_text", *PROMPTS, "--max_new_tokens", "12",
+                     "--cuda_graphs", mode, "--output_json", str(path), "--quiet"])
+        outs.append([o["output_token_ids"] for o in json.loads(path.read_text())])
+    assert outs[0] == outs[1]
+
+
+def test_graphs_refuse_what_they_cannot_capture(tiny_engine_tp2):
+    proc = run_dist(2, ["--engine_dir", tiny_engine_tp2, "--input_text", "hi", "--cuda_graphs", "on",
+                        "--device", "cpu"], check=False, timeout=120)
+    assert proc.returncode != 0 and "--cuda_graphs on needs --device cuda" in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 5])
+def test_captured_graphs_match_eager_over_256_steps(batch, tiny_models, tmp_path):
+    from dist_llm.parallel.state import destroy
+    from dist_llm.runtime import ModelRunner
+
+    engine = convert_and_build(tiny_models["llama"], tmp_path, 1, 1, dtype="bfloat16", max_batch_size=8,
+                               max_seq_len=320)
+    try:
+        runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs="on")
+        reqs = [(p, dict(max_new_tokens=256, ignore_eos=True)) for p, _ in
+                make_requests(runner.engine.model.vocab_size, batch, 8)]
+        eager = staggered_outputs(runner, reqs, graphs_on=False)
+        graphs = staggered_outputs(runner, reqs, graphs_on=True)
+        assert len(runner.executor.worker.graph_runner.graphs) > 0
+        runner.shutdown()
+    finally:
+        destroy()
+        torch.cuda.empty_cache()
+    assert graphs == eager
