@@ -18,7 +18,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import copy_bandwidth_gbs, header, hf_generate_tok_s, write_json  # noqa: E402
 
 
-def build_runner(model: str, max_batch: int, tmp: str):
+def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str):
     from dist_llm.checkpoint.builder import build_dummy
     from dist_llm.config import BuildConfig
     from dist_llm.runtime import ModelRunner
@@ -26,7 +26,7 @@ def build_runner(model: str, max_batch: int, tmp: str):
     engine = build_dummy(model, f"{tmp}/engine_{model}", BuildConfig(max_batch, 512, 1024, 8192, 64), 1, 1,
                          "bfloat16", overwrite=True)
     t0 = time.perf_counter()
-    runner = ModelRunner.from_dir(engine, device="cuda")
+    runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs=cuda_graphs)
     return runner, time.perf_counter() - t0
 
 
@@ -93,12 +93,13 @@ def main():
     p.add_argument("--input_len", type=int, default=128)
     p.add_argument("--output_len", type=int, default=256)
     p.add_argument("--skip_hf", action="store_true")
+    p.add_argument("--cuda_graphs", default="off", choices=["off", "on"])
     args = p.parse_args()
 
     info = header()
     bw = copy_bandwidth_gbs()
     hf = None if args.skip_hf else hf_generate_tok_s(args.model, 1, args.input_len, args.output_len)
-    runner, startup_s = build_runner(args.model, max(args.batch_sizes), args.output_dir)
+    runner, startup_s = build_runner(args.model, max(args.batch_sizes), args.output_dir, args.cuda_graphs)
     wbytes = weight_bytes(runner)
     measure(runner, 1, args.input_len, 16)  # warm-up: Triton compiles
     rows = []
@@ -113,12 +114,14 @@ def main():
         rows.append(r)
     prof = profile_decode(runner)
     runner.shutdown()
-    result = {**info, "model": args.model, "copy_gb_s": bw, "weight_gb": wbytes / 1e9, "startup_s": startup_s,
+    result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs,
+              "copy_gb_s": bw, "weight_gb": wbytes / 1e9, "startup_s": startup_s,
               "hf_eager_tok_s": hf, "rows": rows, "profile_batch1": prof,
               "command": "python " + " ".join(sys.argv)}
-    write_json(args.output_dir, "latency.json", result)
+    write_json(args.output_dir, f"latency_graphs_{args.cuda_graphs}.json", result)
     print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}  {info['date']}")
-    print(f"copy {bw:.0f} GB/s; weights {wbytes / 1e9:.2f} GB; start-up {startup_s:.1f} s; "
+    print(f"cuda_graphs {args.cuda_graphs}; "
+          f"copy {bw:.0f} GB/s; weights {wbytes / 1e9:.2f} GB; start-up {startup_s:.1f} s; "
           f"HF eager batch 1: {hf and round(hf, 1)} tok/s")
     print("| batch | decode tok/s/seq | total tok/s | TTFT ms | GB/s | % of copy roofline |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -67,6 +67,7 @@ def main():
     p.add_argument("--max_batch_size", type=int, default=256)
     p.add_argument("--max_num_tokens", type=int, default=8192)
     p.add_argument("--skip_hf", action="store_true")
+    p.add_argument("--cuda_graphs", default="off", choices=["off", "on"])
     args = p.parse_args()
 
     from dist_llm.checkpoint.builder import build_dummy
@@ -79,7 +80,7 @@ def main():
     engine = build_dummy(args.model, f"{args.output_dir}/engine_{args.model}",
                          BuildConfig(args.max_batch_size, 2048, 4096, args.max_num_tokens, 64), 1, 1, "bfloat16",
                          overwrite=True)
-    runner = ModelRunner.from_dir(engine, device="cuda")
+    runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs=args.cuda_graphs)
     run_grid_point(runner, 8, 128, 8)  # warm-up: Triton compiles
     rows = []
     for point in args.grid:
@@ -87,7 +88,8 @@ def main():
         rows.append(run_grid_point(runner, args.num_requests, in_len, out_len))
     num_blocks = runner.executor.block_manager.num_blocks
     runner.shutdown()
-    result = {**info, "model": args.model, "copy_gb_s": bw, "hf_static_batch64_128_128_tok_s": hf,
+    result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs,
+              "copy_gb_s": bw, "hf_static_batch64_128_128_tok_s": hf,
               "kv_blocks": num_blocks, "max_batch_size": args.max_batch_size, "rows": rows,
               "command": "python " + " ".join(sys.argv)}
     write_json(args.output_dir, "throughput.json", result)
