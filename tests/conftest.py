@@ -45,8 +45,9 @@ def mpirun_cmd(n: int) -> list[str]:
     return cmd
 
 
-def run_cmd(cmd: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def run_cmd(cmd: list[str], timeout: float = 300, check: bool = True, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(

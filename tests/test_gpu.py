@@ -32,10 +32,10 @@ def hf_bf16(model_dir: str, prompts: list[str], max_new: int):
     return tokens, torch.stack(logits)
 
 
-def run_engine(engine: str, n: int, tmp_path, *extra: str):
+def run_engine(engine: str, n: int, tmp_path, *extra: str, env: dict | None = None):
     out, lg = tmp_path / f"o{n}{len(extra)}.json", tmp_path / f"l{n}{len(extra)}.pt"
     run_dist(n, ["--engine_dir", engine, "--input_text", *PROMPTS, "--max_new_tokens", str(MAX_NEW), "--device",
-                 "cuda", "--output_json", str(out), "--output_first_logits", str(lg), "--quiet", *extra])
+                 "cuda", "--output_json", str(out), "--output_first_logits", str(lg), "--quiet", *extra], env=env)
     return [o["output_token_ids"] for o in json.loads(out.read_text())], torch.load(lg)
 
 
@@ -86,7 +86,8 @@ def test_bf16_tp1_matches_transformers(arch, tiny_models, tmp_path):
 def test_bf16_tp2_gloo_on_one_gpu(tiny_models, tmp_path):
     ref_tokens, ref_logits = hf_bf16(tiny_models["llama"], PROMPTS, MAX_NEW)
     engine = convert_and_build(tiny_models["llama"], tmp_path, 2, 1, dtype="bfloat16")
-    tokens, logits = run_engine(engine, 2, tmp_path, "--backend", "gloo")
+    # both ranks on GPU 0: NCCL refuses a shared GPU, gloo does not
+    tokens, logits = run_engine(engine, 2, tmp_path, "--backend", "gloo", env={"CUDA_VISIBLE_DEVICES": "0"})
     report("llama bf16 tp=2 gloo on one GPU vs HF bf16", logits, ref_logits)
     assert_same_greedy(tiny_models["llama"], tokens, ref_tokens)
     assert (logits - ref_logits).abs().max() <= 0.05 * ref_logits.abs().max()
