@@ -102,24 +102,28 @@ class Executor:
     # ---- one step -------------------------------------------------------------------------------
 
     def _plan(self, batch: ScheduledBatch) -> StepPlan:
+        """Plain lists, one tensor per field at the end: this runs every step, for every request."""
         bs = self.engine.build.tokens_per_block
-        ids, pos, slots, seq_lens, cu = [], [], [], [], [0]
+        ids, pos, slots, seq_lens, cu, rows = [], [], [], [], [0], []
         max_blocks = max(len(s.block_table) for s in batch.seqs)
-        tables = torch.zeros(len(batch), max_blocks, dtype=torch.int32)
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start = seq.num_computed_tokens
-            ids += seq.token_ids[start : start + n]
-            pos += range(start, start + n)
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            seq_lens.append(start + n)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start, end, table = seq.num_computed_tokens, seq.num_computed_tokens + n, seq.block_table
+            ids += seq.token_ids[start:end]
+            if n == 1:  # decode: the common case
+                pos.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                pos += range(start, end)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            seq_lens.append(end)
             cu.append(cu[-1] + n)
-            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+            rows.append(table + [0] * (max_blocks - len(table)))
         params = [s.params for s in batch.seqs]
         return StepPlan(
             input_ids=torch.tensor(ids, dtype=torch.int64),
             positions=torch.tensor(pos, dtype=torch.int64),
             slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=tables,
+            block_tables=torch.tensor(rows, dtype=torch.int32),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
             max_seqlen_q=max(batch.num_new_tokens),
