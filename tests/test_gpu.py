@@ -93,12 +93,10 @@ def test_bf16_tp2_gloo_on_one_gpu(tiny_models, tmp_path):
     assert (logits - ref_logits).abs().max() <= 0.05 * ref_logits.abs().max()
 
 
-needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for NCCL")
-
-
-@needs_two
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2), (4, 1), (4, 2), (8, 1), (1, 4)])
 def test_nccl_matches_tp1(tp, pp, tiny_models, tmp_path):
+    if torch.cuda.device_count() < tp * pp:
+        pytest.skip(f"needs {tp * pp} GPUs for NCCL")
     base_tokens, base_logits = run_engine(convert_and_build(tiny_models["llama"], tmp_path, 1, 1, dtype="bfloat16"),
                                           1, tmp_path)
     engine = convert_and_build(tiny_models["llama"], tmp_path, tp, pp, dtype="bfloat16")
