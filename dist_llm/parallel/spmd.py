@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS")
+from dist_llm.parallel.discovery import MPI_ENV_VARS
 
 
 def launched_by_mpi() -> bool:
-    return any(v in os.environ for v in _MPI_VARS)
+    return any(v in os.environ for v in MPI_ENV_VARS)
 
 
 class World:

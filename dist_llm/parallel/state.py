@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dist_llm.errors import DistLLMError
-from dist_llm.parallel.discovery import RankInfo, discover
+from dist_llm.parallel.discovery import RankInfo, discover, local_device_index
 from dist_llm.parallel.mapping import Mapping
 
 
@@ -55,13 +55,13 @@ def check_world_size(tp_size: int, pp_size: int, world_size: int, launcher: str)
         )
 
 
-def resolve_device(device: str, local_rank: int) -> torch.device:
+def resolve_device(device: str, info: RankInfo) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
             raise DistLLMError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-        index = local_rank % torch.cuda.device_count()
+        index = local_device_index(info)
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     if device != "cpu":
@@ -99,7 +99,7 @@ def init_distributed(tp_size: int, pp_size: int, backend: str = "auto", device: 
         return _state
     info = discover()
     check_world_size(tp_size, pp_size, info.world_size, info.launcher)
-    dev = resolve_device(device, info.local_rank)
+    dev = resolve_device(device, info)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend not in ("nccl", "gloo"):
