@@ -104,3 +104,24 @@ def test_nccl_matches_tp1(tp, pp, tiny_models, tmp_path):
     report(f"llama bf16 tp={tp} pp={pp} NCCL vs tp=1", logits, base_logits)
     assert_same_greedy(tiny_models["llama"], tokens, base_tokens)
     assert (logits - base_logits).abs().max() <= 0.05 * base_logits.abs().max()
+
+
+@pytest.mark.parametrize("preset", ["llama-2-7b", "llama-3-8b", "llama-2-13b", "mistral-7b"])
+def test_dummy_weight_presets_build_and_run(preset, tmp_path):
+    """Each preset that fits one GPU builds with no checkpoint on disk and generates."""
+    from dist_llm.checkpoint.builder import build_dummy
+    from dist_llm.checkpoint.presets import preset_config
+    from dist_llm.config import BuildConfig
+
+    cfg = preset_config(preset)
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    params = cfg["num_hidden_layers"] * (4 * h * h + 3 * h * inter) + 2 * cfg["vocab_size"] * h
+    if 2 * params * 1.3 > torch.cuda.get_device_properties(0).total_memory:
+        pytest.skip(f"{preset} does not fit one GPU")
+    engine = build_dummy(preset, str(tmp_path / preset), BuildConfig(4, 256, 512, 1024, 64), 1, 1, "bfloat16")
+    out = tmp_path / "out.json"
+    run_dist(0, ["--engine_dir", engine, "--input_ids", "1,2,3,4", "5,6", "--max_new_tokens", "8", "--end_id", "-1",
+                 "--device", "cuda", "--output_json", str(out), "--quiet"], timeout=300)
+    outputs = json.loads(out.read_text())
+    assert [len(o["output_token_ids"]) for o in outputs] == [8, 8]
+    assert [o["finish_reason"] for o in outputs] == ["length", "length"]

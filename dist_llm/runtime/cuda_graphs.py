@@ -50,6 +50,8 @@ class DecodeGraphRunner:
         self.seeds = torch.zeros(self.max_bs, dtype=torch.int64, **z)
         self.offsets = torch.zeros(self.max_bs, dtype=torch.int64, **z)
         self.tokens = torch.zeros(self.max_bs, dtype=torch.int64, **z)
+        # only the sampled ids come back, through pinned memory
+        self.host_tokens = torch.zeros(self.max_bs, dtype=torch.int64, pin_memory=dev.type == "cuda")
         self.workspace = self._workspace()
         self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -134,4 +136,8 @@ class DecodeGraphRunner:
                 self.graphs[key] = self._capture(bucket, plan.sampling_mode)
             self.graphs[key].replay()
         self.steps_run += 1
-        return StepResult(token_ids=self.tokens[:b].cpu())
+        out = self.host_tokens[:b]
+        out.copy_(self.tokens[:b], non_blocking=True)
+        if self.tokens.is_cuda:
+            torch.cuda.current_stream().synchronize()
+        return StepResult(token_ids=out.clone())
