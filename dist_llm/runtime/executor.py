@@ -44,7 +44,7 @@ class Executor:
         b = engine.build
         self.block_manager = BlockManager(num_blocks, b.tokens_per_block)
         self.scheduler = Scheduler(self.block_manager, b.max_batch_size, b.max_num_tokens)
-        self.requests: dict[int, Sequence] = {}
+        self.requests: dict[int, Sequence] = {}  # unfinished requests only
         self.eos_ids = set(engine.model.eos_token_ids)
         self.mapping = worker.mapping
         self.steps = 0
@@ -87,7 +87,7 @@ class Executor:
         return seq.request_id
 
     def cancel(self, request_id: int) -> None:
-        seq = self.requests.get(request_id)
+        seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "cancelled")
 
@@ -185,6 +185,7 @@ class Executor:
             reason = self._stop_reason(seq)
             if reason:
                 self.scheduler.finish(seq, reason)
+                del self.requests[seq.request_id]
             events.append(TokenEvent(seq.request_id, [token], reason is not None, reason))
         return events
 
@@ -206,9 +207,8 @@ class Executor:
         """Stop the worker ranks: first finish what is in flight (drain) or cancel it."""
         while drain and self.has_unfinished():
             self.step()
-        for seq in list(self.requests.values()):
-            if not seq.is_finished:
-                self.scheduler.finish(seq, "cancelled")
+        for request_id in list(self.requests):
+            self.cancel(request_id)
         while self.inflight:  # let the pipeline empty, so no rank is left mid-step
             _, result = self.inflight.popleft()
             if result is None:
