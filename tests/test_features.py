@@ -279,3 +279,21 @@ def test_seeded_sampling_is_independent_of_the_batch(engine_1):
     assert seqs[3].output_token_ids != alone
     assert [len(s.output_token_ids) for s in seqs] == [n, n // 2, n, n, n]
     assert len(unseeded.output_token_ids) == n and unseeded.finish_reason == "length"
+
+
+def test_request_larger_than_the_pool_is_refused_and_the_others_run(engine_1):
+    """A request whose prompt + max_new_tokens can never fit the KV pool is refused at admission with the
+    numbers; the rest of the call runs on."""
+    from dist_llm.parallel.state import destroy
+    from dist_llm.runtime import ModelRunner
+
+    try:
+        runner = ModelRunner.from_dir(engine_1, device="cpu", num_kv_blocks=4)  # 4 blocks of 16 tokens
+        outputs = runner.generate(batch_input_ids=[[5, 6, 7], list(range(3, 60))], max_new_tokens=10, ignore_eos=True)
+        runner.shutdown()
+    finally:
+        destroy()
+    ok, refused = outputs
+    assert ok.finish_reason == "length" and len(ok.output_token_ids) == 10
+    assert refused.finish_reason == "rejected" and refused.output_token_ids == []
+    assert "needs 5 KV blocks but the pool has 4" in refused.error
