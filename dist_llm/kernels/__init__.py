@@ -1,7 +1,7 @@
 """Kernels for the hot path: Triton implementations and their pure-torch oracles.
 
-`get_ops("triton")` and `get_ops("torch")` return namespaces with the same function names, so a
-layer picks its backend once and calls `ops.rms_norm(...)` etc. without branching.
+`get_ops("triton")` and `get_ops("torch")` return namespaces with the same function names (and
+`ops.backend`, the name), so a layer picks its backend once and calls `ops.rms_norm(...)` without branching.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def get_ops(backend: str) -> SimpleNamespace:
         if backend == "torch":
             from dist_llm.kernels import reference as mod
 
-            _cache[backend] = SimpleNamespace(**{n: getattr(mod, n + "_ref") for n in OP_NAMES})
+            _cache[backend] = SimpleNamespace(backend=backend, **{n: getattr(mod, n + "_ref") for n in OP_NAMES})
         else:
             from dist_llm.kernels import triton_ops
 
-            _cache[backend] = SimpleNamespace(**{n: getattr(triton_ops, n) for n in OP_NAMES})
+            _cache[backend] = SimpleNamespace(backend=backend, **{n: getattr(triton_ops, n) for n in OP_NAMES})
     return _cache[backend]

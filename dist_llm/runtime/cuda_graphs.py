@@ -59,8 +59,8 @@ class DecodeGraphRunner:
 
     def _workspace(self):
         attn = self.worker.model.attention_layers()
-        if self.worker.ops.paged_decode_attention.__module__.endswith("reference") or not attn:
-            return None
+        if self.worker.ops.backend != "triton" or not attn:
+            return None  # the torch reference needs no workspace
         from dist_llm.kernels.decode_attention import DecodeWorkspace
 
         a, eng = attn[0], self.worker.engine
