@@ -52,20 +52,10 @@ class DecodeGraphRunner:
         self.tokens = torch.zeros(self.max_bs, dtype=torch.int64, **z)
         # only the sampled ids come back, through pinned memory
         self.host_tokens = torch.zeros(self.max_bs, dtype=torch.int64, pin_memory=dev.type == "cuda")
-        self.workspace = self._workspace()
+        self.workspace = worker.decode_workspace
         self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.steps_run = 0
-
-    def _workspace(self):
-        attn = self.worker.model.attention_layers()
-        if self.worker.ops.backend != "triton" or not attn:
-            return None  # the torch reference needs no workspace
-        from dist_llm.kernels.decode_attention import DecodeWorkspace
-
-        a, eng = attn[0], self.worker.engine
-        return DecodeWorkspace.allocate(self.max_bs, a.num_heads, a.head_dim, eng.build.max_seq_len,
-                                        self.worker.device)
 
     def can_run(self, plan: StepPlan) -> bool:
         return plan.is_decode and plan.batch_size <= self.max_bs and not plan.return_logits \

@@ -80,6 +80,18 @@ class Worker:
         self.num_blocks = 0
         self._pending_send = None  # the previous micro-batch's activations, still on their way
         self.graph_runner = None
+        self.decode_workspace = self._decode_workspace()
+
+    def _decode_workspace(self):
+        """Split-KV partials for decode attention, allocated once (the torch reference needs none)."""
+        attn = self.model.attention_layers()
+        if self.ops.backend != "triton" or not attn:
+            return None
+        from dist_llm.kernels.decode_attention import DecodeWorkspace
+
+        b = self.engine.build
+        return DecodeWorkspace.allocate(b.max_batch_size, attn[0].num_heads, attn[0].head_dim, b.max_seq_len,
+                                        self.device)
 
     # ---- KV cache -------------------------------------------------------------------------------
 
@@ -127,6 +139,7 @@ class Worker:
             cu_seqlens_q=plan.cu_seqlens_q.to(dev, non_blocking=True),
             max_seqlen_q=plan.max_seqlen_q,
             is_decode=plan.is_decode,
+            decode_workspace=self.decode_workspace,
         ))
         m = self.mapping
         if m.is_first_stage:
