@@ -166,6 +166,8 @@ class Executor:
     def _complete(self, batch: ScheduledBatch, result: StepResult) -> list[TokenEvent]:
         now = time.perf_counter()
         events = []
+        tokens = result.token_ids.tolist()  # one conversion, not one tensor index per request
+        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.is_finished:  # cancelled while its micro-batch was in the pipeline
                 continue
@@ -173,12 +175,12 @@ class Executor:
             self.block_manager.commit(seq, seq.num_computed_tokens)
             if seq.num_computed_tokens < len(seq):
                 continue  # a prefill chunk that does not reach the end yet: its sample is not used
-            token = int(result.token_ids[i])
+            token = tokens[i]
             if result.logits is not None and seq.num_generated == 0 and seq.params.return_first_logits:
                 seq.first_logits = result.logits[i].clone()
             seq.token_ids.append(token)
-            if result.logprobs is not None and seq.params.return_logprobs:
-                seq.logprobs.append(float(result.logprobs[i]))
+            if logprobs is not None and seq.params.return_logprobs:
+                seq.logprobs.append(logprobs[i])
             seq.token_times.append(now)
             if seq.first_token_time is None:
                 seq.first_token_time = now

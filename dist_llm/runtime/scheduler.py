@@ -56,6 +56,20 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def _make_room(self, seq: Sequence, busy: set[int], preempted: list[Sequence]) -> bool:
+        """Preempt the newest running requests (never one in flight) until `seq` can take a slot.
+        False when `seq` itself was preempted or must wait for in-flight micro-batches to come back."""
+        while not self.bm.can_append(seq):
+            victims = [s for s in self.running if s.request_id not in busy]
+            victim = victims[-1]
+            if victim is seq and len(victims) < len(self.running):
+                return False  # wait for the in-flight micro-batches to finish instead
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
     def schedule(self, busy: set[int] | None = None) -> ScheduledBatch:
         """`busy`: request ids whose previous micro-batch has not come back yet."""
         busy = busy or set()
@@ -64,20 +78,11 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq not in self.running or seq.request_id in busy:
+            if seq.status is not Status.RUNNING or seq.request_id in busy:
                 continue  # preempted while making room for an older request, or still in the pipeline
             remaining = len(seq) - seq.num_computed_tokens
             if remaining == 1:  # decode: the newest token needs a slot
-                while not self.bm.can_append(seq):
-                    victims = [s for s in self.running if s.request_id not in busy]
-                    victim = victims[-1]
-                    if victim is seq and len(victims) < len(self.running):
-                        break  # wait for the in-flight micro-batches to finish instead
-                    self._preempt(victim)
-                    preempted.append(victim)
-                    if victim is seq:
-                        break
-                if seq not in self.running or not self.bm.can_append(seq):
+                if not self.bm.can_append(seq) and not self._make_room(seq, busy, preempted):
                     continue
                 self.bm.append_slot(seq)
             n = min(remaining, budget)
