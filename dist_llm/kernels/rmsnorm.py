@@ -22,6 +22,17 @@ _LOOP_BLOCK = 4096
 
 
 @triton.jit
+def _scale_and_store(v, rstd, w_ptr, out_row, offs, mask, norm_dtype: tl.constexpr, ROUND_TO_NORM: tl.constexpr):
+    """HF's rounding: (v * rstd) rounded to norm_dtype, times the weight (rounded again to norm_dtype when
+    that is the promoted dtype), stored in the output dtype."""
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = round_to(v * rstd, norm_dtype).to(tl.float32) * w
+    if ROUND_TO_NORM:
+        y = round_to(y, norm_dtype)
+    tl.store(out_row + offs, round_to(y, out_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, w_ptr, out_ptr,
     stride_x0, stride_out0,
@@ -39,11 +50,7 @@ def _rms_norm_kernel(
         mask = offs < N
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = round_to(x * rstd, x_dtype).to(tl.float32) * w
-        if ROUND_TO_X:
-            y = round_to(y, x_dtype)
-        tl.store(out_row + offs, round_to(y, out_ptr.dtype.element_ty), mask=mask)
+        _scale_and_store(x, rstd, w_ptr, out_row, offs, mask, x_dtype, ROUND_TO_X)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
@@ -55,11 +62,7 @@ def _rms_norm_kernel(
             offs = start + tl.arange(0, BLOCK)
             mask = offs < N
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            y = round_to(x * rstd, x_dtype).to(tl.float32) * w
-            if ROUND_TO_X:
-                y = round_to(y, x_dtype)
-            tl.store(out_row + offs, round_to(y, out_ptr.dtype.element_ty), mask=mask)
+            _scale_and_store(x, rstd, w_ptr, out_row, offs, mask, x_dtype, ROUND_TO_X)
 
 
 @triton.jit
@@ -84,11 +87,7 @@ def _fused_add_rms_norm_kernel(
         tl.store(res_row + offs, r, mask=mask)
         r = r.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(r * r, axis=0) / N + eps)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = round_to(r * rstd, res_dtype).to(tl.float32) * w
-        if ROUND_TO_RES:
-            y = round_to(y, res_dtype)
-        tl.store(x_row + offs, round_to(y, x_ptr.dtype.element_ty), mask=mask)
+        _scale_and_store(r, rstd, w_ptr, x_row, offs, mask, res_dtype, ROUND_TO_RES)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
@@ -106,11 +105,7 @@ def _fused_add_rms_norm_kernel(
             offs = start + tl.arange(0, BLOCK)
             mask = offs < N
             r = tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            y = round_to(r * rstd, res_dtype).to(tl.float32) * w
-            if ROUND_TO_RES:
-                y = round_to(y, res_dtype)
-            tl.store(x_row + offs, round_to(y, x_ptr.dtype.element_ty), mask=mask)
+            _scale_and_store(r, rstd, w_ptr, x_row, offs, mask, res_dtype, ROUND_TO_RES)
 
 
 def _launch_config(n: int) -> tuple[int, bool, int]:
