@@ -11,6 +11,11 @@ checked once against `get_ops("torch")` (max abs diff; token mismatches for samp
 wrong kernel shows. Times are the mean of back-to-back eager calls between two torch.cuda.synchronize()
 (no CUDA graph, no L2 flush), so the decode-size rows (T = 1, 32) are mostly launch overhead.
 
+The decode GEMV rows are the exception: `gemv` (x [M, K] @ Wᵀ, M = 1, 2, 4) against F.linear (cuBLAS, in
+the "torch ref" column), each timed as 20 calls captured in one CUDA graph, cycling through 4 copies of the
+weight so that L2 (50 MB on an H100) cannot serve a weight from the previous call. Their GB/s counts the
+weight bytes only, which a read-only stream can move faster than the read + write copy ceiling.
+
 Writes kernels.md and kernels.json to --output_dir. Without a GPU (Triton interpreter, tiny shapes):
     python benchmarks/bench_kernels.py --device cpu --small --output_dir /tmp/bk
 """
@@ -53,11 +58,16 @@ class Shapes:
     sample_batches: tuple = (1, 32, 64)
     copy_gib: float = 2.0
     mm: int = 8192
+    gemv_shapes: tuple = (("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008),
+                          ("lm_head", 32000, 4096))  # (name, N, K) of the decode linears  # fmt: skip
+    gemv_batches: tuple = (1, 2, 4)
+    gemv_weight_copies: int = 4
 
 
 SMALL = Shapes(hidden=256, heads=4, gqa_kv_heads=2, head_dim=32, inter=192, tokens=(64, 1, 4), max_pos=128,
                decode_batch=2, decode_ctx=96, prefill_len=80, vocab=1000, sample_batches=(1, 4),
-               copy_gib=1 / 128, mm=256)  # fmt: skip
+               copy_gib=1 / 128, mm=256, gemv_shapes=(("qkv", 48, 64), ("o", 16, 64), ("down", 16, 100)),
+               gemv_batches=(1, 4))  # fmt: skip
 
 
 class Bench:
@@ -299,6 +309,47 @@ def _sample_case(b: Bench, bsz: int, vocab: int, mode: str):
           check=f"{differ}/{bsz} tokens differ")  # fmt: skip
 
 
+# ---- decode GEMV ----------------------------------------------------------------------------------
+
+GRAPH_CALLS = 20
+
+
+def graph_time_us(b: Bench, fns) -> float:
+    """Mean µs per call of GRAPH_CALLS calls cycling through `fns`, captured in one CUDA graph and replayed
+    back to back (on the CPU: the same calls, eager)."""
+    calls = [fns[i % len(fns)] for i in range(GRAPH_CALLS)]
+    if not b.cuda:
+        return b.time_us(lambda: [fn() for fn in calls]) / GRAPH_CALLS
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile the kernel and pick the cuBLAS algorithm outside the capture
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    return b.time_us(graph.replay) / GRAPH_CALLS
+
+
+def _gemv_case(b: Bench, s: Shapes, name: str, n: int, k: int, m: int):
+    from dist_llm.kernels.gemv import gemv, gemv_supported
+
+    weights = [b.randn(n, k) * k**-0.5 for _ in range(s.gemv_weight_copies)]  # O(1) outputs
+    x = b.randn(m, k)
+    outs = [torch.empty(m, n, dtype=BF16, device=b.dev) for _ in weights]
+    assert gemv_supported(x, weights[0])
+    diff = maxdiff(gemv(x, weights[0], out=outs[0]), F.linear(x, weights[0]))
+    us = graph_time_us(b, [lambda w=w, o=o: gemv(x, w, out=o) for w, o in zip(weights, outs)])
+    ref_us = graph_time_us(b, [lambda w=w: F.linear(x, w) for w in weights])
+    nbytes = weights[0].nbytes
+    timing = f"{GRAPH_CALLS} calls in a graph" if b.cuda else f"{GRAPH_CALLS} eager calls"
+    b.add("gemv", f"{name}: x [{m}, {k}] @ W [{n}, {k}]ᵀ, {timing}, {len(weights)} weight copies", us,
+          nbytes=nbytes, ref_us=ref_us, diff=diff, weight_tbs=nbytes / us / 1e6, ref_weight_tbs=nbytes / ref_us / 1e6,
+          ref_pct_of_ceiling=100 * nbytes / ref_us / 1e3 / b.copy_gbs)  # fmt: skip
+
+
 CASES = {  # what each --only name runs
     "rms_norm": lambda b, s: [_rms_case(b, t, s.hidden, fused=False) for t in s.tokens],
     "fused_add_rms_norm": lambda b, s: [_rms_case(b, t, s.hidden, fused=True) for t in s.tokens],
@@ -311,6 +362,7 @@ CASES = {  # what each --only name runs
     "context_attention": lambda b, s: [_prefill_case(b, s, bs) for bs in reversed(s.block_sizes)],
     "sample": lambda b, s: [_sample_case(b, n, s.vocab, g) for n in s.sample_batches
                                 for g in ("greedy", "plain", "full")],
+    "gemv": lambda b, s: [_gemv_case(b, s, name, n, k, m) for name, n, k in s.gemv_shapes for m in s.gemv_batches],
 }
 
 

@@ -52,6 +52,18 @@ def silu_and_mul_ref(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     return out
 
 
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out=None) -> torch.Tensor:
+    """x @ weightᵀ + bias computed in fp32 and rounded once to x.dtype (the twin of `gemv.gemv`)."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(x.dtype)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
 def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()

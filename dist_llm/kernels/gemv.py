@@ -1,0 +1,172 @@
+"""Skinny GEMM for decode: y = x @ weightᵀ (+ bias) for x [M, K] with M <= MAX_M token rows.
+
+A decode step reads every weight once for a handful of tokens, so the product is bound by how fast the
+weight streams from HBM, not by FLOPs. One program owns BLOCK_N output features (rows of the [N, K]
+weight) for all M tokens and walks K in BLOCK_K chunks. Each thread keeps fp32 partial products for the
+weight elements it loads, one [BLOCK_N, BLOCK_K] accumulator per token, and the reduction over K runs
+once, after the loop: a chunk costs its load plus M FMAs per weight element, with no shuffles or barriers
+(the first prototype reduced every chunk for every token and, at M = 8, ran at half cuBLAS's speed).
+
+Masks cost bandwidth, so the main K loop has none: rows of the N tail past N re-read row N - 1 (the
+masked store drops them), and the K tail is one peeled, masked chunk, compiled only when
+K % BLOCK_K != 0 (EVEN_K false).
+
+MAX_M = 4 follows from the accumulators: they take M * BLOCK_N * BLOCK_K / (32 * num_warps) fp32
+registers per thread, 16 * M at the narrowest tile that still moves 8 KiB of bf16 per chunk
+(BLOCK_N = 8, BLOCK_K = 512, 8 warps). M = 4 is 64 of them; M = 8 would need 128 (or a tile half as
+big, with half the bytes in flight) and 8 FMAs per streamed element. Beyond MAX_M, callers use F.linear.
+
+The output dtype is x's; the bias (any float dtype) is added in fp32 before the one rounding, as in
+`reference.linear_ref`. The launch config is a fixed function of (M, N, K), never autotuned, so results
+are deterministic (no split-K, no atomics) and the call can be captured in a CUDA graph once `out` is
+preallocated.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dist_llm.kernels._rounding import round_to
+
+MAX_M = 4
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_MAX_BLOCK_K = 512
+_WIDE_N = 16384  # above this, M <= 2 takes BLOCK_N = 16: enough programs remain to fill the GPU
+_NUM_WARPS = 8
+_NUM_STAGES = 3  # the prototype's best were 2-4 on H100 at the 7B shapes; not re-measured for this kernel
+
+
+@triton.jit
+def _fma(acc, w, x_row, kk, K, MASK_K: tl.constexpr):
+    """acc + w * x_row[kk], elementwise in fp32: one token's x chunk broadcast over the BLOCK_N rows."""
+    if MASK_K:
+        x = tl.load(x_row + kk, mask=kk < K, other=0.0)
+    else:
+        x = tl.load(x_row + kk)
+    return acc + w * x.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _accumulate(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, kk, K, M: tl.constexpr, MASK_K: tl.constexpr):
+    """One K chunk for the M token rows; accumulators of rows >= M are passed through untouched."""
+    if MASK_K:
+        w = tl.load(w_ptrs, mask=kk[None, :] < K, other=0.0, eviction_policy="evict_first")
+    else:
+        w = tl.load(w_ptrs, eviction_policy="evict_first")  # read once: keep L2 for the activations
+    w = w.to(tl.float32)
+    acc0 = _fma(acc0, w, x_ptr, kk, K, MASK_K)
+    if M > 1:
+        acc1 = _fma(acc1, w, x_ptr + stride_xm, kk, K, MASK_K)
+    if M > 2:
+        acc2 = _fma(acc2, w, x_ptr + 2 * stride_xm, kk, K, MASK_K)
+    if M > 3:
+        acc3 = _fma(acc3, w, x_ptr + 3 * stride_xm, kk, K, MASK_K)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _store_row(acc, bias, y_row, rn, N):
+    y = tl.sum(acc, axis=1) + bias
+    tl.store(y_row + rn, round_to(y, y_row.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, K,
+    stride_xm, stride_wn, stride_ym,
+    M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # rows past N re-read row N - 1, so no load needs an N mask; the store drops them
+    w_ptrs = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # rows >= M: never updated, compiled away
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    k_main = (K // BLOCK_K) * BLOCK_K  # written as a product: the tail stays 16-byte aligned for the compiler
+    for k0 in range(0, k_main, BLOCK_K):
+        acc0, acc1, acc2, acc3 = _accumulate(
+            acc0, acc1, acc2, acc3, w_ptrs + k0, x_ptr, stride_xm, k0 + rk, K, M, MASK_K=False
+        )
+    if not EVEN_K:
+        acc0, acc1, acc2, acc3 = _accumulate(
+            acc0, acc1, acc2, acc3, w_ptrs + k_main, x_ptr, stride_xm, k_main + rk, K, M, MASK_K=True
+        )
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    _store_row(acc0, bias, y_ptr, rn, N)
+    if M > 1:
+        _store_row(acc1, bias, y_ptr + stride_ym, rn, N)
+    if M > 2:
+        _store_row(acc2, bias, y_ptr + 2 * stride_ym, rn, N)
+    if M > 3:
+        _store_row(acc3, bias, y_ptr + 3 * stride_ym, rn, N)
+
+
+def _config(m: int, n: int, k: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K). BLOCK_K = 512: one 16-byte bf16 vector per thread per row, twice, at 8 warps.
+    BLOCK_N = 8 keeps >= 512 programs at N = 4096 (about 4 per H100 SM); wide N can afford 16 rows, which
+    halves the programs and doubles the bytes each has in flight, while M * BLOCK_N * 2 accumulator
+    registers per thread stay <= 64 (M <= 2)."""
+    block_k = min(_MAX_BLOCK_K, triton.next_power_of_2(k))
+    block_n = 16 if n > _WIDE_N and m <= 2 else 8
+    return block_n, block_k
+
+
+def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemv(x, weight, ...)` can stand in for F.linear: x [1..MAX_M, K] and weight [N, K] of one
+    float dtype (fp32/fp16/bf16), both contiguous along K (x's row stride is free), on a CUDA device (or on
+    the CPU under TRITON_INTERPRET=1)."""
+    return (
+        x.dim() == 2
+        and weight.dim() == 2
+        and 1 <= x.shape[0] <= MAX_M
+        and x.shape[1] == weight.shape[1] >= 1
+        and weight.shape[0] >= 1
+        and x.dtype == weight.dtype
+        and x.dtype in _DTYPES
+        and x.stride(1) == 1
+        and weight.stride(1) == 1
+        and x.device == weight.device
+        and (x.device.type == "cuda" or (_INTERPRET and x.device.type == "cpu"))
+    )
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    """out [M, N] = x [M, K] @ weight [N, K]ᵀ + bias [N], fp32 accumulation, in x.dtype.
+
+    Needs `gemv_supported(x, weight)`; `out` may be a view with any row stride (last dim contiguous).
+    With `out` given nothing is allocated, so the call can be captured in a CUDA graph.
+    """
+    assert gemv_supported(x, weight), (
+        f"gemv cannot take x {tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device} with weight "
+        f"{tuple(weight.shape)} {weight.dtype} strides {weight.stride()} on {weight.device} (see gemv_supported)"
+    )
+    m, k = x.shape
+    n = weight.shape[0]
+    if bias is not None:
+        assert bias.shape == (n,) and bias.stride(0) == 1, f"bias must be contiguous [{n}], got {tuple(bias.shape)}"
+        assert bias.device == x.device and bias.dtype.is_floating_point
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    assert out.shape == (m, n) and out.dtype == x.dtype and out.device == x.device, "out must be [M, N] in x.dtype"
+    assert out.stride(1) == 1 or n == 1, f"out must be contiguous in its last dim, strides {out.stride()}"
+    block_n, block_k = _config(m, n, k)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, weight if bias is None else bias, out,  # the bias pointer is not read without a bias
+        n, k,
+        x.stride(0), weight.stride(0), out.stride(0),
+        M=m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None,
+        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+    )  # fmt: skip
+    return out

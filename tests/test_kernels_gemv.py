@@ -1,0 +1,189 @@
+"""The decode GEMV kernel (`kernels/gemv.py`) against `reference.linear_ref`, and against F.linear on the GPU.
+
+Without CUDA the kernel runs through Triton's interpreter at odd shapes chosen to hit every path: N below,
+at and past a BLOCK_N multiple (the clamped tail rows), K that is only a masked tail, an even multiple of
+BLOCK_K, and a full chunk plus a tail. Outputs are strided views poisoned with NaN, with sentinel columns
+around them that must survive.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from dist_llm.kernels import gemv as gemv_mod  # noqa: E402
+from dist_llm.kernels.gemv import MAX_M, gemv, gemv_supported  # noqa: E402
+from dist_llm.kernels.reference import linear_ref  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+# Outputs are O(1); the kernel and the reference differ only in the fp32 summation order, so fp16/bf16
+# results are the same rounding of nearly the same number: at most an ulp apart.
+TOL = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+SENTINEL = -777.0
+# (N, K) with BLOCK_N = 8: N below it, N = 1, one past a multiple, a tail of 2, an exact multiple; K that
+# is only a masked tail (5, 100), even (64), one full 512 chunk + a masked tail of 3 (515)
+SHAPES = [(7, 5), (1, 64), (33, 515), (18, 100), (16, 64)]
+if GPU:
+    SHAPES += [(4096, 4096), (1000, 11008), (16400, 4096), (20000, 1000)]
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+def operands(m, n, k, dtype, bias: bool):
+    """x [m, k] as a strided view (row stride k + 16), weight [n, k] scaled so that outputs are O(1)."""
+    x = randn(m, k + 16, dtype=dtype)[:, 8 : 8 + k]
+    weight = randn(n, k, dtype=dtype, scale=k**-0.5)
+    b = randn(n, dtype=dtype) if bias else None
+    return x, weight, b
+
+
+def close(actual, expected, dtype):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=False)
+    if dtype != torch.float32 and expected.numel() >= 100:
+        # one rounding of nearly the same fp32 sum: bit-identical except where the summation order tips
+        # it. A second rounding (say, of the product before the bias add) would differ far more often.
+        same = (actual == expected).float().mean().item()
+        assert same >= 0.95, f"only {same:.1%} of elements bit-identical to the reference"
+
+
+def poisoned_out(m, n, dtype):
+    """A NaN-filled [m, n] view with sentinel columns on both sides (row stride n + 6)."""
+    buf = torch.full((m, n + 6), SENTINEL, dtype=dtype, device=DEVICE)
+    buf[:, 3 : 3 + n] = float("nan")
+    return buf, buf[:, 3 : 3 + n]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("m", range(1, MAX_M + 1))
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_gemv_matches_reference(dtype, m, n, k, bias):
+    x, weight, b = operands(m, n, k, dtype, bias)
+    assert gemv_supported(x, weight)
+    expected = linear_ref(x, weight, b)
+    buf, out = poisoned_out(m, n, dtype)
+    assert gemv(x, weight, b, out=out) is out
+    close(out, expected, dtype)
+    assert (buf[:, :3] == SENTINEL).all() and (buf[:, 3 + n :] == SENTINEL).all(), "wrote outside out"
+    if not bias:  # contiguous x, allocated out (half the cases, to keep the interpreter run short)
+        got = gemv(x.contiguous(), weight)
+        assert got.dtype == dtype and got.shape == (m, n)
+        torch.testing.assert_close(got, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("m,n,k", [(1, 9, 96), (3, 20, 100), (4, 5, 127)])
+def test_gemv_many_k_chunks(monkeypatch, dtype, m, n, k):
+    """Several unmasked chunks before the tail (or none): force BLOCK_K = 32 at a small K."""
+    monkeypatch.setattr(gemv_mod, "_MAX_BLOCK_K", 32)
+    x, weight, b = operands(m, n, k, dtype, bias=True)
+    _, out = poisoned_out(m, n, dtype)
+    close(gemv(x, weight, b, out=out), linear_ref(x, weight, b), dtype)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_gemv_wide_n_config(monkeypatch, m):
+    """Wide N takes BLOCK_N = 16 for M <= 2 (8 otherwise); both must be right across the N tail."""
+    monkeypatch.setattr(gemv_mod, "_WIDE_N", 16)
+    assert gemv_mod._config(m, 40, 64)[0] == (16 if m <= 2 else 8)
+    x, weight, b = operands(m, 40, 64, torch.bfloat16, bias=True)
+    _, out = poisoned_out(m, 40, torch.bfloat16)
+    close(gemv(x, weight, b, out=out), linear_ref(x, weight, b), torch.bfloat16)
+
+
+def test_gemv_fp32_bias_on_bf16():
+    """An fp32 bias is added in fp32 before the single rounding to x.dtype."""
+    x, weight, _ = operands(2, 33, 100, torch.bfloat16, bias=False)
+    b = randn(33) * 3
+    close(gemv(x, weight, b), linear_ref(x, weight, b), torch.bfloat16)
+
+
+def test_gemv_supported_refuses_what_it_cannot_do(monkeypatch):
+    x, w = randn(2, 64), randn(10, 64)
+    assert gemv_supported(x, w) and gemv_supported(randn(MAX_M, 64), w)
+    refused = {
+        "no rows": (randn(0, 64), w),
+        "too many rows": (randn(MAX_M + 1, 64), w),
+        "1-D x": (randn(64), w),
+        "3-D x": (randn(1, 2, 64), w),
+        "K mismatch": (randn(2, 63), w),
+        "dtype mismatch": (x.half(), w),
+        "fp64": (x.double(), w.double()),
+        "int": (x.int(), w.int()),
+        "x column-strided": (randn(64, 2).t(), w),
+        "weight transposed": (x, randn(64, 10).t()),
+    }
+    for why, (xx, ww) in refused.items():
+        assert not gemv_supported(xx, ww), why
+    with pytest.raises(AssertionError, match="gemv cannot take"):
+        gemv(randn(MAX_M + 1, 64), w)
+    if not GPU:
+        monkeypatch.setattr(gemv_mod, "_INTERPRET", False)  # a CPU tensor without the interpreter
+        assert not gemv_supported(x, w)
+
+
+def test_gemv_checks_out_and_bias():
+    x, w = randn(2, 64), randn(10, 64)
+    with pytest.raises(AssertionError):
+        gemv(x, w, out=torch.empty(2, 10, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(AssertionError):
+        gemv(x, w, out=torch.empty(10, 2, device=DEVICE).t())
+    with pytest.raises(AssertionError):
+        gemv(x, w, bias=randn(11))
+
+
+# ---- GPU: Llama-2-7B decode shapes against cuBLAS -------------------------------------------------
+
+LLAMA_7B = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
+            "lm_head": (32000, 4096)}  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(LLAMA_7B))
+def test_gemv_llama7b_shapes_match_f_linear(name, dtype):
+    n, k = LLAMA_7B[name]
+    weight = randn(n, k, dtype=dtype, scale=k**-0.5)
+    for m in range(1, MAX_M + 1):
+        x = randn(m, k, dtype=dtype)
+        out = gemv(x, weight)
+        close(out, linear_ref(x, weight), dtype)
+        # cuBLAS may reduce in another order (split-K), so only the dtype's tolerance applies
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(out, F.linear(x, weight), atol=atol, rtol=rtol)
+        assert torch.equal(gemv(x, weight), out), "not deterministic"
+
+
+@pytest.mark.gpu
+def test_gemv_captures_in_a_cuda_graph():
+    n, k = LLAMA_7B["qkv"]
+    weight, bias = randn(n, k, dtype=torch.bfloat16, scale=k**-0.5), randn(n, dtype=torch.bfloat16)
+    x = randn(2, k, dtype=torch.bfloat16)
+    out = torch.empty(2, n, dtype=torch.bfloat16, device=DEVICE)
+    gemv(x, weight, bias, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gemv(x, weight, bias, out=out)
+    x.copy_(randn(2, k, dtype=torch.bfloat16))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    close(out, linear_ref(x, weight, bias), torch.bfloat16)
