@@ -49,6 +49,7 @@ class Shapes:
     head_dim: int = 128
     inter: int = 11008
     tokens: tuple = (16384, 1, 32)  # the first is the bandwidth-sized one
+    rope_kv_tokens: tuple = (16384, 1, 8, 64)  # fused rotary + KV write: decode batch sizes, where it pays
     max_pos: int = 4096
     decode_batch: int = 32
     decode_ctx: int = 2048
@@ -65,7 +66,7 @@ class Shapes:
 
 
 SMALL = Shapes(hidden=256, heads=4, gqa_kv_heads=2, head_dim=32, inter=192, tokens=(64, 1, 4), max_pos=128,
-               decode_batch=2, decode_ctx=96, prefill_len=80, vocab=1000, sample_batches=(1, 4),
+               rope_kv_tokens=(64, 1), decode_batch=2, decode_ctx=96, prefill_len=80, vocab=1000, sample_batches=(1, 4),
                copy_gib=1 / 128, mm=256, gemv_shapes=(("qkv", 48, 64), ("o", 16, 64), ("down", 16, 100)),
                gemv_batches=(1, 4))  # fmt: skip
 
@@ -189,14 +190,19 @@ def _q_k_v(qkv: torch.Tensor, h: int, hk: int, d: int):
     return q.unflatten(1, (h, d)), k.unflatten(1, (hk, d)), v.unflatten(1, (hk, d))
 
 
+def _cos_sin_cache(b: Bench, s: Shapes) -> torch.Tensor:
+    """fp32 [max_pos, D]: cos | sin."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, s.head_dim, 2, dtype=F32, device=b.dev) / s.head_dim)
+    freqs = torch.outer(torch.arange(s.max_pos, dtype=F32, device=b.dev), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
 def bench_rotary_embedding(b: Bench, s: Shapes):
     t, h, d = s.tokens[0], s.heads, s.head_dim
     qkv = b.randn(t, 3 * h * d)
     qkv2 = qkv.clone()
     pos = torch.randint(0, s.max_pos, (t,), device=b.dev)
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=F32, device=b.dev) / d)
-    freqs = torch.outer(torch.arange(s.max_pos, dtype=F32, device=b.dev), inv_freq)
-    cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # fp32 [max_pos, D]: cos | sin
+    cache = _cos_sin_cache(b, s)
     (q, k, _), (q2, k2, _) = _q_k_v(qkv, h, h, d), _q_k_v(qkv2, h, h, d)
     nbytes = 2 * (q.numel() + k.numel()) * 2 + pos.nbytes + t * d * 4  # q, k read + written; a cos|sin row per token
     compare(b, "rotary_embedding", f"q, k [{t}, {h}, {d}] in qkv [{t}, {3 * h * d}], neox",
@@ -222,6 +228,31 @@ def _kv_write_case(b: Bench, s: Shapes, bs: int):
     compare(b, "write_kv_cache", f"k, v [{t}, {h}, {d}] -> [{nb}, {bs}, {h}, {d}]",
             lambda: b.tri.write_kv_cache(k, v, kc, vc, slots), lambda: b.ref.write_kv_cache(k, v, kc2, vc2, slots),
             (kc, vc), (kc2, vc2), nbytes=4 * k.numel() * 2 + slots.nbytes)  # fmt: skip
+
+
+def _rope_kv_case(b: Bench, s: Shapes, t: int, fused: bool):
+    """rotary_and_write_kv (one launch) or rotary_embedding then write_kv_cache (two), against the torch
+    composition; both rows count the bytes the fused op moves, so their GB/s compare directly."""
+    h, d, bs = s.heads, s.head_dim, s.block_sizes[0]
+    qkv = b.randn(t, 3 * h * d)
+    qkv2 = qkv.clone()
+    pos, cache = torch.randint(0, s.max_pos, (t,), device=b.dev), _cos_sin_cache(b, s)
+    nb = math.ceil(t / bs)
+    blocks = torch.randperm(nb, device=b.dev)
+    slots = (blocks[:, None] * bs + torch.arange(bs, device=b.dev)).flatten()[:t]
+    kc, vc, kc2, vc2 = (torch.zeros(nb, bs, h, d, dtype=BF16, device=b.dev) for _ in range(4))
+    (q, k, v), (q2, k2, v2) = _q_k_v(qkv, h, h, d), _q_k_v(qkv2, h, h, d)
+    if fused:
+        name = "rotary_and_write_kv"
+        tri_fn = lambda: b.tri.rotary_and_write_kv(pos, q, k, v, cache, True, kc, vc, slots)
+    else:
+        name = "rotary_embedding + write_kv_cache"
+        tri_fn = lambda: (b.tri.rotary_embedding(pos, q, k, cache, True), b.tri.write_kv_cache(k, v, kc, vc, slots))
+    # q, k read + written, k and v cache written, v read; a cos|sin row, a position and a slot per token
+    nbytes = (2 * q.numel() + 3 * k.numel() + 2 * v.numel()) * 2 + t * d * 4 + pos.nbytes + slots.nbytes
+    compare(b, name, f"q, k, v [{t}, {h}, {d}] in qkv, neox -> [{nb}, {bs}, {h}, {d}]", tri_fn,
+            lambda: b.ref.rotary_and_write_kv(pos, q2, k2, v2, cache, True, kc2, vc2, slots),
+            (qkv, kc, vc), (qkv2, kc2, vc2), nbytes=nbytes)  # fmt: skip
 
 
 # ---- attention ------------------------------------------------------------------------------------
@@ -356,6 +387,8 @@ CASES = {  # what each --only name runs
     "rotary_embedding": bench_rotary_embedding,
     "silu_and_mul": bench_silu_and_mul,
     "write_kv_cache": lambda b, s: [_kv_write_case(b, s, bs) for bs in s.block_sizes],
+    "rotary_and_write_kv": lambda b, s: [_rope_kv_case(b, s, t, fused) for t in s.rope_kv_tokens
+                                         for fused in (True, False)],
     "paged_decode_attention": lambda b, s: [
         _decode_case(b, s, bs, hk) for bs in s.block_sizes for hk in (s.heads, s.gqa_kv_heads)
     ],

@@ -14,6 +14,7 @@ OP_NAMES = (
     "rotary_embedding",
     "silu_and_mul",
     "write_kv_cache",
+    "rotary_and_write_kv",
     "paged_decode_attention",
     "context_attention",
     "sample",

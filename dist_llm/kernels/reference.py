@@ -73,6 +73,11 @@ def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
     v_cache[blocks, offsets] = v[valid].to(v_cache.dtype)
 
 
+def rotary_and_write_kv_ref(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache, slot_mapping) -> None:
+    rotary_embedding_ref(positions, q, k, cos_sin_cache, is_neox)
+    write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
 def gather_kv_ref(k_cache, v_cache, block_table, seq_len: int):
     """The first `seq_len` cached tokens of one sequence as dense [seq_len, Hk, D] tensors."""
     block_size = k_cache.shape[1]

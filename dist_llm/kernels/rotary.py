@@ -20,22 +20,44 @@ from dist_llm.kernels._rounding import round_to
 
 
 @triton.jit
+def _load_cos_sin(pos_ptr, tok, cache_ptr, stride_cache0, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Token `tok`'s cos and sin rows, fp32 [BLOCK_HALF] each (zero past HALF)."""
+    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    cs_row = cache_ptr + pos * stride_cache0
+    cos = tl.load(cs_row + d, mask=d < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(cs_row + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
 def _rotate_heads(
     base_ptr, stride_h, head_start, num_heads, cos, sin,
+    copy_ptr, stride_copy_h, num_copy_heads,
     HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    COPY: tl.constexpr,
 ):  # fmt: skip
+    """Rotates heads [head_start, head_start + BLOCK_H) below num_heads in place. With COPY, the rotated
+    dims of the heads below num_copy_heads are also stored at copy_ptr (rounded to base_ptr's dtype first,
+    so the copy is bit-identical to copying the rotated heads afterwards)."""
     heads = head_start + tl.arange(0, BLOCK_H)
     rows = base_ptr + heads.to(tl.int64)[:, None] * stride_h
+    copy_rows = copy_ptr + heads.to(tl.int64)[:, None] * stride_copy_h
     hmask = (heads < num_heads)[:, None]
+    copy_hmask = (heads < num_copy_heads)[:, None]
     if IS_NEOX:
         d = tl.arange(0, BLOCK_HALF)[None, :]
         mask = hmask & (d < HALF)
         x1 = tl.load(rows + d, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(rows + HALF + d, mask=mask, other=0.0).to(tl.float32)
-        o1 = x1 * cos[None, :] - x2 * sin[None, :]
-        o2 = x2 * cos[None, :] + x1 * sin[None, :]
-        tl.store(rows + d, round_to(o1, base_ptr.dtype.element_ty), mask=mask)
-        tl.store(rows + HALF + d, round_to(o2, base_ptr.dtype.element_ty), mask=mask)
+        o1 = round_to(x1 * cos[None, :] - x2 * sin[None, :], base_ptr.dtype.element_ty)
+        o2 = round_to(x2 * cos[None, :] + x1 * sin[None, :], base_ptr.dtype.element_ty)
+        tl.store(rows + d, o1, mask=mask)
+        tl.store(rows + HALF + d, o2, mask=mask)
+        if COPY:
+            copy_mask = copy_hmask & (d < HALF)
+            tl.store(copy_rows + d, round_to(o1, copy_ptr.dtype.element_ty), mask=copy_mask)
+            tl.store(copy_rows + HALF + d, round_to(o2, copy_ptr.dtype.element_ty), mask=copy_mask)
     else:
         d = tl.arange(0, 2 * BLOCK_HALF)[None, :]
         mask = hmask & (d < 2 * HALF)
@@ -43,8 +65,10 @@ def _rotate_heads(
         x1, x2 = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_HALF, 2)))
         o1 = x1 * cos[None, :] - x2 * sin[None, :]
         o2 = x2 * cos[None, :] + x1 * sin[None, :]
-        o = tl.reshape(tl.join(o1, o2), (BLOCK_H, 2 * BLOCK_HALF))
-        tl.store(rows + d, round_to(o, base_ptr.dtype.element_ty), mask=mask)
+        o = round_to(tl.reshape(tl.join(o1, o2), (BLOCK_H, 2 * BLOCK_HALF)), base_ptr.dtype.element_ty)
+        tl.store(rows + d, o, mask=mask)
+        if COPY:
+            tl.store(copy_rows + d, round_to(o, copy_ptr.dtype.element_ty), mask=copy_hmask & (d < 2 * HALF))
 
 
 @triton.jit
@@ -57,38 +81,20 @@ def _rotary_kernel(
 ):  # fmt: skip
     tok = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
-    pos = tl.load(pos_ptr + tok).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)
-    cs_row = cache_ptr + pos * stride_cache0
-    cos = tl.load(cs_row + d, mask=d < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(cs_row + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+    cos, sin = _load_cos_sin(pos_ptr, tok, cache_ptr, stride_cache0, HALF, BLOCK_HALF)
     num_q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
     if head_block < num_q_blocks:
+        q_row = q_ptr + tok * stride_q0
         _rotate_heads(
-            q_ptr + tok * stride_q0,
-            stride_q1,
-            head_block * BLOCK_H,
-            num_q_heads,
-            cos,
-            sin,
-            HALF,
-            IS_NEOX,
-            BLOCK_H,
-            BLOCK_HALF,
-        )
+            q_row, stride_q1, head_block * BLOCK_H, num_q_heads, cos, sin, q_row, 0, 0,
+            HALF, IS_NEOX, BLOCK_H, BLOCK_HALF, COPY=False,
+        )  # fmt: skip
     else:
+        k_row = k_ptr + tok * stride_k0
         _rotate_heads(
-            k_ptr + tok * stride_k0,
-            stride_k1,
-            (head_block - num_q_blocks) * BLOCK_H,
-            num_k_heads,
-            cos,
-            sin,
-            HALF,
-            IS_NEOX,
-            BLOCK_H,
-            BLOCK_HALF,
-        )
+            k_row, stride_k1, (head_block - num_q_blocks) * BLOCK_H, num_k_heads, cos, sin, k_row, 0, 0,
+            HALF, IS_NEOX, BLOCK_H, BLOCK_HALF, COPY=False,
+        )  # fmt: skip
 
 
 def _launch_config(num_tokens: int, max_heads: int, half: int) -> tuple[int, int, int]:
@@ -100,13 +106,9 @@ def _launch_config(num_tokens: int, max_heads: int, half: int) -> tuple[int, int
     return block_h, block_half, num_warps
 
 
-def rotary_embedding(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool
-) -> None:
-    """In place on q [T, Hq, D] and k [T, Hk, D] (strided views allowed, last dim contiguous)."""
+def check_rotary_args(positions, q, k, cos_sin_cache) -> None:
     assert q.dim() == 3 and k.dim() == 3, "q and k must be [T, H, D]"
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_k_heads = k.shape[1]
+    num_tokens, _, head_dim = q.shape
     assert k.shape[0] == num_tokens and k.shape[2] == head_dim, f"q {tuple(q.shape)} vs k {tuple(k.shape)}"
     assert positions.shape == (num_tokens,) and not positions.dtype.is_floating_point
     assert q.stride(2) == 1 and k.stride(2) == 1, "q and k must be contiguous in head_dim"
@@ -114,6 +116,15 @@ def rotary_embedding(
     rot_dim = cos_sin_cache.shape[1]
     assert rot_dim % 2 == 0 and rot_dim <= head_dim, f"rot_dim {rot_dim} vs head_dim {head_dim}"
     assert q.device == k.device == positions.device == cos_sin_cache.device
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool
+) -> None:
+    """In place on q [T, Hq, D] and k [T, Hk, D] (strided views allowed, last dim contiguous)."""
+    check_rotary_args(positions, q, k, cos_sin_cache)
+    num_tokens, num_q_heads, _ = q.shape
+    num_k_heads, rot_dim = k.shape[1], cos_sin_cache.shape[1]
     if num_tokens == 0:
         return
     half = rot_dim // 2

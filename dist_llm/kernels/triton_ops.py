@@ -6,6 +6,7 @@ from dist_llm.kernels.kv_cache import write_kv_cache
 from dist_llm.kernels.prefill_attention import context_attention
 from dist_llm.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from dist_llm.kernels.rotary import rotary_embedding
+from dist_llm.kernels.rotary_kv import rotary_and_write_kv
 from dist_llm.kernels.sampling import sample
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "rotary_embedding",
     "silu_and_mul",
     "write_kv_cache",
+    "rotary_and_write_kv",
     "paged_decode_attention",
     "context_attention",
     "sample",

@@ -1,4 +1,8 @@
-"""Rotary position embedding: the cos/sin table, with `llama3` and `linear` rope scaling as HF computes it."""
+"""Rotary position embedding: the cos/sin table, with `llama3` and `linear` rope scaling as HF computes it.
+
+The rotation itself is applied by the attention layer, fused with the KV-cache write
+(`ops.rotary_and_write_kv`), so this module owns the table and the layout and has no forward.
+"""
 
 from __future__ import annotations
 
@@ -32,9 +36,9 @@ _CACHES: dict[tuple, torch.Tensor] = {}
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, rot_dim: int, max_position: int, base: float, rope_scaling: dict | None,
-                 ops, is_neox: bool = True):
+                 is_neox: bool = True):
         super().__init__()
-        self.head_dim, self.rot_dim, self.is_neox, self.ops = head_dim, rot_dim, is_neox, ops
+        self.head_dim, self.rot_dim, self.is_neox = head_dim, rot_dim, is_neox
         self.key = (rot_dim, max_position, base, repr(sorted((rope_scaling or {}).items())))
         self.rope_scaling = rope_scaling
         self.cos_sin_cache: torch.Tensor | None = None
@@ -48,6 +52,3 @@ class RotaryEmbedding(nn.Module):
             freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
             _CACHES[key] = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
         self.cos_sin_cache = _CACHES[key]
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
-        self.ops.rotary_embedding(positions, q, k, self.cos_sin_cache, self.is_neox)

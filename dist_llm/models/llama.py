@@ -28,10 +28,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias, dtype)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
-        self.rotary_emb = RotaryEmbedding(
-            cfg.head_dim, cfg.rotary_dim, max_position, cfg.rope_theta, cfg.rope_scaling, ops
-        )
-        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5, ops)
+        rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rotary_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5, rotary_emb, ops)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
@@ -40,8 +38,7 @@ class LlamaAttention(nn.Module):
         q = qkv[:, :q_size].view(t, self.num_heads, d)
         k = qkv[:, q_size : q_size + kv_size].view(t, self.num_kv_heads, d)
         v = qkv[:, q_size + kv_size :].view(t, self.num_kv_heads, d)
-        self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        return self.o_proj(self.attn(positions, q, k, v))
 
 
 class LlamaMLP(nn.Module):
