@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_llm.layers.linear import dense_linear
 from dist_llm.parallel import comm
 
 
@@ -41,6 +42,8 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(nn.Module):
     """logits = h Eᵀ: rank r computes its vocabulary slice, an all-gather joins them, the padding is cut."""
 
+    gemv = None  # the small-batch kernel, set by the worker (see linear.dense_linear)
+
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype):
         super().__init__()
         tp = comm.tp_size()
@@ -50,5 +53,5 @@ class ParallelLMHead(nn.Module):
         )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = comm.tp_all_gather(F.linear(h, self.weight), dim=-1)
+        logits = comm.tp_all_gather(dense_linear(self, h, self.weight, None), dim=-1)
         return logits[:, : self.vocab_size]
