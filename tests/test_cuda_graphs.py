@@ -23,7 +23,8 @@ def test_buckets_cover_every_batch_size():
         assert all(any(b >= n for b in buckets) for n in range(1, max_bs + 1))
 
 
-def staggered_outputs(runner, requests, graphs_on: bool, steps_between: int = 3) -> list[list[int]]:
+def staggered_outputs(runner, requests, graphs_on: bool, steps_between: int = 3, overlap: bool = True
+                      ) -> list[list[int]]:
     """Requests join one by one while the others decode, so batch sizes (and buckets) keep changing."""
     from dist_llm.runtime.executor import Executor
     from dist_llm.runtime.sequence import SamplingParams, Sequence
@@ -32,7 +33,8 @@ def staggered_outputs(runner, requests, graphs_on: bool, steps_between: int = 3)
     saved = worker.graph_runner
     worker.graph_runner = saved if graphs_on else None
     try:
-        ex = Executor(worker, runner.engine, runner.executor.block_manager.num_blocks, runner.tokenizer)
+        ex = Executor(worker, runner.engine, runner.executor.block_manager.num_blocks, runner.tokenizer,
+                      overlap=overlap)
         seqs = []
         for prompt, params in requests:
             seqs.append(Sequence(prompt, SamplingParams(**params)))
@@ -65,25 +67,29 @@ def test_static_path_matches_eager(kernels, n, max_new, min_static, tiny_models,
     from dist_llm.runtime import ModelRunner
 
     engine = convert_and_build(tiny_models["llama"], tmp_path, 1, 1, max_batch_size=8)
+    device = "cuda" if kernels == "triton" and torch.cuda.is_available() else "cpu"  # no interpreter there
     try:
-        runner = ModelRunner.from_dir(engine, device="cpu", kernel_backend=kernels, cuda_graphs="static")
+        runner = ModelRunner.from_dir(engine, device=device, kernel_backend=kernels, cuda_graphs="static")
         assert runner.executor.worker.graph_runner.buckets == [1, 2, 4, 8]
         reqs = make_requests(runner.engine.model.vocab_size, n, max_new)
-        eager = staggered_outputs(runner, reqs, graphs_on=False)
+        eager = staggered_outputs(runner, reqs, graphs_on=False, overlap=False)
         static = staggered_outputs(runner, reqs, graphs_on=True)
         assert runner.executor.worker.graph_runner.steps_run >= min_static  # decode steps took the static path
         runner.shutdown()
     finally:
         destroy()
-    assert static == eager
+    assert static == eager  # the static path, with overlap scheduling, against eager steps without it
 
 
-def test_static_path_under_mpirun_tp2(tiny_models, tmp_path):
-    engine = convert_and_build(tiny_models["llama"], tmp_path, 2, 1, max_batch_size=4)
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_static_path_under_mpirun(tp, pp, tiny_models, tmp_path):
+    """Tensor parallelism, and pipeline stages that each run their part from static buffers."""
+    engine = convert_and_build(tiny_models["llama"], tmp_path, tp, pp, max_batch_size=4)
     outs = []
     for mode in ("off", "static"):
         path = tmp_path / f"{mode}.json"
-        run_dist(2, ["--engine_dir", engine, "--input_text", *PROMPTS, "--max_new_tokens", "12",
+        run_dist(tp * pp, ["--engine_dir", engine, "--device", "cpu", "--input_text", *PROMPTS,
+                           "--max_new_tokens", "12",
                      "--cuda_graphs", mode, "--output_json", str(path), "--quiet"])
         outs.append([o["output_token_ids"] for o in json.loads(path.read_text())])
     assert outs[0] == outs[1]
@@ -107,7 +113,7 @@ def test_captured_graphs_match_eager_over_256_steps(batch, tiny_models, tmp_path
         runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs="on")
         reqs = [(p, dict(max_new_tokens=256, ignore_eos=True)) for p, _ in
                 make_requests(runner.engine.model.vocab_size, batch, 8)]
-        eager = staggered_outputs(runner, reqs, graphs_on=False)
+        eager = staggered_outputs(runner, reqs, graphs_on=False, overlap=False)
         graphs = staggered_outputs(runner, reqs, graphs_on=True)
         assert len(runner.executor.worker.graph_runner.graphs) > 0
         runner.shutdown()

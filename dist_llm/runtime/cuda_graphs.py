@@ -3,10 +3,17 @@
 A decode step's work depends only on the batch size once its inputs live at fixed addresses, so one
 graph per bucket (1, 2, 4, 8, then multiples of 16 up to max_batch_size) replays the whole forward, the
 LM head and sampling with a single launch. The plan's tensors are copied into the static buffers
-(padding rows write no KV: slot -1, and attend to one token of block 0); only the sampled ids come back.
+(padding rows write no KV: slot -1, and attend to one token of block 0). Input ids that the host has
+not seen yet (overlap scheduling) are gathered from the previous step's sampled ids inside the graph.
+The sampled ids land in the worker's `sampled` buffer and come back through pinned memory, without a
+host wait: the coordinator waits only when it needs them, after launching the next step.
+
+With pipeline parallelism each stage captures its own part: the activations from the previous stage are
+received into a static buffer before the replay, and the graph's output buffer is sent on after it (the
+point-to-point calls stay outside the graph; tensor-parallel all-reduces inside it are captured).
 
 Modes:
-* "capture": CUDA graphs (GPU, one stage, NCCL or a single rank: gloo cannot be captured);
+* "capture": CUDA graphs (GPU; NCCL or a single rank: gloo cannot be captured);
 * "static":  the same static-buffer, bucket-padded step run eagerly: what the CPU tests check, and a
   debugging aid on the GPU;
 * the eager worker path is used for everything else (prefill, mixed batches, pipeline stages).
@@ -17,7 +24,9 @@ from __future__ import annotations
 import torch
 
 from dist_llm.layers.context import AttentionMetadata, set_metadata
+from dist_llm.parallel import comm
 from dist_llm.runtime.plan import StepPlan, StepResult
+from dist_llm.runtime.worker import fill_pending
 
 SAMPLING_MODES = ("greedy", "plain", "full")
 
@@ -49,9 +58,13 @@ class DecodeGraphRunner:
         self.top_p = torch.ones(self.max_bs, dtype=torch.float32, **z)
         self.seeds = torch.zeros(self.max_bs, dtype=torch.int64, **z)
         self.offsets = torch.zeros(self.max_bs, dtype=torch.int64, **z)
-        self.tokens = torch.zeros(self.max_bs, dtype=torch.int64, **z)
-        # only the sampled ids come back, through pinned memory
-        self.host_tokens = torch.zeros(self.max_bs, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self.prev_index = torch.full((self.max_bs,), -1, dtype=torch.int64, **z)
+        self.tokens = worker.sampled  # the graph reads the previous step's ids here, then writes its own
+        m, hidden = worker.mapping, eng.model.hidden_size
+        self.first, self.last = m.is_first_stage, m.is_last_stage
+        # (hidden, residual) from the previous stage / for the next one
+        self.stage_in = None if self.first else torch.zeros(2, self.max_bs, hidden, dtype=worker.dtype, **z)
+        self.stage_out = None if self.last else torch.zeros(2, self.max_bs, hidden, dtype=worker.dtype, **z)
         self.workspace = worker.decode_workspace
         self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -69,7 +82,17 @@ class DecodeGraphRunner:
             seq_lens=self.seq_lens[:bucket], cu_seqlens_q=self.cu_seqlens_q[: bucket + 1], max_seqlen_q=1,
             is_decode=True, decode_workspace=self.workspace,
         ))
-        hidden = w.model(self.positions[:bucket], input_ids=self.input_ids[:bucket])
+        pos = self.positions[:bucket]
+        if self.first:
+            ids = fill_pending(self.input_ids[:bucket], self.prev_index[:bucket], self.tokens)
+            out = w.model(pos, input_ids=ids)
+        else:
+            out = w.model(pos, hidden=self.stage_in[0, :bucket], residual=self.stage_in[1, :bucket])
+        if not self.last:
+            self.stage_out[0, :bucket].copy_(out[0])
+            self.stage_out[1, :bucket].copy_(out[1])
+            return
+        hidden = out
         logits = w.model.compute_logits(hidden).float()
         self.tokens[:bucket].copy_(w.ops.sample(
             logits, self.temperature[:bucket], self.top_k[:bucket], self.top_p[:bucket], self.seeds[:bucket],
@@ -105,10 +128,16 @@ class DecodeGraphRunner:
             self.slot_mapping[start:end] = -1
             self.seq_lens[start:end] = 1
             self.block_tables[start:end] = 0
+            self.prev_index[start:end] = -1
+            self.input_ids[start:end] = 0  # not a PENDING id left over from an earlier step
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> StepResult:
+    def run(self, plan: StepPlan) -> StepResult | None:
         b = plan.batch_size
+        w = self.worker
+        if not self.first:
+            packed = comm.pp_recv((2, b, self.stage_in.shape[2]), w.dtype, w.mapping.pp_rank - 1)
+            self.stage_in[:, :b].copy_(packed)
         bucket = next(x for x in self.buckets if x >= b)
         nb = plan.block_tables.shape[1]
         for dst, src in ((self.input_ids, plan.input_ids), (self.positions, plan.positions),
@@ -117,6 +146,10 @@ class DecodeGraphRunner:
                          (self.seeds, plan.seeds), (self.offsets, plan.offsets)):
             dst[:b].copy_(src, non_blocking=True)
         self.block_tables[:b, :nb].copy_(plan.block_tables, non_blocking=True)
+        if plan.prev_index is not None:
+            self.prev_index[:b].copy_(plan.prev_index, non_blocking=True)
+        else:
+            self.prev_index[:b].fill_(-1)
         self._pad(b, bucket)
         if self.mode == "static":
             self._forward(bucket, plan.sampling_mode)
@@ -126,8 +159,8 @@ class DecodeGraphRunner:
                 self.graphs[key] = self._capture(bucket, plan.sampling_mode)
             self.graphs[key].replay()
         self.steps_run += 1
-        out = self.host_tokens[:b]
-        out.copy_(self.tokens[:b], non_blocking=True)
-        if self.tokens.is_cuda:
-            torch.cuda.current_stream().synchronize()
-        return StepResult(token_ids=out.clone())
+        if not self.last:  # a copy: the next replay rewrites stage_out while this send may be in flight
+            w.wait_sends()
+            w._pending_send = comm.pp_send(self.stage_out[:, :b].clone(), w.mapping.pp_rank + 1)
+            return None
+        return w.return_tokens(self.tokens[:b])

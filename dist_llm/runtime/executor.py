@@ -1,11 +1,18 @@
 """The coordinator's loop on rank 0: requests in, one scheduled step at a time, tokens out.
 
 Each step: schedule -> build a StepPlan -> broadcast it -> run this rank's shard -> receive the
-sampled ids from the last stage -> append them, check stops, free finished requests' blocks.
+sampled ids from the last stage -> resolve them, check stops, free finished requests' blocks.
 
-With pipeline parallelism up to pp_size micro-batches (of disjoint requests) are in flight: rank 0
-launches the next one into stage 0 while later stages still work on earlier ones, and completes them
-in launch order.
+Several steps are in flight at once, and a request's state moves forward when its step is launched
+(its KV is then as good as written); the sampled token is a PENDING placeholder until the step comes
+back, and is resolved, in launch order, by `_complete`.
+
+* Overlap scheduling (one pipeline stage, the default): rank 0 schedules and launches step N+1 while
+  the GPU still runs step N. Step N+1 reads the tokens of step N from the device (`prev_index`), so
+  the host never waits for the GPU before launching. A request that stops at step N has had one more
+  token computed for nothing; that token is dropped.
+* Pipeline parallelism: up to pp_size micro-batches of disjoint requests are in flight; rank 0
+  launches the next one into stage 0 while later stages still work on earlier ones.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from dist_llm.parallel import comm
 from dist_llm.runtime.block_manager import BlockManager
 from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult
 from dist_llm.runtime.scheduler import ScheduledBatch, Scheduler
-from dist_llm.runtime.sequence import Sequence
+from dist_llm.runtime.sequence import PENDING, Sequence
 from dist_llm.runtime.worker import Worker
 
 
@@ -38,8 +45,17 @@ class TokenEvent:
     finish_reason: str | None = None
 
 
+@dataclass
+class InFlight:
+    batch: ScheduledBatch
+    result: StepResult | None  # None: it comes from the sampler rank
+    computed: list[int]  # each request's num_computed_tokens once this step is done
+    token_index: list[int | None]  # where each request's sampled token goes in token_ids (None: no sample)
+
+
 class Executor:
-    def __init__(self, worker: Worker, engine: EngineConfig, num_blocks: int, tokenizer=None):
+    def __init__(self, worker: Worker, engine: EngineConfig, num_blocks: int, tokenizer=None,
+                 overlap: bool = True):
         self.worker, self.engine, self.tokenizer = worker, engine, tokenizer
         b = engine.build
         self.block_manager = BlockManager(num_blocks, b.tokens_per_block)
@@ -48,9 +64,14 @@ class Executor:
         self.eos_ids = set(engine.model.eos_token_ids)
         self.mapping = worker.mapping
         self.steps = 0
-        self.depth = self.mapping.pp_size  # micro-batches in flight at most
-        self.inflight: deque[tuple[ScheduledBatch, StepResult | None]] = deque()
+        # overlap: the next step of the same requests is launched before this one comes back
+        self.overlap = overlap and self.mapping.pp_size == 1
+        self.depth = 2 if self.overlap else self.mapping.pp_size  # steps in flight at most
+        self.inflight: deque[InFlight] = deque()
+        self.launches = 0
         self.max_inflight_seen = 0
+        # the coordinator's own seconds, by phase (benchmarks read them: is the host hidden behind the GPU?)
+        self.host_seconds = dict(schedule=0.0, launch=0.0, wait=0.0, complete=0.0)
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -90,6 +111,7 @@ class Executor:
         seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "cancelled")
+            seq.drop_pending()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self.inflight)
@@ -104,11 +126,18 @@ class Executor:
     def _plan(self, batch: ScheduledBatch) -> StepPlan:
         """Plain lists, one tensor per field at the end: this runs every step, for every request."""
         bs = self.engine.build.tokens_per_block
-        ids, pos, slots, seq_lens, cu, rows = [], [], [], [], [0], []
+        ids, pos, slots, seq_lens, cu, rows, prev = [], [], [], [], [0], [], None
         max_blocks = max(len(s.block_table) for s in batch.seqs)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start, end, table = seq.num_computed_tokens, seq.num_computed_tokens + n, seq.block_table
             ids += seq.token_ids[start:end]
+            if ids[-1] == PENDING:  # sampled by the step in flight: the device fills it in
+                launch, row = seq.feed
+                assert launch == self.launches - 1, "a PENDING token must come from the previous launch"
+                prev = prev or [-1] * (len(ids) - 1)
+                prev.append(row)
+            elif prev is not None:
+                prev += [-1] * (len(ids) - len(prev))
             if n == 1:  # decode: the common case
                 pos.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
@@ -132,76 +161,105 @@ class Executor:
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.int32),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
             seeds=torch.tensor([s.seed for s in batch.seqs], dtype=torch.int64),
-            offsets=torch.tensor([s.num_generated for s in batch.seqs], dtype=torch.int64),
+            offsets=torch.tensor([s.num_sampled for s in batch.seqs], dtype=torch.int64),
             sampling_mode=sampling_mode(params),
-            return_logits=any(p.return_first_logits and s.num_generated == 0 for p, s in zip(params, batch.seqs)),
+            return_logits=any(p.return_first_logits and s.num_sampled == 0 for p, s in zip(params, batch.seqs)),
             return_logprobs=any(p.return_logprobs for p in params),
+            prev_index=None if prev is None else torch.tensor(prev, dtype=torch.int64),
         )
 
     def _launch(self, batch: ScheduledBatch) -> None:
         plan = self._plan(batch)
         comm.broadcast_object(plan)
         result = self.worker.execute(plan)  # the result itself when rank 0 is also the last stage
-        self.inflight.append((batch, result))
+        computed, token_index = [], []
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            seq.num_computed_tokens += n
+            computed.append(seq.num_computed_tokens)
+            if seq.num_computed_tokens == len(seq):  # this step samples the request's next token
+                token_index.append(len(seq))
+                seq.token_ids.append(PENDING)
+                seq.num_pending += 1
+                seq.feed = (self.launches, row)
+            else:  # a prefill chunk that does not reach the end yet: its sample is not used
+                token_index.append(None)
+        self.launches += 1
+        self.inflight.append(InFlight(batch, result, computed, token_index))
         self.max_inflight_seen = max(self.max_inflight_seen, len(self.inflight))
 
     def step(self) -> list[TokenEvent]:
-        """Launch micro-batches until the pipeline is full, then complete the oldest one."""
+        """Launch steps until `depth` are in flight, then complete the oldest one."""
+        t, clock = self.host_seconds, time.perf_counter
         while len(self.inflight) < self.depth:
-            busy = {s.request_id for b, _ in self.inflight for s in b.seqs}
-            batch = self.scheduler.schedule(busy)
+            t0 = clock()
+            in_flight = {s.request_id for f in self.inflight for s in f.batch.seqs}
+            batch = self.scheduler.schedule(busy=set() if self.overlap else in_flight, protected=in_flight)
+            t1 = clock()
+            t["schedule"] += t1 - t0
             if not batch.seqs:
                 break
             self._launch(batch)
+            t["launch"] += clock() - t1
         if not self.inflight:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress with requests pending (a bug: please report)")
             return []
-        batch, result = self.inflight.popleft()
-        if result is None:
-            result = comm.recv_object(self.mapping.sampler_rank)
+        t0 = clock()
+        done = self.inflight.popleft()
+        result = done.result if done.result is not None else comm.recv_object(self.mapping.sampler_rank)
+        result.wait()
+        t1 = clock()
         self.steps += 1
-        return self._complete(batch, result)
+        events = self._complete(done, result)
+        t["wait"] += t1 - t0
+        t["complete"] += clock() - t1
+        return events
 
-    def _complete(self, batch: ScheduledBatch, result: StepResult) -> list[TokenEvent]:
+    def _complete(self, done: InFlight, result: StepResult) -> list[TokenEvent]:
         now = time.perf_counter()
         events = []
         tokens = result.token_ids.tolist()  # one conversion, not one tensor index per request
         logprobs = result.logprobs.tolist() if result.logprobs is not None else None
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if seq.is_finished:  # cancelled while its micro-batch was in the pipeline
+        for i, seq in enumerate(done.batch.seqs):
+            if seq.is_finished:  # cancelled or stopped while this step was in flight
                 continue
-            seq.num_computed_tokens += n
-            self.block_manager.commit(seq, seq.num_computed_tokens)
-            if seq.num_computed_tokens < len(seq):
-                continue  # a prefill chunk that does not reach the end yet: its sample is not used
+            self.block_manager.commit(seq, done.computed[i])
+            idx = done.token_index[i]
+            if idx is None:
+                continue
             token = tokens[i]
-            if result.logits is not None and seq.num_generated == 0 and seq.params.return_first_logits:
+            seq.token_ids[idx] = token
+            seq.num_pending -= 1
+            if seq.num_pending == 0:
+                seq.feed = None
+            if result.logits is not None and idx == seq.prompt_len and seq.params.return_first_logits:
                 seq.first_logits = result.logits[i].clone()
-            seq.token_ids.append(token)
             if logprobs is not None and seq.params.return_logprobs:
                 seq.logprobs.append(logprobs[i])
             seq.token_times.append(now)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            reason = self._stop_reason(seq)
+            reason = self._stop_reason(seq, idx)
             if reason:
                 self.scheduler.finish(seq, reason)
+                seq.drop_pending()  # tokens sampled after the stop, still in flight
                 del self.requests[seq.request_id]
             events.append(TokenEvent(seq.request_id, [token], reason is not None, reason))
         return events
 
-    def _stop_reason(self, seq: Sequence) -> str | None:
-        p, token = seq.params, seq.token_ids[-1]
+    def _stop_reason(self, seq: Sequence, idx: int) -> str | None:
+        """Whether the token at token_ids[idx] (just resolved) ends the request."""
+        p, token = seq.params, seq.token_ids[idx]
         eos = self.eos_ids if p.end_id is None else ({p.end_id} if p.end_id >= 0 else set())
         if token in p.stop_token_ids or (not p.ignore_eos and token in eos):
             seq.stopped_on_token = True
             return "stop"
         if p.stop and self.tokenizer is not None:
-            tail = self.tokenizer.decode(seq.output_token_ids[-32:], skip_special_tokens=True)
+            tail = self.tokenizer.decode(seq.token_ids[max(seq.prompt_len, idx - 31) : idx + 1],
+                                         skip_special_tokens=True)
             if any(s in tail for s in p.stop):
                 return "stop"
-        if seq.num_generated >= p.max_new_tokens:
+        if idx + 1 - seq.prompt_len >= p.max_new_tokens:
             return "length"
         return None
 
@@ -212,9 +270,11 @@ class Executor:
         for request_id in list(self.requests):
             self.cancel(request_id)
         while self.inflight:  # let the pipeline empty, so no rank is left mid-step
-            _, result = self.inflight.popleft()
-            if result is None:
+            done = self.inflight.popleft()
+            if done.result is None:
                 comm.recv_object(self.mapping.sampler_rank)
+            else:
+                done.result.wait()
         self.worker.wait_sends()
         comm.broadcast_object(SHUTDOWN)
         comm.flush_broadcasts()
@@ -240,4 +300,4 @@ def serve_worker(worker: Worker) -> None:
             return
         result = worker.execute(plan)
         if m.rank == m.sampler_rank:
-            comm.send_object(result, 0)
+            comm.send_object(result.wait(), 0)

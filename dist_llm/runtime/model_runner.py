@@ -75,10 +75,10 @@ class ModelRunner:
     def from_dir(cls, engine_dir: str, *, device: str = "auto", backend: str = "auto",
                  kernel_backend: str = "auto", tokenizer_dir: str | None = None,
                  kv_cache_free_gpu_mem_fraction: float = 0.9, num_kv_blocks: int | None = None,
-                 cuda_graphs: str = "off") -> ModelRunner:
-        """`cuda_graphs`: "off" (eager), "on" (decode steps replayed from CUDA graphs; one GPU rank, or
-        tensor parallelism over NCCL, one pipeline stage) or "static" (the graphs' static-buffer path run
-        eagerly, for testing on the CPU)."""
+                 cuda_graphs: str = "auto", overlap: bool = True) -> ModelRunner:
+        """`cuda_graphs`: "on" (decode steps replayed from CUDA graphs: GPU, one rank or NCCL), "off" (eager),
+        "auto" (on where it can be, else off) or "static" (the graphs' static-buffer path run eagerly, for
+        testing on the CPU). `overlap`: schedule step N+1 while step N runs (one pipeline stage)."""
         engine = EngineConfig.load(engine_dir)
         pstate = init_distributed(engine.mapping.tp_size, engine.mapping.pp_size, backend, device)
         if kernel_backend == "auto":
@@ -86,15 +86,18 @@ class ModelRunner:
         worker = Worker(engine_dir, engine, pstate, kernel_backend)
         num_blocks = decide_num_blocks(worker, kv_cache_free_gpu_mem_fraction, num_kv_blocks)
         worker.allocate_kv_cache(num_blocks)
+        if cuda_graphs == "auto":
+            cuda_graphs = "on" if graphs_possible(pstate) else "off"
         if cuda_graphs != "off":
             check_cuda_graphs(cuda_graphs, pstate)
             worker.enable_decode_graphs("capture" if cuda_graphs == "on" else "static")
         if pstate.mapping.rank != 0:
             serve_worker(worker)
+            worker.close()
             destroy()
             return cls(engine, None, None, is_leader=False)
         tokenizer = load_tokenizer(tokenizer_dir or engine_dir)
-        executor = Executor(worker, engine, num_blocks, tokenizer)
+        executor = Executor(worker, engine, num_blocks, tokenizer, overlap=overlap)
         bs = engine.build.tokens_per_block
         log.info("KV cache: %d blocks of %d tokens = %d tokens in flight at most", num_blocks, bs, num_blocks * bs)
         runner = cls(engine, executor, tokenizer, is_leader=True)
@@ -188,10 +191,12 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         """Finish: cancel what is in flight and release the worker ranks (rank 0 only; idempotent)."""
+        atexit.unregister(self.shutdown)  # which would keep the engine's memory alive until exit
         if self._closed or not is_initialized():  # at exit after an explicit destroy(): nothing to release
             return
         self._closed = True
         self.executor.shutdown()
+        self.executor.worker.close()
         destroy()
 
     def __enter__(self):
@@ -201,11 +206,13 @@ class ModelRunner:
         self.shutdown()
 
 
+def graphs_possible(pstate) -> bool:
+    return pstate.device.type == "cuda" and (not pstate.distributed or pstate.backend == "nccl")
+
+
 def check_cuda_graphs(mode: str, pstate) -> None:
     if mode not in ("on", "static"):
-        raise DistLLMError(f"cuda_graphs must be off, on or static, got {mode!r}")
-    if pstate.mapping.pp_size > 1:
-        raise DistLLMError("CUDA graphs cover one pipeline stage only for now: use them with --pp_size 1")
+        raise DistLLMError(f"cuda_graphs must be auto, off, on or static, got {mode!r}")
     if mode == "on" and pstate.device.type != "cuda":
         raise DistLLMError("--cuda_graphs on needs --device cuda (use --cuda_graphs static to test the path)")
     if mode == "on" and pstate.distributed and pstate.backend != "nccl":

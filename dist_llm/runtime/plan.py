@@ -25,6 +25,9 @@ class StepPlan:
     sampling_mode: str = "full"  # "greedy" | "plain" (no top-k/top-p row) | "full": picked on the host
     return_logits: bool = False
     return_logprobs: bool = False
+    # overlap scheduling: for each token, the row of the previous step's sampled ids that holds it (the
+    # host has not seen that token yet), or -1 where input_ids has it; None when every id is known
+    prev_index: torch.Tensor | None = None  # int64 [T]
 
     @property
     def num_tokens(self) -> int:
@@ -37,9 +40,19 @@ class StepPlan:
 
 @dataclass
 class StepResult:
+    """A step's sampled ids. On the GPU they may still be on their way to pinned host memory: call
+    `wait()` before reading `token_ids` (the coordinator does so only after launching the next step)."""
+
     token_ids: torch.Tensor  # int64 [B]
     logprobs: torch.Tensor | None = None  # fp32 [B]
     logits: torch.Tensor | None = None  # fp32 [B, V]
+    ready: object = None  # a torch.cuda.Event recorded after the device-to-host copy, or None
+
+    def wait(self) -> StepResult:
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self
 
 
 SHUTDOWN = "shutdown"

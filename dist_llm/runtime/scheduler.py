@@ -5,8 +5,10 @@ are admitted while KV blocks, `max_batch_size` and the token budget `max_num_tok
 tokens and prefill chunks share one forward (chunked prefill), so a long prompt never stalls decoders.
 When blocks run out, the newest running request is preempted (its blocks freed, recomputed later).
 
-With pipeline parallelism several micro-batches are in flight at once: `schedule(busy)` leaves out the
-requests of the micro-batches still in the pipeline, and never preempts one of them.
+Several steps can be in flight at once. With pipeline parallelism `schedule(busy)` leaves out the
+requests of the micro-batches still in the pipeline. With overlap scheduling (one stage) the next step
+takes the same requests again, one token further, while the current one runs. Neither ever preempts a
+request that is in flight (`protected`).
 """
 
 from __future__ import annotations
@@ -56,11 +58,13 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _make_room(self, seq: Sequence, busy: set[int], preempted: list[Sequence]) -> bool:
+    def _make_room(self, seq: Sequence, protected: set[int], preempted: list[Sequence]) -> bool:
         """Preempt the newest running requests (never one in flight) until `seq` can take a slot.
-        False when `seq` itself was preempted or must wait for in-flight micro-batches to come back."""
+        False when `seq` itself was preempted or must wait for in-flight steps to come back."""
         while not self.bm.can_append(seq):
-            victims = [s for s in self.running if s.request_id not in busy]
+            victims = [s for s in self.running if s.request_id not in protected]
+            if not victims:
+                return False
             victim = victims[-1]
             if victim is seq and len(victims) < len(self.running):
                 return False  # wait for the in-flight micro-batches to finish instead
@@ -70,9 +74,11 @@ class Scheduler:
                 return False
         return True
 
-    def schedule(self, busy: set[int] | None = None) -> ScheduledBatch:
-        """`busy`: request ids whose previous micro-batch has not come back yet."""
+    def schedule(self, busy: set[int] | None = None, protected: set[int] | None = None) -> ScheduledBatch:
+        """`busy`: request ids to leave out (their previous micro-batch has not come back yet);
+        `protected`: request ids that must not be preempted (in flight); defaults to `busy`."""
         busy = busy or set()
+        protected = busy if protected is None else protected
         seqs, counts, preempted = [], [], []
         budget = self.max_num_tokens
         for seq in list(self.running):
@@ -80,9 +86,11 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING or seq.request_id in busy:
                 continue  # preempted while making room for an older request, or still in the pipeline
+            if seq.num_sampled >= seq.params.max_new_tokens:
+                continue  # its last token is in flight: it finishes when that step comes back
             remaining = len(seq) - seq.num_computed_tokens
             if remaining == 1:  # decode: the newest token needs a slot
-                if not self.bm.can_append(seq) and not self._make_room(seq, busy, preempted):
+                if not self.bm.can_append(seq) and not self._make_room(seq, protected, preempted):
                     continue
                 self.bm.append_slot(seq)
             n = min(remaining, budget)

@@ -45,6 +45,10 @@ class Status(enum.Enum):
 
 _ids = itertools.count()
 
+# A token that a launched step will sample but whose id the host has not seen yet (overlap scheduling):
+# it is always at the end of token_ids, and the next step reads it from the device.
+PENDING = -1
+
 
 class Sequence:
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: int | None = None):
@@ -67,13 +71,27 @@ class Sequence:
         self.first_token_time: float | None = None
         self.token_times: list[float] = []
         self.seed = params.seed
+        self.feed: tuple[int, int] | None = None  # (launch number, row) that samples the newest PENDING token
+        self.num_pending = 0  # PENDING tokens at the end of token_ids
+
+    def drop_pending(self) -> None:
+        """Forget tokens still in flight (the request finished before they came back)."""
+        if self.num_pending:
+            del self.token_ids[-self.num_pending :]
+        self.num_pending, self.feed = 0, None
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len :]
+        """The generated tokens the host has seen (not those still in flight)."""
+        return self.token_ids[self.prompt_len : len(self.token_ids) - self.num_pending]
 
     @property
     def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len - self.num_pending
+
+    @property
+    def num_sampled(self) -> int:
+        """Generated tokens, those still in flight included (what the scheduler plans with)."""
         return len(self.token_ids) - self.prompt_len
 
     @property

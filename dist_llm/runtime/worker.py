@@ -11,6 +11,8 @@ from dist_llm.config import EngineConfig
 from dist_llm.errors import CheckpointError
 from dist_llm.kernels import get_ops
 from dist_llm.layers.context import AttentionMetadata, set_metadata
+from dist_llm.layers.embedding import ParallelLMHead
+from dist_llm.layers.linear import LinearBase
 from dist_llm.layers.rotary import RotaryEmbedding
 from dist_llm.models import get_model_class
 from dist_llm.parallel import comm
@@ -60,6 +62,37 @@ def init_dummy_weights(model: torch.nn.Module, device: torch.device, std: float 
     model.tie_weights()
 
 
+def use_decode_gemv(kernel_backend: str, device: torch.device) -> bool:
+    """The Triton GEMV for decode's few-row matmuls: on the GPU with the Triton kernels. DIST_LLM_GEMV=0
+    turns it off (cuBLAS everywhere), to compare."""
+    return kernel_backend == "triton" and device.type == "cuda" and os.environ.get("DIST_LLM_GEMV", "1") != "0"
+
+
+class TokenReturn:
+    """Sampled ids to the host through pinned memory, without waiting: a ring of buffers, so a copy in
+    flight is never overwritten by the next step's (at most `depth - 1` results outstanding)."""
+
+    def __init__(self, max_batch_size: int, device: torch.device, depth: int = 4):
+        cuda = device.type == "cuda"
+        self.buffers = [torch.zeros(max_batch_size, dtype=torch.int64, pin_memory=cuda) for _ in range(depth)]
+        self.cuda, self.next = cuda, 0
+
+    def start(self, tokens: torch.Tensor) -> StepResult:
+        buf = self.buffers[self.next][: tokens.shape[0]]
+        self.next = (self.next + 1) % len(self.buffers)
+        buf.copy_(tokens, non_blocking=True)
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return StepResult(token_ids=buf, ready=ready)
+
+
+def fill_pending(input_ids: torch.Tensor, prev_index: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+    """input_ids with the PENDING entries taken from the previous step's sampled ids (on the device)."""
+    return torch.where(prev_index >= 0, sampled[prev_index.clamp(min=0)], input_ids)
+
+
 class Worker:
     def __init__(self, engine_dir: str, engine: EngineConfig, pstate: ParallelState, kernel_backend: str):
         self.engine, self.pstate = engine, pstate
@@ -76,11 +109,20 @@ class Worker:
         for m in self.model.modules():
             if isinstance(m, RotaryEmbedding):
                 m.build_cache(self.device)
+        if use_decode_gemv(self.ops.backend, self.device):
+            from dist_llm.kernels.gemv import gemv
+
+            for m in self.model.modules():
+                if isinstance(m, (LinearBase, ParallelLMHead)):
+                    m.gemv = gemv
         self.model.eval()
         self.num_blocks = 0
         self._pending_send = None  # the previous micro-batch's activations, still on their way
         self.graph_runner = None
         self.decode_workspace = self._decode_workspace()
+        # the last step's sampled ids stay on the device: an overlapped next step reads its inputs here
+        self.sampled = torch.zeros(engine.build.max_batch_size, dtype=torch.int64, device=self.device)
+        self.token_return = TokenReturn(engine.build.max_batch_size, self.device)
 
     def _decode_workspace(self):
         """Split-KV partials for decode attention, allocated once (the torch reference needs none)."""
@@ -119,6 +161,21 @@ class Worker:
         self.graph_runner = DecodeGraphRunner(self, mode)
         self.graph_runner.capture_all()
 
+    def return_tokens(self, tokens: torch.Tensor) -> StepResult:
+        """The sampler rank starts the copy to the host; the other ranks' results are never read."""
+        if self.mapping.rank == self.mapping.sampler_rank:
+            return self.token_return.start(tokens)
+        return StepResult(token_ids=tokens)
+
+    def close(self) -> None:
+        """Drop the captured graphs before the process group goes: a graph holding NCCL work can make
+        the communicator's destruction hang (pytorch/pytorch#115388)."""
+        if self.graph_runner is not None:
+            self.graph_runner.graphs.clear()
+            self.graph_runner = None
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+
     # ---- one step -------------------------------------------------------------------------------
 
     def wait_sends(self) -> None:
@@ -143,7 +200,10 @@ class Worker:
         ))
         m = self.mapping
         if m.is_first_stage:
-            out = self.model(positions, input_ids=plan.input_ids.to(dev, non_blocking=True))
+            input_ids = plan.input_ids.to(dev, non_blocking=True)
+            if plan.prev_index is not None:
+                input_ids = fill_pending(input_ids, plan.prev_index.to(dev, non_blocking=True), self.sampled)
+            out = self.model(positions, input_ids=input_ids)
         else:
             shape = (2, plan.num_tokens, self.engine.model.hidden_size)
             packed = comm.pp_recv(shape, self.dtype, m.pp_rank - 1)
@@ -158,7 +218,8 @@ class Worker:
             logits, plan.temperature.to(dev), plan.top_k.to(dev), plan.top_p.to(dev),
             plan.seeds.to(dev), plan.offsets.to(dev), mode=plan.sampling_mode,
         )
-        result = StepResult(token_ids=tokens.cpu())
+        self.sampled[: tokens.shape[0]].copy_(tokens)
+        result = self.return_tokens(tokens)
         if plan.return_logprobs:
             logp = torch.log_softmax(logits, dim=-1)
             result.logprobs = logp.gather(1, tokens[:, None]).squeeze(1).cpu()
