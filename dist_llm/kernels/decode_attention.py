@@ -7,8 +7,10 @@ padded to 16), so each K/V tile is loaded once per group. It writes the partitio
 output and its log-sum-exp (base 2) to the workspace. Pass 2 runs a program per (sequence, query
 head) and merges the partitions by their lse.
 
-The number of partitions comes from static shapes only (block_tables.shape[1] * block_size and the
-workspace), never from `seq_lens`, so the call can be captured in a CUDA graph. Partitions that start
+The number of partitions comes from static shapes only (the batch size, block_tables.shape[1] *
+block_size and the workspace), never from `seq_lens`, so the call can be captured in a CUDA graph: a
+large batch gets one partition per sequence (and no pass 2), a small one up to max_ctx / 64 of them, so
+that a batch-1 step still spreads over the SMs. Partitions that start
 at or past a sequence's length write lse = -inf and no output; the reduction only reads partitions
 below the sequence's length. When the block table spans a single partition, pass 1 writes `out`
 directly and pass 2 is skipped.
@@ -142,7 +144,8 @@ def _decode_reduce_kernel(
 class DecodeWorkspace:
     """Partial results of the split-KV pass: `out` fp32 [max_batch, Hq, max_splits, D] (each partition's
     normalised output) and `lse` fp32 [max_batch, Hq, max_splits] (its log2-sum-exp2 of the scaled
-    scores, i.e. the running max plus log2 of the running sum)."""
+    scores, i.e. the running max plus log2 of the running sum). A launch with a smaller batch views the
+    same memory as [batch, Hq, more splits, D] (`views`): small batches get more partitions."""
 
     out: torch.Tensor
     lse: torch.Tensor
@@ -153,13 +156,28 @@ class DecodeWorkspace:
                  partition_size: int = DEFAULT_PARTITION_SIZE) -> DecodeWorkspace:
         assert partition_size >= 16 and partition_size & (partition_size - 1) == 0, partition_size
         max_splits = max(1, math.ceil(max_seq_len / partition_size))
-        out = torch.empty(max_batch, num_heads, max_splits, head_dim, dtype=torch.float32, device=device)
-        lse = torch.empty(max_batch, num_heads, max_splits, dtype=torch.float32, device=device)
+        # rows enough for one sequence to split its longest context into 64-token partitions
+        rows = max(max_batch, math.ceil(math.ceil(max_seq_len / 64) / max_splits))
+        out = torch.empty(rows, num_heads, max_splits, head_dim, dtype=torch.float32, device=device)
+        lse = torch.empty(rows, num_heads, max_splits, dtype=torch.float32, device=device)
         return cls(out, lse, partition_size)
 
     @property
     def max_splits(self) -> int:
         return self.lse.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        """(sequence, partition) rows it holds: a batch of B can use capacity // B partitions each."""
+        return self.lse.shape[0] * self.lse.shape[2]
+
+    def views(self, batch: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffers as [batch, Hq, num_splits, D] and [batch, Hq, num_splits] (contiguous prefixes)."""
+        assert batch * num_splits <= self.capacity, (batch, num_splits, self.capacity)
+        _, heads, _, dim = self.out.shape
+        out = self.out.view(-1)[: batch * heads * num_splits * dim].view(batch, heads, num_splits, dim)
+        lse = self.lse.view(-1)[: batch * heads * num_splits].view(batch, heads, num_splits)
+        return out, lse
 
 
 def _launch_config(head_dim: int, block_size: int, group: int, dtype: torch.dtype):
@@ -175,6 +193,21 @@ def _launch_config(head_dim: int, block_size: int, group: int, dtype: torch.dtyp
     else:
         block_n, num_warps, num_stages = 64, 4, 3
     return block_d, max(block_n, block_size), block_g, num_warps, num_stages
+
+
+TARGET_PROGRAMS = 1024  # pass-1 programs to aim for: several per SM, so a small batch still fills the GPU
+
+
+def _split_plan(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, workspace) -> tuple[int, int]:
+    """(number of partitions, partition size in tokens). A large batch already gives every SM work: one
+    partition per sequence, and no reduction pass. A small one splits each context into up to
+    max_ctx / block_n partitions, as many as the workspace holds (its rows are shared out by batch)."""
+    want = max(1, triton.cdiv(TARGET_PROGRAMS, batch * num_kv_heads))
+    splits = min(want, triton.cdiv(max_ctx, block_n))
+    if workspace is not None:
+        splits = max(1, min(splits, workspace.capacity // batch))
+    partition = triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n  # whole tiles
+    return triton.cdiv(max_ctx, partition), partition
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace):
@@ -193,23 +226,18 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace):
     group = num_heads // num_kv_heads
     block_d, block_n, block_g, num_warps, num_stages = _launch_config(head_dim, block_size, group, q.dtype)
 
-    # Partitions cover the whole block table; their count is a function of shapes only.
+    # Partitions cover the whole block table; their count is a function of shapes only (graph-safe).
     max_ctx = block_tables.shape[1] * block_size
-    base = workspace.partition_size if workspace is not None else DEFAULT_PARTITION_SIZE
-    max_splits = workspace.max_splits if workspace is not None else max(1, triton.cdiv(max_ctx, base))
-    partition = max(base, triton.cdiv(max_ctx, max_splits))
-    partition = triton.cdiv(partition, block_n) * block_n  # whole tiles
-    num_splits = max(1, triton.cdiv(max_ctx, partition))
+    num_splits, partition = _split_plan(batch, num_kv_heads, max_ctx, block_n, workspace)
     single = num_splits == 1
     if not single and workspace is None:
-        workspace = DecodeWorkspace.allocate(batch, num_heads, head_dim, max_ctx, q.device, base)
+        workspace = DecodeWorkspace.allocate(batch, num_heads, head_dim, max_ctx, q.device, partition)
     if single:
         part_out, part_lse = out, seq_lens  # unused placeholders
         po_strides, pl_strides = (0, 0, 0, 0), (0, 0, 0)
     else:
-        part_out, part_lse = workspace.out, workspace.lse
-        assert part_out.shape[0] >= batch and part_out.shape[1] == num_heads, (part_out.shape, q.shape)
-        assert part_out.shape[3] == head_dim and num_splits <= workspace.max_splits
+        part_out, part_lse = workspace.views(batch, num_splits)
+        assert part_out.shape[1] == num_heads and part_out.shape[3] == head_dim, (part_out.shape, q.shape)
         assert part_out.device == q.device and part_out.dtype == part_lse.dtype == torch.float32
         po_strides, pl_strides = part_out.stride(), part_lse.stride()
 
