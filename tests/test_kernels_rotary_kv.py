@@ -84,8 +84,11 @@ def check_fused(case, dtype, is_neox):
     inputs = make_inputs(num_tokens, hq, hk, head_dim, rot_dim, dtype)
     qkv0, _, _, slots, _ = inputs
     got = run(rotary_and_write_kv, *inputs, hq, hk, is_neox)
+    # bit-identical in the interpreter; on the GPU the compiler may contract multiply-adds differently in the
+    # two kernels, so there the unfused result only has to agree to an ulp
+    atol, rtol = (0, 0) if DEVICE == "cpu" else TOL[dtype]
     for name, a, b in zip(("qkv", "k_cache", "v_cache"), got, run(unfused, *inputs, hq, hk, is_neox)):
-        assert torch.equal(a, b), f"{name} differs from rotary_embedding + write_kv_cache"
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=f"{name} differs from rotary + write_kv_cache")
     expected = run(ref.rotary_and_write_kv_ref, *inputs, hq, hk, is_neox)
     atol, rtol = TOL[dtype]
     for a, b in zip(got, expected):
