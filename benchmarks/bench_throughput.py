@@ -58,6 +58,39 @@ def run_grid_point(runner, n: int, in_len: int, out_len: int) -> dict:
     }
 
 
+def profile_full_load(runner, batch: int, in_len: int = 128, steps: int = 5) -> tuple[float, float, list[dict]]:
+    """GPU time and wall time per decode step with `batch` requests decoding, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dist_llm.runtime.sequence import SamplingParams, Sequence
+
+    ex = runner.executor
+    seqs = [Sequence(list(range(3, 3 + in_len)), SamplingParams(max_new_tokens=64, ignore_eos=True))
+            for _ in range(batch)]
+    for s in seqs:
+        ex.enqueue(s)
+    while any(s.num_generated < 8 for s in seqs):  # everyone is past prefill
+        ex.step()
+    torch.cuda.synchronize()
+    host0 = dict(ex.host_seconds)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            ex.step()
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    host_ms = {k: (v - host0[k]) * 1e3 / steps for k, v in ex.host_seconds.items()}
+    while ex.has_unfinished():
+        ex.step()
+    rows = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"kernel": evt.key[:90], "us_per_step": t / steps, "calls_per_step": evt.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return sum(r["us_per_step"] for r in rows) / 1e3, wall_ms, host_ms, rows[:15]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", required=True)
@@ -67,7 +100,8 @@ def main():
     p.add_argument("--max_batch_size", type=int, default=256)
     p.add_argument("--max_num_tokens", type=int, default=8192)
     p.add_argument("--skip_hf", action="store_true")
-    p.add_argument("--cuda_graphs", default="off", choices=["off", "on"])
+    p.add_argument("--cuda_graphs", default="on", choices=["off", "on"])
+    p.add_argument("--profile", action="store_true", help="also profile decode steps at max_batch_size")
     args = p.parse_args()
 
     from dist_llm.checkpoint.builder import build_dummy
@@ -87,10 +121,11 @@ def main():
         in_len, out_len = map(int, point.split("/"))
         rows.append(run_grid_point(runner, args.num_requests, in_len, out_len))
     num_blocks = runner.executor.block_manager.num_blocks
+    prof = profile_full_load(runner, args.max_batch_size) if args.profile else None
     runner.shutdown()
     result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs,
               "copy_gb_s": bw, "hf_static_batch64_128_128_tok_s": hf,
-              "kv_blocks": num_blocks, "max_batch_size": args.max_batch_size, "rows": rows,
+              "kv_blocks": num_blocks, "max_batch_size": args.max_batch_size, "rows": rows, "profile_full_load": prof,
               "command": "python " + " ".join(sys.argv)}
     write_json(args.output_dir, "throughput.json", result)
     print(f"# {info['gpu']}  torch {info['torch']}  {info['date']}; copy {bw:.0f} GB/s; KV blocks {num_blocks}; "
@@ -101,6 +136,12 @@ def main():
         print(f"| {r['input_len']}/{r['output_len']} | {r['num_requests']} | {r['output_tok_s']:.0f} | "
               f"{r['req_s']:.2f} | {r['ttft_ms_p50']:.0f}/{r['ttft_ms_p99']:.0f} | "
               f"{r['tpot_ms_p50']:.1f}/{r['tpot_ms_p99']:.1f} | {r['itl_ms_mean']:.1f} | {r['preemptions']} |")
+    if prof:
+        gpu_ms, wall_ms, host_ms, top = prof
+        print(f"\ndecode at batch {args.max_batch_size}: GPU kernels {gpu_ms:.1f} ms per step, wall {wall_ms:.1f} ms; "
+              "coordinator ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in host_ms.items()))
+        for k in top:
+            print(f"  {k['us_per_step']:8.1f} us  x{k['calls_per_step']:.0f}  {k['kernel']}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 python3 -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | tail -1
 export PYTHONPATH=$PWD
 N=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l); nvidia-smi -L | tee "$OUT/gpus.txt"
-MPI=(mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -x PYTHONPATH)
+MPI=(mpirun --allow-run-as-root --oversubscribe --bind-to none -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -x PYTHONPATH)
 step() { local name=$1 limit=$2; shift 2; echo "=== $name"; local t0=$SECONDS
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
     echo "rc=$rc in $((SECONDS - t0)) s"; tail -n "${TAIL:-25}" "$OUT/$name.log"; }
