@@ -26,6 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", nargs="*", default=[], help="stop strings")
     p.add_argument("--end_id", type=int, default=None, help="override EOS id (-1: never stop on EOS)")
+    p.add_argument("--pad_id", type=int, default=None,
+                   help="also write padded_output_token_ids: max_new_tokens ids, padded with this id")
     p.add_argument("--output_json", help="write [{input_text, output_text, output_token_ids, finish_reason}]")
     p.add_argument("--output_first_logits", help="debugging: save the first-step logits [batch, vocab] (torch.save)")
     p.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"], help="auto: NCCL on GPU, gloo on CPU")
@@ -107,7 +109,8 @@ def main(argv=None):
         outputs = runner.generate(
             input_texts=texts, batch_input_ids=ids, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-            stop=args.stop, end_id=args.end_id, return_first_logits=bool(args.output_first_logits),
+            stop=args.stop, end_id=args.end_id, pad_id=args.pad_id,
+            return_first_logits=bool(args.output_first_logits),
         )
     if not args.quiet:
         for i, o in enumerate(outputs):

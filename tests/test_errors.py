@@ -175,3 +175,17 @@ def test_bad_input_file(tiny_engine_tp2, tmp_path):
     bad.write_text('{"text": "no prompt field"}\n')
     proc = run_dist(0, ["--engine_dir", tiny_engine_tp2, "--input_file", str(bad)], check=False, timeout=60)
     assert proc.returncode == 2 and "p.jsonl:1: expected a JSON object with a 'prompt' field" in proc.stderr
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("max_new_tokens", 0, "max_new_tokens must be >= 1"),
+    ("temperature", -0.5, "temperature must be >= 0"),
+    ("top_k", -1, "top_k must be >= 0"),
+    ("top_p", 0.0, "top_p must be in (0, 1]"),
+    ("pad_id", -1, "pad_id must be a token id >= 0"),
+])
+def test_bad_sampling_params(field, value, message):
+    from dist_llm.runtime.sequence import SamplingParams
+
+    with pytest.raises(DistLLMError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        SamplingParams(**{field: value})

@@ -222,6 +222,11 @@ def test_stop_conditions(engine_1):
         assert past.output_token_ids == greedy and past.finish_reason == "length"
         short = gen(max_new_tokens=3)
         assert short.output_token_ids == greedy[:3] and short.finish_reason == "length"
+        assert short.padded_output_token_ids is None
+        padded = gen(stop_token_ids=[t], pad_id=7)  # TensorRT-LLM's layout: max_new_tokens ids
+        assert padded.output_token_ids == greedy[: k + 1]
+        assert padded.padded_output_token_ids == greedy[: k + 1] + [7] * (n - k - 1)
+        assert gen(pad_id=7).padded_output_token_ids == greedy
 
         # a stop string: a piece of the greedy text that first appears after its start
         stop = next(p for p in pieces[2:] if readable(p) and text.index(p) > 0)

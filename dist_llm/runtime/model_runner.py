@@ -45,14 +45,18 @@ class GenerationOutput:
     logprobs: list[float] = field(default_factory=list)
     first_logits: torch.Tensor | None = None
     error: str | None = None
+    padded_output_token_ids: list[int] | None = None  # with pad_id: max_new_tokens long, padded at the end
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "input_text": self.input_text,
             "output_text": self.output_text,
             "output_token_ids": self.output_token_ids,
             "finish_reason": self.finish_reason,
         }
+        if self.padded_output_token_ids is not None:
+            out["padded_output_token_ids"] = self.padded_output_token_ids
+        return out
 
 
 @dataclass
@@ -137,7 +141,9 @@ class ModelRunner:
         """Generate for a batch of prompts (texts or token ids); returns outputs in input order.
 
         `sampling` takes the SamplingParams fields: temperature, top_k, top_p, seed, stop, stop_token_ids,
-        end_id, ignore_eos, return_logprobs, return_first_logits. A seed applies to every prompt of the call.
+        end_id, pad_id, ignore_eos, return_logprobs, return_first_logits. With pad_id, each output also
+        has `padded_output_token_ids`: max_new_tokens ids, padded with pad_id after the request stopped.
+        A seed applies to every prompt of the call.
         Stops work as in vLLM: a stop token (stop_token_ids, EOS or end_id) ends the output and stays in
         output_token_ids, but its text is not in output_text; a stop string is cut from output_text, with
         whatever follows it, while output_token_ids keep every token up to the one that completed it.
@@ -187,6 +193,8 @@ class ModelRunner:
             logprobs=seq.logprobs,
             first_logits=seq.first_logits,
             error=seq.error,
+            padded_output_token_ids=None if seq.params.pad_id is None else
+            seq.output_token_ids + [seq.params.pad_id] * (seq.params.max_new_tokens - seq.num_generated),
         )
 
     def shutdown(self) -> None:

@@ -22,6 +22,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)  # stop strings; the match and what follows are cut from the text
     end_id: int | None = None  # overrides the engine's EOS ids; -1 disables EOS stopping
+    # TensorRT-LLM's output layout: output ids padded with pad_id to max_new_tokens (None: no padding)
+    pad_id: int | None = None
     ignore_eos: bool = False
     return_logprobs: bool = False
     return_first_logits: bool = False  # debugging: the logits that chose the first new token
@@ -35,6 +37,8 @@ class SamplingParams:
             raise DistLLMError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise DistLLMError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.pad_id is not None and self.pad_id < 0:
+            raise DistLLMError(f"pad_id must be a token id >= 0, got {self.pad_id}")
 
 
 class Status(enum.Enum):
