@@ -16,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import copy_bandwidth_gbs, header, hf_generate_tok_s, write_json  # noqa: E402
+from common import copy_bandwidth_gbs, header, hf_generate_tok_s, kernel_table, write_json  # noqa: E402
 
 
 def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str, overlap: bool):
@@ -77,13 +77,7 @@ def profile_decode(runner, steps: int = 8) -> list[dict]:
             ex.step()
     while not seq.is_finished:
         ex.step()
-    rows = []
-    for evt in prof.key_averages():
-        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if t > 0:
-            rows.append({"kernel": evt.key[:90], "us_per_step": t / steps, "calls_per_step": evt.count / steps})
-    rows.sort(key=lambda r: -r["us_per_step"])
-    return rows
+    return kernel_table(prof, steps)
 
 
 def main():

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import copy_bandwidth_gbs, header, hf_generate_tok_s, write_json  # noqa: E402
+from common import copy_bandwidth_gbs, header, hf_generate_tok_s, kernel_table, write_json  # noqa: E402
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -82,12 +82,7 @@ def profile_full_load(runner, batch: int, in_len: int = 128, steps: int = 5) -> 
     host_ms = {k: (v - host0[k]) * 1e3 / steps for k, v in ex.host_seconds.items()}
     while ex.has_unfinished():
         ex.step()
-    rows = []
-    for evt in prof.key_averages():
-        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if t > 0:
-            rows.append({"kernel": evt.key[:90], "us_per_step": t / steps, "calls_per_step": evt.count / steps})
-    rows.sort(key=lambda r: -r["us_per_step"])
+    rows = kernel_table(prof, steps)
     return sum(r["us_per_step"] for r in rows) / 1e3, wall_ms, host_ms, rows[:15]
 
 

@@ -74,3 +74,14 @@ def hf_generate_tok_s(model: str, batch: int, in_len: int, out_len: int) -> floa
     del m
     torch.cuda.empty_cache()
     return tok_s
+
+
+def kernel_table(prof, steps: int) -> list[dict]:
+    """A torch.profiler run's GPU kernels, as time and calls per step, longest first."""
+    rows = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"kernel": evt.key[:90], "us_per_step": t / steps, "calls_per_step": evt.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows
