@@ -16,7 +16,8 @@ Modes:
 * "capture": CUDA graphs (GPU; NCCL or a single rank: gloo cannot be captured);
 * "static":  the same static-buffer, bucket-padded step run eagerly: what the CPU tests check, and a
   debugging aid on the GPU;
-* the eager worker path is used for everything else (prefill, mixed batches, pipeline stages).
+* the eager worker path is used for everything else (prefill, mixed batches, steps that return logits
+  or log-probabilities).
 """
 
 from __future__ import annotations
@@ -160,7 +161,6 @@ class DecodeGraphRunner:
             self.graphs[key].replay()
         self.steps_run += 1
         if not self.last:  # a copy: the next replay rewrites stage_out while this send may be in flight
-            w.wait_sends()
-            w._pending_send = comm.pp_send(self.stage_out[:, :b].clone(), w.mapping.pp_rank + 1)
+            w.send_to_next_stage(self.stage_out[:, :b].clone())
             return None
         return w.return_tokens(self.tokens[:b])

@@ -75,15 +75,14 @@ class TokenReturn:
     def __init__(self, max_batch_size: int, device: torch.device, depth: int = 4):
         cuda = device.type == "cuda"
         self.buffers = [torch.zeros(max_batch_size, dtype=torch.int64, pin_memory=cuda) for _ in range(depth)]
-        self.cuda, self.next = cuda, 0
+        self.events = [torch.cuda.Event() if cuda else None for _ in range(depth)]  # one per buffer
+        self.next = 0
 
     def start(self, tokens: torch.Tensor) -> StepResult:
-        buf = self.buffers[self.next][: tokens.shape[0]]
-        self.next = (self.next + 1) % len(self.buffers)
+        i, self.next = self.next, (self.next + 1) % len(self.buffers)
+        buf, ready = self.buffers[i][: tokens.shape[0]], self.events[i]
         buf.copy_(tokens, non_blocking=True)
-        ready = None
-        if self.cuda:
-            ready = torch.cuda.Event()
+        if ready is not None:
             ready.record()
         return StepResult(token_ids=buf, ready=ready)
 
@@ -183,6 +182,12 @@ class Worker:
             self._pending_send.wait()
             self._pending_send = None
 
+    def send_to_next_stage(self, packed: torch.Tensor) -> None:
+        """(hidden, residual) to the next stage, asynchronously; the previous send must be done first.
+        `packed` must not be written again until the send is waited for."""
+        self.wait_sends()
+        self._pending_send = comm.pp_send(packed, self.mapping.pp_rank + 1)
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
         if self.graph_runner is not None and self.graph_runner.can_run(plan):
@@ -209,8 +214,7 @@ class Worker:
             packed = comm.pp_recv(shape, self.dtype, m.pp_rank - 1)
             out = self.model(positions, hidden=packed[0], residual=packed[1])
         if not m.is_last_stage:
-            self.wait_sends()
-            self._pending_send = comm.pp_send(torch.stack(out), m.pp_rank + 1)
+            self.send_to_next_stage(torch.stack(out))
             return None
         last = (plan.cu_seqlens_q[1:] - 1).to(dev, non_blocking=True).long()
         logits = self.model.compute_logits(out[last]).float()
