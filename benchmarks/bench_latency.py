@@ -98,6 +98,8 @@ def main():
     gemv = os.environ.get("DIST_LLM_GEMV", "1") != "0"
     tag = f"graphs_{args.cuda_graphs}" + ("" if gemv else "_cublas")
     tag += "_sync" if args.disable_overlap_scheduler else ""
+    pdl = os.environ.get("DIST_LLM_PDL", "1") != "0"
+    tag += "" if pdl else "_nopdl"
 
     info = header()
     bw = copy_bandwidth_gbs()
@@ -119,14 +121,15 @@ def main():
     prof = profile_decode(runner)
     gpu_us = sum(k["us_per_step"] for k in prof)
     runner.shutdown()
-    result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs, "decode_gemv": gemv,
+    result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs, "decode_gemv": gemv, "pdl": pdl,
               "overlap": not args.disable_overlap_scheduler, "gpu_us_per_step_batch1": gpu_us,
               "copy_gb_s": bw, "weight_gb": wbytes / 1e9, "startup_s": startup_s,
               "hf_eager_tok_s": hf, "rows": rows, "profile_batch1": prof,
               "command": "python " + " ".join(sys.argv)}
     write_json(args.output_dir, f"latency_{tag}.json", result)
     print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}  {info['date']}")
-    print(f"{tag}: cuda_graphs {args.cuda_graphs}, Triton GEMV {gemv}, overlap {not args.disable_overlap_scheduler}; "
+    print(f"{tag}: cuda_graphs {args.cuda_graphs}, Triton GEMV {gemv}, PDL {pdl}, "
+          f"overlap {not args.disable_overlap_scheduler}; "
           f"copy {bw:.0f} GB/s; weights {wbytes / 1e9:.2f} GB; start-up {startup_s:.1f} s; "
           f"HF eager batch 1: {hf and round(hf, 1)} tok/s")
     print("| batch | decode tok/s/seq | total tok/s | TTFT ms | GB/s | % of copy roofline |")

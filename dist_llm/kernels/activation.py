@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dist_llm.kernels._pdl import pdl_launch_kwargs, pdl_wait
 from dist_llm.kernels._rounding import round_to
 
 
@@ -19,7 +20,9 @@ def _silu_and_mul_kernel(
     stride_x0, stride_out0,
     inter,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -48,6 +51,6 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         x, out,
         x.stride(0), out.stride(0),
         inter,
-        BLOCK=block, num_warps=num_warps,
+        BLOCK=block, num_warps=num_warps, **pdl_launch_kwargs(x.device),
     )  # fmt: skip
     return out

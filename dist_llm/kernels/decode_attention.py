@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dist_llm.kernels._pdl import pdl_launch_kwargs, pdl_wait
+
 LOG2E = 1.4426950408889634
 DEFAULT_PARTITION_SIZE = 1024
 
@@ -50,7 +52,9 @@ def _decode_partition_kernel(
     stride_plb, stride_plh, stride_pls,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     kvh = tl.program_id(0)  # heads fastest: programs running together read whole token rows
     b = tl.program_id(1)
     split = tl.program_id(2)
@@ -114,8 +118,9 @@ def _decode_reduce_kernel(
     stride_pob, stride_poh, stride_pos, stride_pod,
     stride_plb, stride_plh, stride_pls,
     stride_ob, stride_oh, stride_od,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     h = tl.program_id(0)
     b = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -242,6 +247,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace):
         po_strides, pl_strides = part_out.stride(), part_lse.stride()
 
     qk_scale = scale * LOG2E
+    pdl = pdl_launch_kwargs(q.device)
     precision = _dot_precision(q.dtype)
     _decode_partition_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
@@ -250,14 +256,14 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace):
         *po_strides, *pl_strides,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE=single, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl,
     )  # fmt: skip
     if not single:
         _decode_reduce_kernel[(num_heads, batch)](
             part_out, part_lse, seq_lens, out, partition,
             *po_strides, *pl_strides, *out.stride(),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4 if block_d >= 128 else 2,
+            num_warps=4 if block_d >= 128 else 2, **pdl,
         )  # fmt: skip
     return out
 

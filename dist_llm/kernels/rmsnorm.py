@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dist_llm.kernels._pdl import pdl_launch_kwargs, pdl_wait
 from dist_llm.kernels._rounding import round_to
 
 _MAX_FUSED_BLOCK = 16384  # widest row held in registers; longer rows take the two-pass loop
@@ -40,7 +41,9 @@ def _rms_norm_kernel(
     ROUND_TO_X: tl.constexpr,  # (x.dtype, w.dtype) promote to x.dtype: round the product to it
     BLOCK: tl.constexpr,
     ONE_PASS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x0
     out_row = out_ptr + row * stride_out0
@@ -73,7 +76,9 @@ def _fused_add_rms_norm_kernel(
     ROUND_TO_RES: tl.constexpr,  # (residual.dtype, w.dtype) promote to residual.dtype
     BLOCK: tl.constexpr,
     ONE_PASS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x0
     res_row = res_ptr + row * stride_res0
@@ -148,6 +153,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
         x.stride(0), out.stride(0),
         n, eps,
         ROUND_TO_X=prod_dtype == x.dtype, BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps,
+        **pdl_launch_kwargs(x.device),
     )  # fmt: skip
     return out
 
@@ -167,5 +173,5 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         x.stride(0), residual.stride(0),
         n, eps,
         ROUND_TO_RES=torch.promote_types(residual.dtype, weight.dtype) == residual.dtype,
-        BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps,
+        BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps, **pdl_launch_kwargs(x.device),
     )  # fmt: skip

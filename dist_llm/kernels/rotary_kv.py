@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dist_llm.kernels._pdl import pdl_launch_kwargs, pdl_wait
 from dist_llm.kernels.kv_cache import _cache_row, _copy_heads, check_kv_args
 from dist_llm.kernels.kv_cache import _launch_config as _kv_launch_config
 from dist_llm.kernels.rotary import _launch_config as _rotary_launch_config
@@ -30,8 +31,9 @@ def _rotary_kv_kernel(
     num_q_heads, num_kv_heads, block_size,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-    BLOCK_HV: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_HV: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     num_q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
@@ -93,5 +95,5 @@ def rotary_and_write_kv(
         num_q_heads, num_kv_heads, k_cache.shape[1],
         HEAD_DIM=head_dim, HALF=half, IS_NEOX=bool(is_neox), BLOCK_H=block_h, BLOCK_HALF=block_half,
         BLOCK_TAIL=triton.next_power_of_2(max(1, head_dim - rot_dim)), BLOCK_HV=block_hv, BLOCK_D=block_d,
-        num_warps=max(rot_warps, kv_warps),
+        num_warps=max(rot_warps, kv_warps), **pdl_launch_kwargs(q.device),
     )  # fmt: skip
