@@ -99,14 +99,33 @@ def test_gemv_many_k_chunks(monkeypatch, dtype, m, n, k):
     close(gemv(x, weight, b, out=out), linear_ref(x, weight, b), dtype)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("m", [2, 3])
 def test_gemv_wide_n_config(monkeypatch, m):
-    """Wide N takes BLOCK_N = 16 for M <= 2 (8 otherwise); both must be right across the N tail."""
+    """Past one row, wide N takes BLOCK_N = 16 for M = 2 (8 otherwise); both must be right across the N tail."""
     monkeypatch.setattr(gemv_mod, "_WIDE_N", 16)
     assert gemv_mod._config(m, 40, 64)[0] == (16 if m <= 2 else 8)
     x, weight, b = operands(m, 40, 64, torch.bfloat16, bias=True)
     _, out = poisoned_out(m, 40, torch.bfloat16)
     close(gemv(x, weight, b, out=out), linear_ref(x, weight, b), torch.bfloat16)
+
+
+# one row of 16-bit weights: (N, K) in each aspect class of `_config`, with its (BLOCK_N, num_warps)
+ONE_ROW_CLASSES = {"long rows": (5, 96, 8, 4), "square": (40, 64, 16, 8), "tall": (100, 64, 32, 4),
+                   "wide": (300, 64, 8, 4)}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("aspect", list(ONE_ROW_CLASSES))
+def test_gemv_one_row_configs(monkeypatch, dtype, aspect):
+    """Each one-row config, with several K chunks (BLOCK_K capped at 32) and an N tail, matches the reference;
+    fp32 keeps the many-row config."""
+    n, k, block_n, num_warps = ONE_ROW_CLASSES[aspect]
+    monkeypatch.setattr(gemv_mod, "_MAX_BLOCK_K", 32)
+    assert gemv_mod._config(1, n, k, 2) == (block_n, 32, num_warps)
+    assert gemv_mod._config(1, n, k, 4)[2] == 8
+    x, weight, b = operands(1, n, k, dtype, bias=True)
+    _, out = poisoned_out(1, n, dtype)
+    close(gemv(x, weight, b, out=out), linear_ref(x, weight, b), dtype)
 
 
 def test_gemv_fp32_bias_on_bf16():
@@ -187,3 +206,67 @@ def test_gemv_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     close(out, linear_ref(x, weight, bias), torch.bfloat16)
+
+
+# ---- the down projection with SiLU-and-mul in its prologue ----------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("n,k", [(7, 5), (33, 515), (16, 64)])
+def test_gemv_silu_and_mul_equals_the_two_kernels(dtype, m, n, k):
+    """act="silu_and_mul" reads [gate | up] and must give bit for bit what silu_and_mul then gemv give."""
+    from dist_llm.kernels.activation import silu_and_mul
+    from dist_llm.kernels.reference import silu_and_mul_ref
+
+    gate_up = randn(m, 2 * k + 16, dtype=dtype, scale=2.0)[:, 8 : 8 + 2 * k]  # strided rows
+    weight = randn(n, k, dtype=dtype, scale=k**-0.5)
+    assert gemv_supported(gate_up, weight, act="silu_and_mul") and not gemv_supported(gate_up, weight)
+    buf, out = poisoned_out(m, n, dtype)
+    gemv(gate_up, weight, out=out, act="silu_and_mul")
+    assert (buf[:, :3] == SENTINEL).all() and (buf[:, 3 + n :] == SENTINEL).all(), "wrote outside out"
+    close(out, linear_ref(silu_and_mul_ref(gate_up), weight), dtype)
+    torch.testing.assert_close(out, gemv(silu_and_mul(gate_up), weight), atol=0, rtol=0)
+
+
+def test_gemv_silu_and_mul_refuses_bad_shapes():
+    w = randn(10, 64)
+    assert not gemv_supported(randn(2, 64), w, act="silu_and_mul"), "x must be [M, 2K]"
+    assert not gemv_supported(randn(2, 128), w, act="gelu"), "unknown activation"
+    with pytest.raises(AssertionError, match="act='silu_and_mul'"):
+        gemv(randn(2, 64), w, act="silu_and_mul")
+
+
+@pytest.mark.gpu
+def test_pdl_chain_in_a_graph_equals_plain_launches(monkeypatch):
+    """A decode-like chain of dependent kernels (norm -> GEMV -> SiLU-GEMV -> norm ...) captured in a CUDA
+    graph with programmatic dependent launch gives bit for bit what ordinary launches give: a kernel that
+    touched an activation before `pdl_wait` would race with its producer and differ."""
+    from dist_llm.kernels._pdl import pdl_enabled
+    from dist_llm.kernels.rmsnorm import fused_add_rms_norm
+
+    hidden, inter = 4096, 11008
+    up_w = randn(2 * inter, hidden, dtype=torch.bfloat16, scale=hidden**-0.5)
+    down_w = randn(hidden, inter, dtype=torch.bfloat16, scale=inter**-0.5)
+    norm_w = randn(hidden, dtype=torch.bfloat16)
+
+    def chain(x0, res0):
+        x, res = x0.clone(), res0.clone()
+        for _ in range(8):
+            fused_add_rms_norm(x, res, norm_w, 1e-5)
+            x = gemv(gemv(x, up_w), down_w, act="silu_and_mul")
+        return x, res
+
+    x0, res0 = randn(1, hidden, dtype=torch.bfloat16), randn(1, hidden, dtype=torch.bfloat16)
+    results = {}
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("DIST_LLM_PDL", pdl)
+        chain(x0, res0)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(x0, res0)
+        graph.replay()
+        torch.cuda.synchronize()
+        results[pdl] = (out[0].clone(), out[1].clone(), pdl_enabled(x0.device))
+    assert results["1"][2] == (torch.cuda.get_device_capability()[0] >= 9) and not results["0"][2]
+    torch.testing.assert_close(results["1"][:2], results["0"][:2], atol=0, rtol=0)

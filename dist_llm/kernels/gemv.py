@@ -20,6 +20,10 @@ The output dtype is x's; the bias (any float dtype) is added in fp32 before the 
 `reference.linear_ref`. The launch config is a fixed function of (M, N, K), never autotuned, so results
 are deterministic (no split-K, no atomics) and the call can be captured in a CUDA graph once `out` is
 preallocated.
+
+With programmatic dependent launch (`_pdl.py`) each program loads its first weight chunk before waiting
+for the previous kernel: the weights are no kernel's output, so their stream starts while that kernel
+drains. The first chunk is peeled off the loop also without PDL, so one code path is tested everywhere.
 """
 
 from __future__ import annotations
@@ -30,43 +34,71 @@ import torch
 import triton
 import triton.language as tl
 
+from dist_llm.kernels._pdl import pdl_launch_kwargs, pdl_wait
 from dist_llm.kernels._rounding import round_to
 
 MAX_M = 4
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_MAX_BLOCK_K = 512
-_WIDE_N = 16384  # above this, M <= 2 takes BLOCK_N = 16: enough programs remain to fill the GPU
-_NUM_WARPS = 8
-_NUM_STAGES = 3  # the prototype's best were 2-4 on H100 at the 7B shapes; not re-measured for this kernel
+_MAX_BLOCK_K = 1024
+_WIDE_N = 16384  # above this, M = 2 takes BLOCK_N = 16: enough programs remain to fill the GPU
+_NUM_STAGES = 3  # 2, 3 and 4 were within 1% of each other in the H200 sweep (see _config)
 
 
 @triton.jit
-def _fma(acc, w, x_row, kk, K, MASK_K: tl.constexpr):
-    """acc + w * x_row[kk], elementwise in fp32: one token's x chunk broadcast over the BLOCK_N rows."""
+def _load_x(x_row, kk, K, MASK_K: tl.constexpr):
     if MASK_K:
-        x = tl.load(x_row + kk, mask=kk < K, other=0.0)
-    else:
-        x = tl.load(x_row + kk)
-    return acc + w * x.to(tl.float32)[None, :]
+        return tl.load(x_row + kk, mask=kk < K, other=0.0)
+    return tl.load(x_row + kk)
 
 
 @triton.jit
-def _accumulate(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, kk, K, M: tl.constexpr, MASK_K: tl.constexpr):
+def _fma(acc, w, x_row, kk, K, MASK_K: tl.constexpr, SILU_MUL: tl.constexpr):
+    """acc + w * x_row[kk], elementwise in fp32: one token's x chunk broadcast over the BLOCK_N rows.
+    With SILU_MUL the row is [gate | up] (2K wide) and x = silu(gate) * up, rounded as `silu_and_mul`."""
+    if SILU_MUL:
+        dtype = x_row.dtype.element_ty
+        gate = _load_x(x_row, kk, K, MASK_K).to(tl.float32)
+        up = _load_x(x_row + K, kk, K, MASK_K).to(tl.float32)
+        act = round_to(gate / (1.0 + tl.exp(-gate)), dtype).to(tl.float32)
+        x = round_to(act * up, dtype).to(tl.float32)
+    else:
+        x = _load_x(x_row, kk, K, MASK_K).to(tl.float32)
+    return acc + w * x[None, :]
+
+
+@triton.jit
+def _load_w(w_ptrs, kk, K, MASK_K: tl.constexpr):
+    if MASK_K:
+        return tl.load(w_ptrs, mask=kk[None, :] < K, other=0.0, eviction_policy="evict_first")
+    return tl.load(w_ptrs, eviction_policy="evict_first")  # read once: keep L2 for the activations
+
+
+@triton.jit
+def _accumulate(
+    acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, kk, K,
+    M: tl.constexpr, MASK_K: tl.constexpr, SILU_MUL: tl.constexpr,
+):  # fmt: skip
     """One K chunk for the M token rows; accumulators of rows >= M are passed through untouched."""
-    if MASK_K:
-        w = tl.load(w_ptrs, mask=kk[None, :] < K, other=0.0, eviction_policy="evict_first")
-    else:
-        w = tl.load(w_ptrs, eviction_policy="evict_first")  # read once: keep L2 for the activations
+    w = _load_w(w_ptrs, kk, K, MASK_K)
+    return _accumulate_w(acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, kk, K, M, MASK_K, SILU_MUL)
+
+
+@triton.jit
+def _accumulate_w(
+    acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, kk, K,
+    M: tl.constexpr, MASK_K: tl.constexpr, SILU_MUL: tl.constexpr,
+):  # fmt: skip
+    """`_accumulate` with the chunk's weights already loaded."""
     w = w.to(tl.float32)
-    acc0 = _fma(acc0, w, x_ptr, kk, K, MASK_K)
+    acc0 = _fma(acc0, w, x_ptr, kk, K, MASK_K, SILU_MUL)
     if M > 1:
-        acc1 = _fma(acc1, w, x_ptr + stride_xm, kk, K, MASK_K)
+        acc1 = _fma(acc1, w, x_ptr + stride_xm, kk, K, MASK_K, SILU_MUL)
     if M > 2:
-        acc2 = _fma(acc2, w, x_ptr + 2 * stride_xm, kk, K, MASK_K)
+        acc2 = _fma(acc2, w, x_ptr + 2 * stride_xm, kk, K, MASK_K, SILU_MUL)
     if M > 3:
-        acc3 = _fma(acc3, w, x_ptr + 3 * stride_xm, kk, K, MASK_K)
+        acc3 = _fma(acc3, w, x_ptr + 3 * stride_xm, kk, K, MASK_K, SILU_MUL)
     return acc0, acc1, acc2, acc3
 
 
@@ -82,6 +114,7 @@ def _gemv_kernel(
     N, K,
     stride_xm, stride_wn, stride_ym,
     M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, SILU_MUL: tl.constexpr,
 ):  # fmt: skip
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -92,13 +125,23 @@ def _gemv_kernel(
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_main = (K // BLOCK_K) * BLOCK_K  # written as a product: the tail stays 16-byte aligned for the compiler
-    for k0 in range(0, k_main, BLOCK_K):
+    k_start = 0
+    if PREFETCH:  # the weights are no kernel's output: the first chunk streams in while the previous kernel ends
+        w_first = _load_w(w_ptrs, rk, K, MASK_K=False)
+        pdl_wait(USE_PDL)
+        acc0, acc1, acc2, acc3 = _accumulate_w(
+            acc0, acc1, acc2, acc3, w_first, x_ptr, stride_xm, rk, K, M, MASK_K=False, SILU_MUL=SILU_MUL
+        )
+        k_start = BLOCK_K
+    else:
+        pdl_wait(USE_PDL)
+    for k0 in range(k_start, k_main, BLOCK_K):
         acc0, acc1, acc2, acc3 = _accumulate(
-            acc0, acc1, acc2, acc3, w_ptrs + k0, x_ptr, stride_xm, k0 + rk, K, M, MASK_K=False
+            acc0, acc1, acc2, acc3, w_ptrs + k0, x_ptr, stride_xm, k0 + rk, K, M, MASK_K=False, SILU_MUL=SILU_MUL
         )
     if not EVEN_K:
         acc0, acc1, acc2, acc3 = _accumulate(
-            acc0, acc1, acc2, acc3, w_ptrs + k_main, x_ptr, stride_xm, k_main + rk, K, M, MASK_K=True
+            acc0, acc1, acc2, acc3, w_ptrs + k_main, x_ptr, stride_xm, k_main + rk, K, M, MASK_K=True, SILU_MUL=SILU_MUL
         )
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
@@ -113,25 +156,49 @@ def _gemv_kernel(
         _store_row(acc3, bias, y_ptr + 3 * stride_ym, rn, N)
 
 
-def _config(m: int, n: int, k: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K). BLOCK_K = 512: one 16-byte bf16 vector per thread per row, twice, at 8 warps.
-    BLOCK_N = 8 keeps >= 512 programs at N = 4096 (about 4 per H100 SM); wide N can afford 16 rows, which
-    halves the programs and doubles the bytes each has in flight, while M * BLOCK_N * 2 accumulator
-    registers per thread stay <= 64 (M <= 2)."""
-    block_k = min(_MAX_BLOCK_K, triton.next_power_of_2(k))
-    block_n = 16 if n > _WIDE_N and m <= 2 else 8
-    return block_n, block_k
+def _config(m: int, n: int, k: int, elem_bytes: int = 2) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps), a fixed function of the shape.
+
+    One row of 16-bit weights (decode at batch 1), by the aspect of the weight; each is the best of a sweep
+    of BLOCK_N 4-32, BLOCK_K 256-1024, 4/8 warps and 2-4 stages in CUDA graphs with PDL, on an H200 at the
+    Llama-2-7B shapes (2026-11-28, scratch sweep recorded in docs/performance.md), where it reads 4.1-4.35
+    TB/s against 3.3-4.1 for the earlier single rule:
+      K >= 2N       (down: 4096 x 11008)   8 rows x 1024, 4 warps: 512 programs with 16 KiB chunks
+      N <= K        (o: 4096 x 4096)       16 rows x 1024, 8 warps: 256 fat programs
+      K < N <= 4K   (qkv: 12288 x 4096)    32 rows x 256, 4 warps
+      N > 4K        (gate_up, LM head)     8 rows x 512, 4 warps: thousands of programs
+    Each keeps BLOCK_N * BLOCK_K / (32 * num_warps) = 64 fp32 accumulator registers per thread or fewer.
+    More rows, or fp32: BLOCK_K = 512 at 8 warps, BLOCK_N = 8 (16 for wide N at M <= 2), so that
+    M * BLOCK_N * 2 accumulator registers per thread stay <= 64."""
+    if m == 1 and elem_bytes == 2:
+        if k >= 2 * n:
+            block_n, block_k, num_warps = 8, 1024, 4
+        elif n <= k:
+            block_n, block_k, num_warps = 16, 1024, 8
+        elif n <= 4 * k:
+            block_n, block_k, num_warps = 32, 256, 4
+        else:
+            block_n, block_k, num_warps = 8, 512, 4
+    else:
+        block_n, block_k, num_warps = (16 if n > _WIDE_N and m <= 2 else 8), 512, 8
+    return block_n, min(block_k, _MAX_BLOCK_K, triton.next_power_of_2(k)), num_warps
 
 
-def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `gemv(x, weight, ...)` can stand in for F.linear: x [1..MAX_M, K] and weight [N, K] of one
-    float dtype (fp32/fp16/bf16), both contiguous along K (x's row stride is free), on a CUDA device (or on
-    the CPU under TRITON_INTERPRET=1)."""
+ACTIVATIONS = (None, "silu_and_mul")
+
+
+def gemv_supported(x: torch.Tensor, weight: torch.Tensor, act: str | None = None) -> bool:
+    """Whether `gemv(x, weight, ..., act=act)` can stand in for F.linear: x [1..MAX_M, K] (with
+    act="silu_and_mul", [gate | up] of [1..MAX_M, 2K]) and weight [N, K] of one float dtype (fp32/fp16/bf16),
+    both contiguous along K (x's row stride is free), on a CUDA device (or on the CPU under
+    TRITON_INTERPRET=1)."""
     return (
         x.dim() == 2
         and weight.dim() == 2
+        and act in ACTIVATIONS
         and 1 <= x.shape[0] <= MAX_M
-        and x.shape[1] == weight.shape[1] >= 1
+        and x.shape[1] == weight.shape[1] * (2 if act else 1)
+        and weight.shape[1] >= 1
         and weight.shape[0] >= 1
         and x.dtype == weight.dtype
         and x.dtype in _DTYPES
@@ -142,17 +209,25 @@ def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None):
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    act: str | None = None,
+):
     """out [M, N] = x [M, K] @ weight [N, K]ᵀ + bias [N], fp32 accumulation, in x.dtype.
 
-    Needs `gemv_supported(x, weight)`; `out` may be a view with any row stride (last dim contiguous).
+    act="silu_and_mul": x is [M, 2K] = [gate | up] and the product is taken with silu(gate) * up, computed
+    and rounded exactly as `activation.silu_and_mul` does (the down projection without its input pass).
+    Needs `gemv_supported(x, weight, act)`; `out` may be a view with any row stride (last dim contiguous).
     With `out` given nothing is allocated, so the call can be captured in a CUDA graph.
     """
-    assert gemv_supported(x, weight), (
-        f"gemv cannot take x {tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device} with weight "
+    assert gemv_supported(x, weight, act), (
+        f"gemv cannot take act={act!r}, x {tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device} with weight "
         f"{tuple(weight.shape)} {weight.dtype} strides {weight.stride()} on {weight.device} (see gemv_supported)"
     )
-    m, k = x.shape
+    m, k = x.shape[0], weight.shape[1]
     n = weight.shape[0]
     if bias is not None:
         assert bias.shape == (n,) and bias.stride(0) == 1, f"bias must be contiguous [{n}], got {tuple(bias.shape)}"
@@ -161,12 +236,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.dtype == x.dtype and out.device == x.device, "out must be [M, N] in x.dtype"
     assert out.stride(1) == 1 or n == 1, f"out must be contiguous in its last dim, strides {out.stride()}"
-    block_n, block_k = _config(m, n, k)
+    block_n, block_k, num_warps = _config(m, n, k, x.element_size())
+    pdl = pdl_launch_kwargs(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight if bias is None else bias, out,  # the bias pointer is not read without a bias
         n, k,
         x.stride(0), weight.stride(0), out.stride(0),
         M=m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None,
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        # PREFETCH also without PDL, so that the CPU tests run the peeled path
+        PREFETCH=k >= block_k, SILU_MUL=act == "silu_and_mul", **pdl,
+        num_warps=num_warps, num_stages=_NUM_STAGES,
     )  # fmt: skip
     return out

@@ -1,8 +1,9 @@
 """Tensor-parallel linear layers (the Megatron/vLLM family, with their canonical names).
 
 Weights are stored [out_features_local, in_features_local] and applied as Y = X Wᵀ. The quantization
-method is a strategy object on the layer (`create_weights` / `apply`), so a quantized layer is the
-same class with another method, not a branch.
+method is a strategy object on the layer (`create_weights` / `apply(layer, x, bias, act=None)`), so a
+quantized layer is the same class with another method, not a branch; `act` is only ever passed where
+`takes_gemv` holds.
 """
 
 from __future__ import annotations
@@ -14,12 +15,20 @@ from torch import nn
 from dist_llm.parallel import comm
 
 
-def dense_linear(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Y = X Wᵀ (+ b): F.linear, or the decode GEMV kernel when the worker gave the layer one (`layer.gemv`,
-    set on the GPU with the Triton backend) and X has at most `GEMV_MAX_M` rows."""
-    gemv = layer.gemv
-    if gemv is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_M and x.stride(-1) == 1:
-        return gemv(x, weight, bias)
+def takes_gemv(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `layer` runs X through the decode GEMV kernel: the worker gave it one (`layer.gemv`, set on
+    the GPU with the Triton backend, unquantized weights) and X has at most `GEMV_MAX_M` rows."""
+    return layer.gemv is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_M and x.stride(-1) == 1
+
+
+def dense_linear(
+    layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None
+) -> torch.Tensor:
+    """Y = X Wᵀ (+ b): F.linear, or the decode GEMV kernel where `takes_gemv(layer, x)`. With act
+    ("silu_and_mul") X is [gate | up] and only the GEMV path can take it: callers check `takes_gemv`."""
+    if takes_gemv(layer, x):
+        return layer.gemv(x, weight, bias, act=act)
+    assert act is None, f"act={act!r} needs the decode GEMV (takes_gemv)"
     return F.linear(x, weight, bias)
 
 
@@ -30,8 +39,8 @@ class UnquantizedLinearMethod:
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype):
         layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return dense_linear(layer, x, layer.weight, bias)
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, act: str | None = None):
+        return dense_linear(layer, x, layer.weight, bias, act)
 
 
 class LinearBase(nn.Module):
@@ -101,6 +110,7 @@ class RowParallelLinear(LinearBase):
             raise ValueError(f"input size {input_size} is not divisible by tp_size {tp}")
         super().__init__(input_size // tp, output_size, bias, dtype, quant_method)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = comm.tp_all_reduce(self.quant_method.apply(self, x, None))
+    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        """act="silu_and_mul": x is [gate | up] and the activation runs in the GEMV (where `takes_gemv`)."""
+        y = comm.tp_all_reduce(self.quant_method.apply(self, x, None, act))
         return y if self.bias is None else y + self.bias

@@ -13,7 +13,7 @@ from torch import nn
 from dist_llm.config import ModelConfig
 from dist_llm.layers.attention import Attention
 from dist_llm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from dist_llm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from dist_llm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, takes_gemv
 from dist_llm.layers.norm import RMSNorm
 from dist_llm.layers.rotary import RotaryEmbedding
 from dist_llm.parallel.mapping import Mapping
@@ -51,7 +51,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if takes_gemv(self.down_proj, gate_up):  # decode: SiLU-and-mul in the down GEMV's prologue
+            return self.down_proj(gate_up, act="silu_and_mul")
+        return self.down_proj(self.ops.silu_and_mul(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
