@@ -69,7 +69,9 @@ def test_static_path_matches_eager(kernels, n, max_new, min_static, tiny_models,
     engine = convert_and_build(tiny_models["llama"], tmp_path, 1, 1, max_batch_size=8)
     device = "cuda" if kernels == "triton" and torch.cuda.is_available() else "cpu"  # no interpreter there
     try:
-        runner = ModelRunner.from_dir(engine, device=device, kernel_backend=kernels, cuda_graphs="static")
+        # a small pool: one sized from free memory would keep ~90% of the card cached after this test
+        runner = ModelRunner.from_dir(engine, device=device, kernel_backend=kernels, cuda_graphs="static",
+                                      num_kv_blocks=256)
         assert runner.executor.worker.graph_runner.buckets == [1, 2, 4, 8]
         reqs = make_requests(runner.engine.model.vocab_size, n, max_new)
         eager = staggered_outputs(runner, reqs, graphs_on=False, overlap=False)
@@ -78,6 +80,8 @@ def test_static_path_matches_eager(kernels, n, max_new, min_static, tiny_models,
         runner.shutdown()
     finally:
         destroy()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     assert static == eager  # the static path, with overlap scheduling, against eager steps without it
 
 
@@ -110,7 +114,7 @@ def test_captured_graphs_match_eager_over_256_steps(batch, tiny_models, tmp_path
     engine = convert_and_build(tiny_models["llama"], tmp_path, 1, 1, dtype="bfloat16", max_batch_size=8,
                                max_seq_len=320)
     try:
-        runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs="on")
+        runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs="on", num_kv_blocks=256)
         reqs = [(p, dict(max_new_tokens=256, ignore_eos=True)) for p, _ in
                 make_requests(runner.engine.model.vocab_size, batch, 8)]
         eager = staggered_outputs(runner, reqs, graphs_on=False, overlap=False)

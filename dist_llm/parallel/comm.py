@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import socket
 
 import torch
 import torch.distributed as dist
@@ -125,6 +126,19 @@ def barrier() -> None:
     s = get_state()
     if s.distributed:
         dist.barrier(group=s.control_group)
+
+
+def ranks_sharing_device(device: torch.device) -> int:
+    """How many ranks (this one included) run on this host's `device`: 1 in one process; 2 when two gloo
+    ranks share a GPU. A collective over the control plane: every rank must call it."""
+    s = get_state()
+    if not s.distributed:
+        return 1
+    key = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda"
+           else str(device))  # fmt: skip
+    keys = [None] * dist.get_world_size(group=s.control_group)
+    dist.all_gather_object(keys, key, group=s.control_group)
+    return sum(k == key for k in keys)
 
 
 def all_reduce_min_int(value: int) -> int:

@@ -19,11 +19,13 @@ def default_cpu_blocks(worker) -> int:
 
 
 def gpu_blocks(worker, fraction: float) -> int:
-    """free memory x fraction, after the weights and a profiled activation peak."""
+    """free memory x fraction, after the weights and a profiled activation peak; split evenly between the
+    ranks that share the GPU (gloo ranks in tests), which measure it once all have profiled."""
     torch.cuda.synchronize()
     peak = profile_activation_peak(worker)
-    free, _ = torch.cuda.mem_get_info()
-    budget = free * fraction - peak
+    sharing = comm.ranks_sharing_device(worker.device)  # also a barrier: every rank has loaded and profiled
+    free, _ = torch.cuda.mem_get_info(worker.device)
+    budget = free * fraction / sharing - peak
     per_block = worker.kv_bytes_per_block()
     if budget < per_block:
         raise DistLLMError(
