@@ -161,8 +161,8 @@ def _config(m: int, n: int, k: int, elem_bytes: int = 2) -> tuple[int, int, int]
 
     One row of 16-bit weights (decode at batch 1), by the aspect of the weight; each is the best of a sweep
     of BLOCK_N 4-32, BLOCK_K 256-1024, 4/8 warps and 2-4 stages in CUDA graphs with PDL, on an H200 at the
-    Llama-2-7B shapes (2026-11-28, scratch sweep recorded in docs/performance.md), where it reads 4.1-4.35
-    TB/s against 3.3-4.1 for the earlier single rule:
+    Llama-2-7B shapes (2026-11-28, `benchmarks/sweep_gemv.py`, table in docs/performance.md). There it
+    reads 3.8-4.35 TB/s against 3.3-4.1 for the earlier single rule:
       K >= 2N       (down: 4096 x 11008)   8 rows x 1024, 4 warps: 512 programs with 16 KiB chunks
       N <= K        (o: 4096 x 4096)       16 rows x 1024, 8 warps: 256 fat programs
       K < N <= 4K   (qkv: 12288 x 4096)    32 rows x 256, 4 warps
