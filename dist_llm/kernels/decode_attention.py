@@ -62,54 +62,55 @@ def _decode_partition_kernel(
     start = split * partition_size
     end = tl.minimum(start + partition_size, seq_len)
 
-    # The query heads of this KV group are the rows of a [BLOCK_G >= 16, D] tile, padded with zeros,
-    # so both products run on the tensor cores and each K/V tile is loaded once for the whole group.
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    heads = kvh * GROUP + offs_g
-    g_mask = offs_g < GROUP
-    d_mask = offs_d < HEAD_DIM
-    q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-    if PRECISION == "ieee":
-        q = q.to(tl.float32)
-    bt_row = block_tables_ptr + b * stride_btb
-    k_base = k_cache_ptr + kvh * stride_kh + offs_d[None, :] * stride_kd
-    v_base = v_cache_ptr + kvh * stride_vh + offs_d[None, :] * stride_vd
+    if start < seq_len:  # partitions past the context write nothing: the reduction reads only the live ones
+        # The query heads of this KV group are the rows of a [BLOCK_G >= 16, D] tile, padded with zeros,
+        # so both products run on the tensor cores and each K/V tile is loaded once for the whole group.
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        heads = kvh * GROUP + offs_g
+        g_mask = offs_g < GROUP
+        d_mask = offs_d < HEAD_DIM
+        q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        if PRECISION == "ieee":
+            q = q.to(tl.float32)
+        bt_row = block_tables_ptr + b * stride_btb
+        k_base = k_cache_ptr + kvh * stride_kh + offs_d[None, :] * stride_kd
+        v_base = v_cache_ptr + kvh * stride_vh + offs_d[None, :] * stride_vd
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = offs_n < end
-        kv_mask = valid[:, None] & d_mask[None, :]
-        phys = tl.load(bt_row + (offs_n // BLOCK_SIZE) * stride_btm, mask=valid, other=0).to(tl.int64)
-        slot = offs_n % BLOCK_SIZE
-        k = tl.load(k_base + (phys * stride_kb + slot * stride_kt)[:, None], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
-        s = tl.where(valid[None, :], s, float("-inf"))  # not a multiply: 0 * NaN would poison the row
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + (phys * stride_vb + slot * stride_vt)[:, None], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-        m_i = m_new
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            valid = offs_n < end
+            kv_mask = valid[:, None] & d_mask[None, :]
+            phys = tl.load(bt_row + (offs_n // BLOCK_SIZE) * stride_btm, mask=valid, other=0).to(tl.int64)
+            slot = offs_n % BLOCK_SIZE
+            k = tl.load(k_base + (phys * stride_kb + slot * stride_kt)[:, None], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
+            s = tl.where(valid[None, :], s, float("-inf"))  # not a multiply: 0 * NaN would poison the row
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + (phys * stride_vb + slot * stride_vt)[:, None], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+            m_i = m_new
 
-    o_mask = g_mask[:, None] & d_mask[None, :]
-    if SINGLE:
-        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
-    else:
-        # an empty partition (l_i = 0) writes lse = -inf and no output
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(part_lse_ptr + b * stride_plb + heads * stride_plh + split * stride_pls, lse, mask=g_mask)
-        po_ptrs = (part_out_ptr + b * stride_pob + heads[:, None] * stride_poh + split * stride_pos
-                   + offs_d[None, :] * stride_pod)
-        live = g_mask & (l_i > 0.0)
-        tl.store(po_ptrs, acc / l_safe[:, None], mask=live[:, None] & d_mask[None, :])
+        o_mask = g_mask[:, None] & d_mask[None, :]
+        if SINGLE:
+            o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+            tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+        else:
+            # (l_i = 0 cannot happen here, as the partition holds a token; kept as the safe fallback)
+            l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+            lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+            tl.store(part_lse_ptr + b * stride_plb + heads * stride_plh + split * stride_pls, lse, mask=g_mask)
+            po_ptrs = (part_out_ptr + b * stride_pob + heads[:, None] * stride_poh + split * stride_pos
+                       + offs_d[None, :] * stride_pod)
+            live = g_mask & (l_i > 0.0)
+            tl.store(po_ptrs, acc / l_safe[:, None], mask=live[:, None] & d_mask[None, :])
 
 
 @triton.jit
