@@ -138,7 +138,8 @@ def main():
         print(f"| {r['batch']} | {r['decode_tok_s_per_seq']:.1f} | {r['decode_tok_s']:.0f} | {r['ttft_ms']:.1f} | "
               f"{r['gb_s']:.0f} | {r['pct_roofline']:.1f}% (roofline {r['roofline_tok_s_per_seq']:.0f}) |")
     step_us = 1e6 / rows[0]["decode_tok_s_per_seq"] if rows[0]["batch"] == 1 else float("nan")
-    print(f"\nbatch 1: GPU kernel time {gpu_us:.0f} us per step of {step_us:.0f} us; top kernels:")
+    caveat = " (with PDL a kernel's time includes its wait for the one before: times overlap)" if pdl else ""
+    print(f"\nbatch 1: GPU kernel time {gpu_us:.0f} us per step of {step_us:.0f} us{caveat}; top kernels:")
     for k in prof[:15]:
         print(f"  {k['us_per_step']:8.1f} us  x{k['calls_per_step']:.0f}  {k['kernel']}")
 
