@@ -19,24 +19,16 @@ directly and pass 2 is skipped.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from dist_llm.kernels._attention_common import LOG2E, dot_precision
 from dist_llm.kernels._pdl import pdl_launch_kwargs, pdl_wait
 
-LOG2E = 1.4426950408889634
 DEFAULT_PARTITION_SIZE = 1024
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """"ieee" makes the kernel upcast dot operands to fp32 (exact fp32 inputs; no tf32 on GPU). The
-    interpreter multiplies bf16 operands as raw uint16 bits, so bf16 takes the fp32 path there."""
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return "ieee" if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting) else "tf32"
 
 
 @triton.jit
@@ -249,7 +241,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace):
 
     qk_scale = scale * LOG2E
     pdl = pdl_launch_kwargs(q.device)
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
     _decode_partition_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
         qk_scale, partition,

@@ -13,21 +13,11 @@ the diagonal are never loaded. Query blocks are scheduled longest-first (reverse
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """"ieee" makes the kernel upcast dot operands to fp32 (exact fp32 inputs; no tf32 on GPU). The
-    interpreter multiplies bf16 operands as raw uint16 bits, so bf16 takes the fp32 path there."""
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return "ieee" if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting) else "tf32"
+from dist_llm.kernels._attention_common import LOG2E, dot_precision
 
 
 @triton.jit
@@ -164,7 +154,7 @@ def context_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
         float(scale) * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
