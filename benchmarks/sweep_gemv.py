@@ -1,7 +1,7 @@
 """Sweep the decode GEMV's launch configs at one row, at the Llama-2-7B projection shapes (bf16), in CUDA
-graphs with programmatic dependent launch, cycling through 8 weight copies so that nothing is served from
-L2. Prints cuBLAS, the config `gemv._config` picks, and the best six per shape; the JSON has every config.
-This is how the one-row rules in `dist_llm/kernels/gemv.py:_config` were chosen.
+graphs with programmatic dependent launch (`bench_kernels.graph_time_us`), cycling through 8 weight copies
+so that nothing is served from L2. Prints cuBLAS, the config `gemv._config` picks, and the best six per
+shape; the JSON has every config. This is how the one-row rules in `dist_llm/kernels/gemv.py:_config` were chosen.
 
     python benchmarks/sweep_gemv.py --output_dir bench_out/gemv_sweep [--shapes qkv,o]
 """
@@ -17,35 +17,16 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_kernels import Bench, graph_time_us  # noqa: E402
 from common import header, write_json  # noqa: E402
 
 # name: (N, K, act); the down projection reads [gate | up] with SiLU-and-mul fused, as the model runs it
 SHAPES = {"qkv": (12288, 4096, None), "o": (4096, 4096, None), "gate_up": (22016, 4096, None),
           "down": (4096, 11008, "silu_and_mul"), "lm_head": (32000, 4096, None)}  # fmt: skip
-COPIES, REPS = 8, 4
+COPIES = 8
 
 
-def graph_us(fns) -> float:
-    """Mean µs per call of REPS rounds over `fns`, captured in one graph, replayed 5 times."""
-    for fn in fns:  # compile and pick cuBLAS algorithms outside the capture
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPS):
-            for fn in fns:
-                fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (5 * REPS * len(fns))
-
-
-def sweep(name: str) -> dict:
+def sweep(b: Bench, name: str) -> dict:
     from dist_llm.kernels import gemv as G
     from dist_llm.kernels._pdl import pdl_launch_kwargs
 
@@ -57,9 +38,9 @@ def sweep(name: str) -> dict:
     gb = n * k * 2 / 1e3  # GB/s = gb / µs
     ref = G.gemv(x, weights[0], act=act).float()
     row = {"n": n, "k": k, "act": act, "current": list(G._config(1, n, k)),
-           "current_gb_s": gb / graph_us([lambda w=w: G.gemv(x, w, out=out, act=act) for w in weights])}
+           "current_gb_s": gb / graph_time_us(b, [lambda w=w: G.gemv(x, w, out=out, act=act) for w in weights])}
     if act is None:
-        row["cublas_gb_s"] = gb / graph_us([lambda w=w: F.linear(x, w, out=out) for w in weights])
+        row["cublas_gb_s"] = gb / graph_time_us(b, [lambda w=w: F.linear(x, w, out=out) for w in weights])
     configs = []
     for bn, bk, nw, ns in itertools.product([4, 8, 16, 32], [256, 512, 1024], [4, 8], [2, 3, 4]):
         if bn * bk / (32 * nw) > 64 or bk / (32 * nw) < 2:
@@ -75,7 +56,7 @@ def sweep(name: str) -> dict:
         launch(weights[0])
         err = (out.float() - ref).abs().max().item()
         configs.append({"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns, "max_diff": err,
-                        "gb_s": gb / graph_us([lambda w=w: launch(w) for w in weights])})
+                        "gb_s": gb / graph_time_us(b, [lambda w=w: launch(w) for w in weights])})
     row["configs"] = sorted(configs, key=lambda c: -c["gb_s"])
     return row
 
@@ -92,7 +73,9 @@ def main():
     if unknown:
         sys.exit(f"unknown --shapes {unknown}; choose from {', '.join(SHAPES)}")
     info = header()
-    rows = {name: sweep(name) for name in names}
+    b = Bench("cuda", small=False)
+    b.rep_s = 0.02  # ~60 configs a shape: a short loop of graph replays each is enough at these sizes
+    rows = {name: sweep(b, name) for name in names}
     write_json(args.output_dir, "gemv_sweep.json", {**info, "shapes": rows, "command": "python " + " ".join(sys.argv)})
     print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}  {info['date']}")
     for name, r in rows.items():
