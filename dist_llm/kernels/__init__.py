@@ -16,6 +16,7 @@ OP_NAMES = (
     "write_kv_cache",
     "rotary_and_write_kv",
     "paged_decode_attention",
+    "rotary_kv_decode_attention",
     "context_attention",
     "sample",
 )

@@ -29,6 +29,9 @@ import triton.language as tl
 
 from dist_llm.kernels._attention_common import LOG2E, dot_precision
 from dist_llm.kernels._pdl import pdl_launch_kwargs, pdl_wait
+from dist_llm.kernels._rounding import round_to
+from dist_llm.kernels.kv_cache import check_kv_args
+from dist_llm.kernels.rotary import _rope_tile, check_rotary_args
 
 DEFAULT_PARTITION_SIZE = 1024
 
@@ -37,6 +40,7 @@ DEFAULT_PARTITION_SIZE = 1024
 def _decode_partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     counter_ptr, qk_scale, partition_size,
+    pos_ptr, slot_ptr, k_new_ptr, v_new_ptr, cos_sin_ptr, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cs,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -46,7 +50,7 @@ def _decode_partition_kernel(
     stride_plb, stride_plh, stride_pls, stride_cb,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    FUSE_ROPE: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
     kvh = tl.program_id(0)  # heads fastest: programs running together read whole token rows
@@ -65,8 +69,25 @@ def _decode_partition_kernel(
         heads = kvh * GROUP + offs_g
         g_mask = offs_g < GROUP
         d_mask = offs_d < HEAD_DIM
-        q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+        if FUSE_ROPE:  # q, k and v come unrotated from the qkv projection; q turns in registers
+            cs_row = cos_sin_ptr + tl.load(pos_ptr + b).to(tl.int64) * stride_cs
+            q = _rope_tile(q_rows, stride_qd, offs_d[None, :], g_mask[:, None] & d_mask[None, :], cs_row, HALF,
+                           IS_NEOX)
+            q = round_to(q, q_ptr.dtype.element_ty)
+            new_slot = tl.load(slot_ptr + b).to(tl.int64)
+            if split == n_active - 1 and new_slot >= 0:  # the partition holding the new token writes its K/V
+                k_new = _rope_tile(k_new_ptr + b * stride_knb + kvh * stride_knh, 1, offs_d, d_mask, cs_row, HALF,
+                                   IS_NEOX)
+                v_new = tl.load(v_new_ptr + b * stride_vnb + kvh * stride_vnh + offs_d, mask=d_mask)
+                blk, off = new_slot // BLOCK_SIZE, new_slot % BLOCK_SIZE
+                kc = k_cache_ptr + blk * stride_kb + off * stride_kt + kvh * stride_kh + offs_d * stride_kd
+                vc = v_cache_ptr + blk * stride_vb + off * stride_vt + kvh * stride_vh + offs_d * stride_vd
+                tl.store(kc, round_to(k_new, k_cache_ptr.dtype.element_ty), mask=d_mask)
+                tl.store(vc, round_to(v_new, v_cache_ptr.dtype.element_ty), mask=d_mask)
+                tl.debug_barrier()  # the loop below reads them back through other threads of this program
+        else:
+            q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
         if PRECISION == "ieee":
             q = q.to(tl.float32)
         bt_row = block_tables_ptr + b * stride_btb
@@ -212,7 +233,9 @@ def _split_plan(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, works
     return triton.cdiv(max_ctx, partition), partition
 
 
-def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace):
+def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, rope=None):
+    """rope: None, or (positions, k, v, cos_sin_cache, is_neox, slot_mapping) to rotate q and k and
+    write this step's K/V inside the kernel."""
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape)
@@ -245,13 +268,21 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace):
         assert counters.shape[0] >= batch and counters.shape[1] >= num_kv_heads, (counters.shape, batch)
         po_strides, pl_strides, stride_cb = part_out.stride(), part_lse.stride(), counters.stride(0)
 
+    if rope is None:
+        rope_args, half, is_neox = (seq_lens, seq_lens, q, q, q, 0, 0, 0, 0, 0), 0, False
+    else:
+        positions, k, v, cos_sin_cache, is_neox, slot_mapping = rope
+        rope_args = (positions, slot_mapping, k, v, cos_sin_cache, *k.stride()[:2], *v.stride()[:2],
+                     cos_sin_cache.stride(0))  # fmt: skip
+        half = cos_sin_cache.shape[1] // 2
     _decode_partition_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, counters,
-        scale * LOG2E, partition,
+        scale * LOG2E, partition, *rope_args,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         *po_strides, *pl_strides, stride_cb,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE=single, PRECISION=dot_precision(q.dtype),
+        FUSE_ROPE=rope is not None, HALF=half, IS_NEOX=bool(is_neox),
         num_warps=num_warps, num_stages=num_stages, **pdl_launch_kwargs(q.device),
     )  # fmt: skip
     return out
@@ -261,3 +292,18 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, o
     """q, out [B, Hq, D]; caches [num_blocks, block_size, Hk, D]; block_tables int32 [B, M];
     seq_lens int32 [B] (>= 1). With `workspace` (DecodeWorkspace) nothing is allocated."""
     return _launch(q, k_cache, v_cache, block_tables, seq_lens, float(scale), out, workspace)
+
+
+def rotary_kv_decode_attention(
+    positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache, slot_mapping, block_tables, seq_lens, scale,
+    out, workspace=None,
+):  # fmt: skip
+    """`rotary_and_write_kv` then `paged_decode_attention`, in one launch: q [B, Hq, D], k and v [B, Hk, D]
+    come unrotated (strided views of the qkv output allowed) and are left as they are; the rotated k and v
+    go to the caches at `slot_mapping` (-1: skip), which must be each sequence's position seq_len - 1
+    (the decode invariant: the new token is the last of its context)."""
+    check_rotary_args(positions, q, k, cos_sin_cache)
+    check_kv_args(k, v, k_cache, v_cache, slot_mapping)
+    assert positions.device == q.device and slot_mapping.is_contiguous() and positions.is_contiguous()
+    rope = (positions, k, v, cos_sin_cache, is_neox, slot_mapping)
+    return _launch(q, k_cache, v_cache, block_tables, seq_lens, float(scale), out, workspace, rope)
