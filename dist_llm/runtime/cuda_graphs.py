@@ -2,8 +2,9 @@
 
 A decode step's work depends only on the batch size once its inputs live at fixed addresses, so one
 graph per bucket (1, 2, 4, 8, then multiples of 16 up to max_batch_size) replays the whole forward, the
-LM head and sampling with a single launch. The plan's tensors are copied into the static buffers
-(padding rows write no KV: slot -1, and attend to one token of block 0). Input ids that the host has
+LM head and sampling with a single launch. The plan's tensors go into the static buffers with one
+copy from pinned memory (`static_inputs`; padding rows write no KV: slot -1, and attend to one token
+of block 0). Input ids that the host has
 not seen yet (overlap scheduling) are gathered from the previous step's sampled ids inside the graph.
 The sampled ids land in the worker's `sampled` buffer and come back through pinned memory, without a
 host wait: the coordinator waits only when it needs them, after launching the next step.
@@ -27,6 +28,7 @@ import torch
 from dist_llm.layers.context import AttentionMetadata, set_metadata
 from dist_llm.parallel import comm
 from dist_llm.runtime.plan import StepPlan, StepResult
+from dist_llm.runtime.static_inputs import StaticInputs
 from dist_llm.runtime.worker import fill_pending
 
 SAMPLING_MODES = ("greedy", "plain", "full")
@@ -48,18 +50,10 @@ class DecodeGraphRunner:
         self.buckets = batch_buckets(self.max_bs)
         max_blocks = -(-eng.build.max_seq_len // eng.build.tokens_per_block)
         z = dict(device=dev)
-        self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, **z)
-        self.positions = torch.zeros(self.max_bs, dtype=torch.int64, **z)
-        self.slot_mapping = torch.full((self.max_bs,), -1, dtype=torch.int64, **z)
-        self.block_tables = torch.zeros(self.max_bs, max_blocks, dtype=torch.int32, **z)
-        self.seq_lens = torch.ones(self.max_bs, dtype=torch.int32, **z)
+        self.inputs = StaticInputs(self.max_bs, max_blocks, dev)
+        for name, view in self.inputs.dev.items():  # input_ids, positions, ..., block_tables
+            setattr(self, name, view)
         self.cu_seqlens_q = torch.arange(self.max_bs + 1, dtype=torch.int32, **z)
-        self.temperature = torch.zeros(self.max_bs, dtype=torch.float32, **z)
-        self.top_k = torch.zeros(self.max_bs, dtype=torch.int32, **z)
-        self.top_p = torch.ones(self.max_bs, dtype=torch.float32, **z)
-        self.seeds = torch.zeros(self.max_bs, dtype=torch.int64, **z)
-        self.offsets = torch.zeros(self.max_bs, dtype=torch.int64, **z)
-        self.prev_index = torch.full((self.max_bs,), -1, dtype=torch.int64, **z)
         self.tokens = worker.sampled  # the graph reads the previous step's ids here, then writes its own
         m, hidden = worker.mapping, eng.model.hidden_size
         self.first, self.last = m.is_first_stage, m.is_last_stage
@@ -125,12 +119,7 @@ class DecodeGraphRunner:
         torch.cuda.synchronize()
 
     def _pad(self, start: int, end: int) -> None:
-        if end > start:
-            self.slot_mapping[start:end] = -1
-            self.seq_lens[start:end] = 1
-            self.block_tables[start:end] = 0
-            self.prev_index[start:end] = -1
-            self.input_ids[start:end] = 0  # not a PENDING id left over from an earlier step
+        self.inputs.pad(start, end)  # padding rows write no KV and attend to one token of block 0
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepResult | None:
@@ -140,24 +129,17 @@ class DecodeGraphRunner:
             packed = comm.pp_recv((2, b, self.stage_in.shape[2]), w.dtype, w.mapping.pp_rank - 1)
             self.stage_in[:, :b].copy_(packed)
         bucket = next(x for x in self.buckets if x >= b)
-        nb = plan.block_tables.shape[1]
-        for dst, src in ((self.input_ids, plan.input_ids), (self.positions, plan.positions),
-                         (self.slot_mapping, plan.slot_mapping), (self.seq_lens, plan.seq_lens),
-                         (self.temperature, plan.temperature), (self.top_k, plan.top_k), (self.top_p, plan.top_p),
-                         (self.seeds, plan.seeds), (self.offsets, plan.offsets)):
-            dst[:b].copy_(src, non_blocking=True)
-        self.block_tables[:b, :nb].copy_(plan.block_tables, non_blocking=True)
-        if plan.prev_index is not None:
-            self.prev_index[:b].copy_(plan.prev_index, non_blocking=True)
-        else:
-            self.prev_index[:b].fill_(-1)
-        self._pad(b, bucket)
+        key = (bucket, plan.sampling_mode)
+        if self.mode == "capture" and key not in self.graphs:
+            # A sampling mode first seen now: capture before this step's inputs go in. The capture pads the
+            # rows, and its warm-up runs overwrite the previous step's sampled ids, which this step may read.
+            saved = self.tokens.clone()
+            self.graphs[key] = self._capture(bucket, plan.sampling_mode)
+            self.tokens.copy_(saved)
+        self.inputs.load(plan, bucket)
         if self.mode == "static":
             self._forward(bucket, plan.sampling_mode)
         else:
-            key = (bucket, plan.sampling_mode)
-            if key not in self.graphs:
-                self.graphs[key] = self._capture(bucket, plan.sampling_mode)
             self.graphs[key].replay()
         self.steps_run += 1
         if not self.last:  # a copy: the next replay rewrites stage_out while this send may be in flight
