@@ -112,8 +112,6 @@ def _decode_case(head_dim, seq_lens, block_size, heads, dtype, workspace, gen, e
     res = paged_decode_attention(q, k_cache, v_cache, table, lens, scale, out, workspace)
     assert res is out
     close(out, expected, dtype)
-    if workspace is not None:  # the merging programs leave their counters at 0 for the next launch
-        assert int(workspace.counters.count_nonzero()) == 0
 
 
 @pytest.mark.parametrize("head_dim,seq_lens,block_size,heads,dtype,partition", DECODE_CASES)

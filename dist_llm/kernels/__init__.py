@@ -16,7 +16,6 @@ OP_NAMES = (
     "write_kv_cache",
     "rotary_and_write_kv",
     "paged_decode_attention",
-    "rotary_kv_decode_attention",
     "context_attention",
     "sample",
 )

@@ -1,21 +1,19 @@
 """Paged decode attention: one query token per sequence against its paged K/V cache (flash-decoding).
 
-One launch. A program runs per (sequence, KV head, partition). A partition is `partition_size`
-consecutive tokens of the context; the program streams its K/V through the block table in tiles of
-BLOCK_N tokens and keeps an online softmax for *all* query heads of the KV group at once (the rows of a
-tl.dot tile, padded to 16), so each K/V tile is loaded once per group.
-
-When a sequence spans several partitions, each writes its normalised output and its log-sum-exp (base
-2) to the workspace, then bumps the (sequence, KV head) counter; the program that finds itself last
-merges the partitions by their lse, in partition order (so the result does not depend on which program
-came last), writes `out` and resets the counter to 0 for the next launch. This replaces a second
-kernel: at batch 1 its launch and drain cost more than the merge.
+Pass 1 runs a program per (sequence, KV head, partition). A partition is `partition_size` consecutive
+tokens of the context; the program streams its K/V through the block table in tiles of BLOCK_N tokens
+and keeps an online softmax for *all* query heads of the KV group at once (the rows of a tl.dot tile,
+padded to 16), so each K/V tile is loaded once per group. It writes the partition's normalised
+output and its log-sum-exp (base 2) to the workspace. Pass 2 runs a program per (sequence, query
+head) and merges the partitions by their lse.
 
 The number of partitions comes from static shapes only (the batch size, block_tables.shape[1] *
 block_size and the workspace), never from `seq_lens`, so the call can be captured in a CUDA graph: a
-large batch gets one partition per sequence, a small one up to max_ctx / 64 of them, so that a batch-1
-step still spreads over the SMs. Partitions that start at or past a sequence's length do nothing; a
-sequence with one live partition writes `out` directly.
+large batch gets one partition per sequence (and no pass 2), a small one up to max_ctx / 64 of them, so
+that a batch-1 step still spreads over the SMs. Partitions that start
+at or past a sequence's length write lse = -inf and no output; the reduction only reads partitions
+below the sequence's length. When the block table spans a single partition, pass 1 writes `out`
+directly and pass 2 is skipped.
 """
 
 from __future__ import annotations
@@ -29,9 +27,6 @@ import triton.language as tl
 
 from dist_llm.kernels._attention_common import LOG2E, dot_precision
 from dist_llm.kernels._pdl import pdl_launch_kwargs, pdl_wait
-from dist_llm.kernels._rounding import round_to
-from dist_llm.kernels.kv_cache import check_kv_args
-from dist_llm.kernels.rotary import _rope_tile, check_rotary_args
 
 DEFAULT_PARTITION_SIZE = 1024
 
@@ -39,18 +34,17 @@ DEFAULT_PARTITION_SIZE = 1024
 @triton.jit
 def _decode_partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    counter_ptr, qk_scale, partition_size,
-    pos_ptr, slot_ptr, k_new_ptr, v_new_ptr, cos_sin_ptr, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cs,
+    qk_scale, partition_size,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_btb, stride_btm,
     stride_ob, stride_oh, stride_od,
     stride_pob, stride_poh, stride_pos, stride_pod,
-    stride_plb, stride_plh, stride_pls, stride_cb,
+    stride_plb, stride_plh, stride_pls,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
-    FUSE_ROPE: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
     kvh = tl.program_id(0)  # heads fastest: programs running together read whole token rows
@@ -59,9 +53,8 @@ def _decode_partition_kernel(
     seq_len = tl.load(seq_lens_ptr + b)
     start = split * partition_size
     end = tl.minimum(start + partition_size, seq_len)
-    n_active = tl.cdiv(seq_len, partition_size)
 
-    if start < seq_len:  # partitions past the context do nothing: the merge reads only the live ones
+    if start < seq_len:  # partitions past the context write nothing: the reduction reads only the live ones
         # The query heads of this KV group are the rows of a [BLOCK_G >= 16, D] tile, padded with zeros,
         # so both products run on the tensor cores and each K/V tile is loaded once for the whole group.
         offs_g = tl.arange(0, BLOCK_G)
@@ -69,25 +62,8 @@ def _decode_partition_kernel(
         heads = kvh * GROUP + offs_g
         g_mask = offs_g < GROUP
         d_mask = offs_d < HEAD_DIM
-        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
-        if FUSE_ROPE:  # q, k and v come unrotated from the qkv projection; q turns in registers
-            cs_row = cos_sin_ptr + tl.load(pos_ptr + b).to(tl.int64) * stride_cs
-            q = _rope_tile(q_rows, stride_qd, offs_d[None, :], g_mask[:, None] & d_mask[None, :], cs_row, HALF,
-                           IS_NEOX)
-            q = round_to(q, q_ptr.dtype.element_ty)
-            new_slot = tl.load(slot_ptr + b).to(tl.int64)
-            if split == n_active - 1 and new_slot >= 0:  # the partition holding the new token writes its K/V
-                k_new = _rope_tile(k_new_ptr + b * stride_knb + kvh * stride_knh, 1, offs_d, d_mask, cs_row, HALF,
-                                   IS_NEOX)
-                v_new = tl.load(v_new_ptr + b * stride_vnb + kvh * stride_vnh + offs_d, mask=d_mask)
-                blk, off = new_slot // BLOCK_SIZE, new_slot % BLOCK_SIZE
-                kc = k_cache_ptr + blk * stride_kb + off * stride_kt + kvh * stride_kh + offs_d * stride_kd
-                vc = v_cache_ptr + blk * stride_vb + off * stride_vt + kvh * stride_vh + offs_d * stride_vd
-                tl.store(kc, round_to(k_new, k_cache_ptr.dtype.element_ty), mask=d_mask)
-                tl.store(vc, round_to(v_new, v_cache_ptr.dtype.element_ty), mask=d_mask)
-                tl.debug_barrier()  # the loop below reads them back through other threads of this program
-        else:
-            q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
         if PRECISION == "ieee":
             q = q.to(tl.float32)
         bt_row = block_tables_ptr + b * stride_btb
@@ -115,47 +91,51 @@ def _decode_partition_kernel(
             m_i = m_new
 
         o_mask = g_mask[:, None] & d_mask[None, :]
-        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
-        if SINGLE or n_active == 1:
+        if SINGLE:
+            o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
             tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
         else:
             # (l_i = 0 cannot happen here, as the partition holds a token; kept as the safe fallback)
             l_safe = tl.where(l_i > 0.0, l_i, 1.0)
             lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
-            lse_row = part_lse_ptr + b * stride_plb + heads * stride_plh
-            tl.store(lse_row + split * stride_pls, lse, mask=g_mask)
-            po_row = part_out_ptr + b * stride_pob + heads[:, None] * stride_poh + offs_d[None, :] * stride_pod
-            tl.store(po_row + split * stride_pos, acc / l_safe[:, None], mask=o_mask)
-            # Every thread's stores come before the release (the barrier), and the last program's loads
-            # after its acquire; they bypass L1 (.cg), which is not coherent across SMs.
-            tl.debug_barrier()
-            counter = counter_ptr + b * stride_cb + kvh
-            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if done == n_active - 1:
-                tl.store(counter, 0)  # ready for the next launch (stream order orders it before)
-                _merge_partitions(lse_row, po_row, o_ptrs, n_active, g_mask, o_mask, stride_pls, stride_pos,
-                                  BLOCK_G, BLOCK_D)
+            tl.store(part_lse_ptr + b * stride_plb + heads * stride_plh + split * stride_pls, lse, mask=g_mask)
+            po_ptrs = (part_out_ptr + b * stride_pob + heads[:, None] * stride_poh + split * stride_pos
+                       + offs_d[None, :] * stride_pod)
+            live = g_mask & (l_i > 0.0)
+            tl.store(po_ptrs, acc / l_safe[:, None], mask=live[:, None] & d_mask[None, :])
 
 
 @triton.jit
-def _merge_partitions(lse_row, po_row, o_ptrs, n_active, g_mask, o_mask, stride_pls, stride_pos,
-                      BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m), over the live partitions in order."""
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for s in range(0, n_active):
-        m = tl.maximum(m, tl.load(lse_row + s * stride_pls, mask=g_mask, other=float("-inf"), cache_modifier=".cg"))
+def _decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, partition_size,
+    stride_pob, stride_poh, stride_pos, stride_pod,
+    stride_plb, stride_plh, stride_pls,
+    stride_ob, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    pdl_wait(USE_PDL)
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    n_active = tl.cdiv(seq_len, partition_size)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    lse_row = part_lse_ptr + b * stride_plb + h * stride_plh
+    lse = tl.load(lse_row + offs_s * stride_pls, mask=offs_s < n_active, other=float("-inf"))
+    m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # every partial empty: weights 0, output 0 (never NaN)
-    denom = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    denom = tl.sum(tl.exp2(lse - m), 0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    po_row = part_out_ptr + b * stride_pob + h * stride_poh + offs_d * stride_pod
     for s in range(0, n_active):
-        lse_s = tl.load(lse_row + s * stride_pls, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
-        w = tl.exp2(lse_s - m)
-        written = o_mask & (lse_s > float("-inf"))[:, None]
-        o = tl.load(po_row + s * stride_pos, mask=written, other=0.0, cache_modifier=".cg")
-        denom += w
-        acc += w[:, None] * o
-    acc = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-    tl.store(o_ptrs, acc.to(o_ptrs.dtype.element_ty), mask=o_mask)
+        lse_s = tl.load(lse_row + s * stride_pls)
+        written = d_mask & (lse_s + offs_d * 0.0 > float("-inf"))
+        o = tl.load(po_row + s * stride_pos, mask=written, other=0.0)
+        acc += tl.exp2(lse_s - m) * o
+    acc = acc / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
+             acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @dataclass
@@ -163,15 +143,11 @@ class DecodeWorkspace:
     """Partial results of the split-KV pass: `out` fp32 [max_batch, Hq, max_splits, D] (each partition's
     normalised output) and `lse` fp32 [max_batch, Hq, max_splits] (its log2-sum-exp2 of the scaled
     scores, i.e. the running max plus log2 of the running sum). A launch with a smaller batch views the
-    same memory as [batch, Hq, more splits, D] (`views`): small batches get more partitions.
-    `counters` int32 [capacity, Hq]: partitions finished per (sequence, KV head). They are 0 between
-    launches (the merging program resets its counter), so one workspace serves launches in stream order,
-    never two at once."""
+    same memory as [batch, Hq, more splits, D] (`views`): small batches get more partitions."""
 
     out: torch.Tensor
     lse: torch.Tensor
     partition_size: int
-    counters: torch.Tensor
 
     @classmethod
     def allocate(cls, max_batch: int, num_heads: int, head_dim: int, max_seq_len: int, device,
@@ -182,8 +158,7 @@ class DecodeWorkspace:
         rows = max(max_batch, math.ceil(math.ceil(max_seq_len / 64) / max_splits))
         out = torch.empty(rows, num_heads, max_splits, head_dim, dtype=torch.float32, device=device)
         lse = torch.empty(rows, num_heads, max_splits, dtype=torch.float32, device=device)
-        counters = torch.zeros(rows * max_splits, num_heads, dtype=torch.int32, device=device)
-        return cls(out, lse, partition_size, counters)
+        return cls(out, lse, partition_size)
 
     @property
     def max_splits(self) -> int:
@@ -233,9 +208,7 @@ def _split_plan(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, works
     return triton.cdiv(max_ctx, partition), partition
 
 
-def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, rope=None):
-    """rope: None, or (positions, k, v, cos_sin_cache, is_neox, slot_mapping) to rotate q and k and
-    write this step's K/V inside the kernel."""
+def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace):
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape)
@@ -258,33 +231,33 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, 
     if not single and workspace is None:
         workspace = DecodeWorkspace.allocate(batch, num_heads, head_dim, max_ctx, q.device, partition)
     if single:
-        part_out, part_lse, counters = out, seq_lens, seq_lens  # unused placeholders
-        po_strides, pl_strides, stride_cb = (0, 0, 0, 0), (0, 0, 0), 0
+        part_out, part_lse = out, seq_lens  # unused placeholders
+        po_strides, pl_strides = (0, 0, 0, 0), (0, 0, 0)
     else:
         part_out, part_lse = workspace.views(batch, num_splits)
-        counters = workspace.counters
         assert part_out.shape[1] == num_heads and part_out.shape[3] == head_dim, (part_out.shape, q.shape)
         assert part_out.device == q.device and part_out.dtype == part_lse.dtype == torch.float32
-        assert counters.shape[0] >= batch and counters.shape[1] >= num_kv_heads, (counters.shape, batch)
-        po_strides, pl_strides, stride_cb = part_out.stride(), part_lse.stride(), counters.stride(0)
+        po_strides, pl_strides = part_out.stride(), part_lse.stride()
 
-    if rope is None:
-        rope_args, half, is_neox = (seq_lens, seq_lens, q, q, q, 0, 0, 0, 0, 0), 0, False
-    else:
-        positions, k, v, cos_sin_cache, is_neox, slot_mapping = rope
-        rope_args = (positions, slot_mapping, k, v, cos_sin_cache, *k.stride()[:2], *v.stride()[:2],
-                     cos_sin_cache.stride(0))  # fmt: skip
-        half = cos_sin_cache.shape[1] // 2
+    qk_scale = scale * LOG2E
+    pdl = pdl_launch_kwargs(q.device)
+    precision = dot_precision(q.dtype)
     _decode_partition_kernel[(num_kv_heads, batch, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, counters,
-        scale * LOG2E, partition, *rope_args,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        qk_scale, partition,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
-        *po_strides, *pl_strides, stride_cb,
+        *po_strides, *pl_strides,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE=single, PRECISION=dot_precision(q.dtype),
-        FUSE_ROPE=rope is not None, HALF=half, IS_NEOX=bool(is_neox),
-        num_warps=num_warps, num_stages=num_stages, **pdl_launch_kwargs(q.device),
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE=single, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages, **pdl,
     )  # fmt: skip
+    if not single:
+        _decode_reduce_kernel[(num_heads, batch)](
+            part_out, part_lse, seq_lens, out, partition,
+            *po_strides, *pl_strides, *out.stride(),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4 if block_d >= 128 else 2, **pdl,
+        )  # fmt: skip
     return out
 
 
@@ -292,18 +265,3 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, o
     """q, out [B, Hq, D]; caches [num_blocks, block_size, Hk, D]; block_tables int32 [B, M];
     seq_lens int32 [B] (>= 1). With `workspace` (DecodeWorkspace) nothing is allocated."""
     return _launch(q, k_cache, v_cache, block_tables, seq_lens, float(scale), out, workspace)
-
-
-def rotary_kv_decode_attention(
-    positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache, slot_mapping, block_tables, seq_lens, scale,
-    out, workspace=None,
-):  # fmt: skip
-    """`rotary_and_write_kv` then `paged_decode_attention`, in one launch: q [B, Hq, D], k and v [B, Hk, D]
-    come unrotated (strided views of the qkv output allowed) and are left as they are; the rotated k and v
-    go to the caches at `slot_mapping` (-1: skip), which must be each sequence's position seq_len - 1
-    (the decode invariant: the new token is the last of its context)."""
-    check_rotary_args(positions, q, k, cos_sin_cache)
-    check_kv_args(k, v, k_cache, v_cache, slot_mapping)
-    assert positions.device == q.device and slot_mapping.is_contiguous() and positions.is_contiguous()
-    rope = (positions, k, v, cos_sin_cache, is_neox, slot_mapping)
-    return _launch(q, k_cache, v_cache, block_tables, seq_lens, float(scale), out, workspace, rope)

@@ -110,15 +110,6 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
     return out
 
 
-def rotary_kv_decode_attention_ref(
-    positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache, slot_mapping, block_tables, seq_lens, scale,
-    out, workspace=None,
-):  # fmt: skip
-    q, k = q.clone(), k.clone()  # the fused op leaves its inputs unrotated
-    rotary_and_write_kv_ref(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache, slot_mapping)
-    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, out)
-
-
 def context_attention_ref(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, out
 ):
@@ -186,12 +177,3 @@ def gumbel_max_sample(logits, temperature, top_k, top_p, uniform, mode: str = "f
 
 def sample_ref(logits, temperature, top_k, top_p, seeds, offsets, mode: str = "full") -> torch.Tensor:
     return gumbel_max_sample(logits, temperature, top_k, top_p, lambda v: counter_uniform(seeds, offsets, v), mode)
-
-
-def all_reduce_ref(inputs: list[torch.Tensor]) -> torch.Tensor:
-    """The sum of the ranks' tensors as `all_reduce.one_shot_all_reduce` computes it on every rank: in fp32,
-    in rank order, rounded once to the inputs' dtype."""
-    acc = inputs[0].float()
-    for t in inputs[1:]:
-        acc = acc + t.float()
-    return acc.to(inputs[0].dtype)

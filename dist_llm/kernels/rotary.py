@@ -72,27 +72,6 @@ def _rotate_heads(
 
 
 @triton.jit
-def _rope_tile(row_ptrs, stride_d, d, mask, cs_row, HALF: tl.constexpr, IS_NEOX: tl.constexpr):
-    """Loads `row_ptrs + d * stride_d` (one pointer per head, broadcast against the dims `d`) and returns it
-    rotated in fp32, unrounded: dims below 2*HALF turn by the token's cos/sin row `cs_row` as in
-    `_rotate_heads`, the rest pass through. For kernels that rotate in registers (fused decode attention)."""
-    rot = d < 2 * HALF
-    if IS_NEOX:
-        first = d < HALF
-        partner = tl.where(first, d + HALF, d - HALF)
-        idx = tl.where(first, d, d - HALF)
-    else:
-        first = d % 2 == 0
-        partner = tl.where(first, d + 1, d - 1)
-        idx = d // 2
-    x = tl.load(row_ptrs + d * stride_d, mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(row_ptrs + partner * stride_d, mask=mask & rot, other=0.0).to(tl.float32)
-    cos = tl.load(cs_row + idx, mask=rot, other=1.0).to(tl.float32)
-    sin = tl.load(cs_row + HALF + idx, mask=rot, other=0.0).to(tl.float32)
-    return tl.where(first, x * cos - p * sin, x * cos + p * sin)
-
-
-@triton.jit
 def _rotary_kernel(
     pos_ptr, q_ptr, k_ptr, cache_ptr,
     stride_q0, stride_q1, stride_k0, stride_k1, stride_cache0,

@@ -1,7 +1,7 @@
 """The Triton backend: one public function per op, gathered from the kernel files."""
 
 from dist_llm.kernels.activation import silu_and_mul
-from dist_llm.kernels.decode_attention import paged_decode_attention, rotary_kv_decode_attention
+from dist_llm.kernels.decode_attention import paged_decode_attention
 from dist_llm.kernels.kv_cache import write_kv_cache
 from dist_llm.kernels.prefill_attention import context_attention
 from dist_llm.kernels.rmsnorm import fused_add_rms_norm, rms_norm
@@ -17,7 +17,6 @@ __all__ = [
     "write_kv_cache",
     "rotary_and_write_kv",
     "paged_decode_attention",
-    "rotary_kv_decode_attention",
     "context_attention",
     "sample",
 ]

@@ -1,6 +1,5 @@
 """Paged attention: rotates q and k and writes this step's K/V into the cache (one kernel), then attends
-over the cache. Decode steps do all three in the attention kernel itself (`rotary_kv_decode_attention`,
-one launch a layer); DIST_LLM_DECODE_ROPE_FUSION=0 keeps them apart, for A/B timing.
+over the cache.
 
 The one place where the attention implementation is chosen: the kernel namespace (`ops`) decides
 between the Triton kernels and the torch reference.
@@ -8,15 +7,11 @@ between the Triton kernels and the torch reference.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from dist_llm.layers.context import get_metadata
 from dist_llm.layers.rotary import RotaryEmbedding
-
-_FUSE_DECODE_ROPE = os.environ.get("DIST_LLM_DECODE_ROPE_FUSION", "1") != "0"
 
 
 class Attention(nn.Module):
@@ -30,20 +25,13 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, Hq, D], k and v [T, Hk, D] (views of the fused qkv output; outside decode q and k are rotated
-        in place) -> [T, Hq·D]."""
+        """q [T, Hq, D], k and v [T, Hk, D] (views of the fused qkv output; q and k rotated in place) -> [T, Hq·D]."""
         md = get_metadata()
         rope = self.rotary_emb
-        out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
-        if md.is_decode and _FUSE_DECODE_ROPE:
-            self.ops.rotary_kv_decode_attention(
-                positions, q, k, v, rope.cos_sin_cache, rope.is_neox, self.k_cache, self.v_cache, md.slot_mapping,
-                md.block_tables, md.seq_lens, self.scale, out, md.decode_workspace,
-            )  # fmt: skip
-            return out.view(q.shape[0], self.num_heads * self.head_dim)
         self.ops.rotary_and_write_kv(
             positions, q, k, v, rope.cos_sin_cache, rope.is_neox, self.k_cache, self.v_cache, md.slot_mapping
         )
+        out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
         if md.is_decode:
             self.ops.paged_decode_attention(
                 q, self.k_cache, self.v_cache, md.block_tables, md.seq_lens, self.scale, out, md.decode_workspace
