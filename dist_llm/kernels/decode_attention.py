@@ -19,6 +19,7 @@ directly and pass 2 is skipped.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ from dist_llm.kernels._attention_common import LOG2E, dot_precision
 from dist_llm.kernels._pdl import pdl_launch_kwargs, pdl_wait
 
 DEFAULT_PARTITION_SIZE = 1024
+# "BLOCK_N,num_warps,num_stages" for the 16-bit launches, for sweeps (benchmarks/sweep_decode_attention.py)
+_CONFIG_OVERRIDE = os.environ.get("DIST_LLM_DECODE_ATTN_CONFIG", "")
 
 
 @triton.jit
@@ -186,6 +189,9 @@ def _launch_config(head_dim: int, block_size: int, group: int, dtype: torch.dtyp
     that feed a dot get software-pipelined."""
     block_d = triton.next_power_of_2(head_dim)
     block_g = max(16, triton.next_power_of_2(group))
+    if _CONFIG_OVERRIDE and dtype != torch.float32:  # sweeps and A/B runs only
+        block_n, num_warps, num_stages = (int(v) for v in _CONFIG_OVERRIDE.split(","))
+        return block_d, block_n, block_g, num_warps, num_stages
     if dtype == torch.float32:  # keep the pipelined fp32 tiles within shared memory
         block_n, num_warps, num_stages = 32, 4, 2
     else:

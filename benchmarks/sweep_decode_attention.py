@@ -1,0 +1,103 @@
+"""Sweep paged decode attention's launch configs (BLOCK_N, warps, stages) in CUDA graphs, Llama-2-7B heads
+(32 × 128, bf16), 64-token blocks, at the shapes the benchmarks run: full load (batch 256 and 64 at a short
+context, block tables 4,096 tokens wide, as bench_throughput builds them), a long context (batch 32 × 2k)
+and batch 1. The config is picked from static shapes only, so one config must serve every context a
+block-table width allows: the summary ranks configs by the geometric mean over the cases against the
+current rule. Prints GB/s of K/V read and the fraction of the copy rate.
+
+    python benchmarks/sweep_decode_attention.py --output_dir bench_out/attn_sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import math
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_kernels import Bench, graph_time_us  # noqa: E402
+from common import header, write_json  # noqa: E402
+
+H, D, BS = 32, 128, 64
+# (batch, context, block-table width in tokens, KV heads)
+CASES = [(256, 192, 4096, 32), (64, 192, 4096, 32), (32, 2048, 4096, 32), (1, 256, 384, 32), (256, 192, 4096, 8)]
+
+
+def make_case(batch, ctx, width, hk):
+    nblk = width // BS
+    used = -(-ctx // BS)
+    kc = torch.randn(batch * used + 1, BS, hk, D, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    bt = torch.zeros(batch, nblk, device="cuda", dtype=torch.int32)
+    bt[:, :used] = torch.randperm(batch * used, device="cuda", dtype=torch.int32).view(batch, used)
+    sl = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)
+    return q, kc, vc, bt, sl
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", required=True)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("sweep_decode_attention.py needs a CUDA GPU")
+    from dist_llm.kernels import decode_attention as da
+
+    info = header()
+    b = Bench("cuda", small=False)
+    b.rep_s = 0.05
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_gb_s = 2 * src.nbytes / b.time_us(lambda: dst.copy_(src)) / 1e3
+    print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}; copy {copy_gb_s:.0f} GB/s", flush=True)
+    configs = [None] + list(itertools.product([16, 32, 64], [2, 4, 8], [1, 2, 3]))
+    base_rule = da._launch_config
+    results = {}
+    for case in CASES:
+        batch, ctx, width, hk = case
+        q, kc, vc, bt, sl = make_case(*case)
+        ws = da.DecodeWorkspace.allocate(max(batch, 64), H, D, width, q.device)
+        out = torch.empty_like(q)
+        call = functools.partial(da.paged_decode_attention, q, kc, vc, bt, sl, D**-0.5, out, ws)
+        ref = da.paged_decode_attention(q, kc, vc, bt, sl, D**-0.5, out, ws).clone()
+        kv_bytes = batch * ctx * hk * D * 2 * 2
+        for cfg in configs:
+            if cfg is None:
+                da._launch_config = base_rule
+            else:
+                da._launch_config = lambda hd, bsz, g, dt, cfg=cfg: (128, cfg[0], max(16, g), cfg[1], cfg[2])
+            try:
+                us = graph_time_us(b, [call])
+            except Exception as e:  # out of shared memory and the like
+                print(f"  {case} {cfg}: {type(e).__name__}", flush=True)
+                continue
+            diff = (out.float() - ref.float()).abs().max().item()
+            results.setdefault(str(cfg), {})[str(case)] = {"us": us, "gb_s": kv_bytes / us / 1e3, "max_diff": diff}
+        da._launch_config = base_rule
+        cur = results["None"][str(case)]
+        best = min((per[str(case)]["us"], cfg) for cfg, per in results.items() if str(case) in per)
+        print(f"batch {batch} ctx {ctx} table {width} Hk {hk}: current {cur['us']:.1f} us ({cur['gb_s']:.0f} GB/s, "
+              f"{cur['gb_s'] / copy_gb_s:.0%} of copy); best {best[1]} {best[0]:.1f} us", flush=True)
+    ranked = []
+    for cfg, per in results.items():
+        if len(per) < len(CASES):
+            continue
+        ratios = [results["None"][c]["us"] / per[c]["us"] for c in per]
+        ranked.append((math.exp(sum(map(math.log, ratios)) / len(ratios)), cfg, ratios))
+    ranked.sort(reverse=True)
+    print("\nconfig (BLOCK_N, warps, stages): geometric-mean speed-up over the current rule, then per case")
+    for gm, cfg, ratios in ranked[:12]:
+        print(f"  {cfg:>14}: {gm:.3f}  " + " ".join(f"{r:.2f}" for r in ratios))
+    if ranked:  # "BLOCK_N,warps,stages" of the best, for DIST_LLM_DECODE_ATTN_CONFIG in A/B runs
+        best = ranked[0][1] if ranked[0][1] != "None" else ranked[1][1]
+        print("best:", best.strip("()").replace(" ", ""))
+    write_json(args.output_dir, "attn_sweep.json", {**info, "copy_gb_s": copy_gb_s, "cases": CASES,
+                                                    "results": results})
+
+
+if __name__ == "__main__":
+    main()
