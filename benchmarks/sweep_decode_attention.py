@@ -3,7 +3,7 @@
 context, block tables 4,096 tokens wide, as bench_throughput builds them), a long context (batch 32 × 2k)
 and batch 1. The config is picked from static shapes only, so one config must serve every context a
 block-table width allows: the summary ranks configs by the geometric mean over the cases against the
-current rule. Prints GB/s of K/V read and the fraction of the copy rate.
+current rule (`decode_attention._launch_config`). Prints GB/s of K/V read and the fraction of the copy rate.
 
     python benchmarks/sweep_decode_attention.py --output_dir bench_out/attn_sweep
 """
@@ -69,7 +69,7 @@ def main():
             if cfg is None:
                 da._launch_config = base_rule
             else:
-                da._launch_config = lambda hd, bsz, g, dt, cfg=cfg: (128, cfg[0], max(16, g), cfg[1], cfg[2])
+                da._launch_config = lambda hd, bsz, g, dt, b, cfg=cfg: (128, cfg[0], max(16, g), cfg[1], cfg[2])
             try:
                 us = graph_time_us(b, [call])
             except Exception as e:  # out of shared memory and the like

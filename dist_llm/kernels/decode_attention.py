@@ -181,12 +181,17 @@ class DecodeWorkspace:
         return out, lse
 
 
-def _launch_config(head_dim: int, block_size: int, group: int, dtype: torch.dtype):
+def _launch_config(head_dim: int, block_size: int, group: int, dtype: torch.dtype, batch: int):
     """Tiles of 64 tokens, 4 warps, 3 stages, 1024-token partitions: on an H200 (Triton 3.6, 2026-11)
     the B=32, 2k-context, D=128 bf16 decode read K+V at 97-98% (MHA) and 58-77% (GQA 4:1, noisy run
     to run) of the copy bandwidth with them; 256/512-token partitions were no faster anywhere.
     Padding an MHA head to 16 rows for tl.dot beat elementwise mul+sum (at best 70% there): loads
-    that feed a dot get software-pipelined."""
+    that feed a dot get software-pipelined.
+
+    From batch 32 on, 16-bit launches take 32-token tiles, 2 warps and 2 stages: more programs per SM
+    where every sequence is one program (`benchmarks/sweep_decode_attention.py`, H200, 2026-11-28 09:08:
+    1.05x at batch 64 and at batch 256 with GQA, 0.98x at batch 32 x 2k; in the model at batch 256 the
+    decode step's kernels took 9.9 ms instead of 11.3, and batch 64 decoded 161 tok/s instead of 153)."""
     block_d = triton.next_power_of_2(head_dim)
     block_g = max(16, triton.next_power_of_2(group))
     if _CONFIG_OVERRIDE and dtype != torch.float32:  # sweeps and A/B runs only
@@ -194,6 +199,8 @@ def _launch_config(head_dim: int, block_size: int, group: int, dtype: torch.dtyp
         return block_d, block_n, block_g, num_warps, num_stages
     if dtype == torch.float32:  # keep the pipelined fp32 tiles within shared memory
         block_n, num_warps, num_stages = 32, 4, 2
+    elif batch >= 32:  # a tile may span blocks: each token finds its own block
+        return block_d, 32, block_g, 2, 2
     else:
         block_n, num_warps, num_stages = 64, 4, 3
     return block_d, max(block_n, block_size), block_g, num_warps, num_stages
@@ -228,7 +235,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace):
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    block_d, block_n, block_g, num_warps, num_stages = _launch_config(head_dim, block_size, group, q.dtype)
+    block_d, block_n, block_g, num_warps, num_stages = _launch_config(head_dim, block_size, group, q.dtype, batch)
 
     # Partitions cover the whole block table; their count is a function of shapes only (graph-safe).
     max_ctx = block_tables.shape[1] * block_size
