@@ -1,4 +1,4 @@
-"""Control-plane collectives in `parallel/comm.py` under mpirun (gloo, CPU)."""
+"""Collectives in `parallel/comm.py` under mpirun (gloo, CPU), and when the one-shot all-reduce is chosen."""
 
 from __future__ import annotations
 
@@ -34,3 +34,119 @@ def test_ranks_sharing_device_counts_both_ranks_on_one_host(tmp_path):
         assert comm.ranks_sharing_device(torch.device("cpu")) == 1
     finally:
         destroy()
+
+
+TP_ALL_REDUCE_SCRIPT = """
+import sys, torch
+from dist_llm.parallel import comm
+from dist_llm.parallel.state import destroy, get_state, init_distributed
+init_distributed(2, 1, backend="gloo", device="cpu")
+s = get_state()
+x = torch.full((5,), float(s.mapping.rank + 1))
+y = comm.tp_all_reduce(x)
+open(sys.argv[1] + str(s.mapping.rank), "w").write(f"{s.custom_ar is None} {y is x} {x.tolist()}")
+destroy()
+"""
+
+
+def test_tp_all_reduce_on_gloo_has_no_one_shot_path(tmp_path):
+    """gloo never gets the peer-memory kernel (custom_ar stays None); tp_all_reduce still sums in place."""
+    from conftest import mpirun_cmd, run_cmd
+
+    script = tmp_path / "tp_ar.py"
+    script.write_text(TP_ALL_REDUCE_SCRIPT)
+    run_cmd(mpirun_cmd(2) + [sys.executable, str(script), str(tmp_path / "r")], timeout=120)
+    assert [(tmp_path / f"r{r}").read_text() for r in (0, 1)] == ["True True [3.0, 3.0, 3.0, 3.0, 3.0]"] * 2
+
+
+CREATION_SCRIPT = """
+import sys, torch
+from types import SimpleNamespace
+import torch.distributed._symmetric_memory as symm_mem
+from dist_llm.parallel import custom_all_reduce as car
+from dist_llm.parallel.state import destroy, get_state, init_distributed
+init_distributed(2, 1, backend="gloo", device="cpu")
+s = get_state()
+s.backend = "nccl"  # pretend: the creation protocol runs over the gloo tp group
+rank = s.mapping.rank
+car._local_facts = lambda r, device: car.RankFacts(r, "h", r, True)
+entered = []
+def prepare_fails_on(bad):
+    def prepare(device, devices):
+        if rank in bad:
+            raise RuntimeError("no P2P")
+        return torch.zeros(16, dtype=torch.uint8)
+    return prepare
+def rendezvous(buf, group_name):  # breaks on rank 0 only; rank 1 gets a handle that works
+    entered.append(group_name)
+    if rank == 0:
+        raise RuntimeError("rendezvous broke")
+    return SimpleNamespace(rank=1, world_size=2, buffer_ptrs=[0, buf.data_ptr()], signal_pad_ptrs=[0, 0],
+                           signal_pad_size=1 << 12)
+symm_mem.rendezvous = rendezvous
+results = []
+for bad in ({1}, {0, 1}, set()):  # prepare fails on one rank, on both, on none (then rendezvous on one)
+    car._prepare = prepare_fails_on(bad)
+    entered.clear()
+    results.append((car.maybe_create(s) is None, len(entered)))
+open(sys.argv[1] + str(rank), "w").write(repr(results))
+destroy()
+"""
+
+
+def test_creation_agrees_on_every_step_so_no_rank_waits_alone(tmp_path):
+    """A failure on one rank before the rendezvous keeps every rank out of it; a failed rendezvous leaves
+    every rank on NCCL (None), not just the one that saw the error."""
+    from conftest import mpirun_cmd, run_cmd
+
+    script = tmp_path / "create.py"
+    script.write_text(CREATION_SCRIPT)
+    run_cmd(mpirun_cmd(2) + [sys.executable, str(script), str(tmp_path / "c")], timeout=120)
+    want = repr([(True, 0), (True, 0), (True, 1)])
+    assert [(tmp_path / f"c{r}").read_text() for r in (0, 1)] == [want, want]
+
+
+def _facts(rank1: dict | None = None):
+    """Two ranks' facts, all fine, with rank 1's fields replaced by `rank1`."""
+    import dataclasses
+
+    from dist_llm.parallel.custom_all_reduce import RankFacts
+
+    facts = [RankFacts(rank=r, host="h", device=r, enabled=True) for r in range(2)]
+    return [facts[0], dataclasses.replace(facts[1], **(rank1 or {}))]
+
+
+def test_one_shot_all_reduce_is_refused_by_env_hosts_errors_and_shared_gpus():
+    """Every rank decides from the same gathered facts, so all take the same path (no half-made group)."""
+    from dist_llm.parallel.custom_all_reduce import refusal
+
+    assert refusal(_facts()) is None
+    assert refusal(_facts({"enabled": False})) == ("DIST_LLM_CUSTOM_AR is not 1", False)
+    assert refusal(_facts({"host": "other"})) == ("the tp ranks span several hosts", False)
+    assert refusal(_facts({"error": "no symmetric memory"})) == ("rank 1: no symmetric memory", True)
+    assert refusal(_facts({"device": 0})) == ("two tp ranks share a GPU", True)
+
+
+def test_custom_ar_env_switch_and_non_nccl_backends_give_none(monkeypatch):
+    from dist_llm.parallel import custom_all_reduce as car
+    from dist_llm.parallel.discovery import RankInfo
+    from dist_llm.parallel.mapping import Mapping
+    from dist_llm.parallel.state import ParallelState
+
+    monkeypatch.delenv("DIST_LLM_CUSTOM_AR", raising=False)
+    assert car._local_facts(0, torch.device("cpu")).enabled is False  # opt-in
+    monkeypatch.setenv("DIST_LLM_CUSTOM_AR", "0")
+    assert car._local_facts(0, torch.device("cpu")).enabled is False
+    monkeypatch.setenv("DIST_LLM_CUSTOM_AR", "1")
+    assert car._local_facts(0, torch.device("cpu")).enabled is True
+
+    info = RankInfo(0, 2, 0, 2, "127.0.0.1", 0, "single")
+    for backend, tp in (("gloo", 2), ("nccl", 1), ("nccl", 3)):  # returns before any collective
+        state = ParallelState(
+            mapping=Mapping(tp_size=tp, pp_size=2 if tp == 1 else 1),
+            info=info,
+            backend=backend,
+            device=torch.device("cpu"),
+        )
+        assert car.maybe_create(state) is None
+    assert ParallelState(mapping=Mapping(), info=info, backend="nccl", device=torch.device("cpu")).custom_ar is None

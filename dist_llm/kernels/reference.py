@@ -177,3 +177,12 @@ def gumbel_max_sample(logits, temperature, top_k, top_p, uniform, mode: str = "f
 
 def sample_ref(logits, temperature, top_k, top_p, seeds, offsets, mode: str = "full") -> torch.Tensor:
     return gumbel_max_sample(logits, temperature, top_k, top_p, lambda v: counter_uniform(seeds, offsets, v), mode)
+
+
+def all_reduce_ref(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of the ranks' tensors as `all_reduce.one_shot_all_reduce` computes it on every rank: in fp32,
+    in rank order, rounded once to the inputs' dtype."""
+    acc = inputs[0].float()
+    for t in inputs[1:]:
+        acc = acc + t.float()
+    return acc.to(inputs[0].dtype)

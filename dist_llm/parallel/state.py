@@ -32,6 +32,7 @@ class ParallelState:
     tp_group: object = None
     control_group: object = None  # gloo, world: step plans from rank 0
     result_group: object = None  # gloo, world: sampled ids from the last stage to rank 0
+    custom_ar: object = None  # custom_all_reduce.OneShotAllReduce: small tp all-reduces on NCCL runs
 
     @property
     def distributed(self) -> bool:
@@ -127,6 +128,10 @@ def init_distributed(tp_size: int, pp_size: int, backend: str = "auto", device: 
             group = dist.new_group(mapping.stage_ranks(pp_rank), backend=backend, timeout=timeout)
             if pp_rank == mapping.pp_rank:
                 state.tp_group = group
+        if backend == "nccl":
+            from dist_llm.parallel.custom_all_reduce import maybe_create
+
+            state.custom_ar = maybe_create(state)  # a collective over the tp group
         _install_abort_hook(info)
     _state = state
     return state
@@ -152,6 +157,8 @@ def set_single_process_state(device: torch.device) -> ParallelState:
 
 def destroy() -> None:
     global _state
+    if _state is not None:
+        _state.custom_ar = None  # drop the symmetric buffer before its process group
     if _state is not None and _state.distributed and dist.is_initialized():
         dist.destroy_process_group()
     _state = None
