@@ -8,7 +8,7 @@ When blocks run out, the newest running request is preempted (its blocks freed, 
 Several steps can be in flight at once. With pipeline parallelism `schedule(busy)` leaves out the
 requests of the micro-batches still in the pipeline. With overlap scheduling (one stage) the next step
 takes the same requests again, one token further, while the current one runs. Neither ever preempts a
-request that is in flight (`protected`).
+request that is in flight (`protected`), nor one already taken into the batch being built.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ class Scheduler:
         """`busy`: request ids to leave out (their previous micro-batch has not come back yet);
         `protected`: request ids that must not be preempted (in flight); defaults to `busy`."""
         busy = busy or set()
-        protected = busy if protected is None else protected
+        # never preempt a request in flight, nor one this batch already took (its slot is in the plan)
+        protected = set(busy if protected is None else protected)
         seqs, counts, preempted = [], [], []
         budget = self.max_num_tokens
         for seq in list(self.running):
@@ -96,6 +97,7 @@ class Scheduler:
             n = min(remaining, budget)
             seqs.append(seq)
             counts.append(n)
+            protected.add(seq.request_id)
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]

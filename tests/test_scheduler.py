@@ -1,0 +1,46 @@
+"""Scheduler decisions that the end-to-end batching tests reach only by chance."""
+
+from __future__ import annotations
+
+from dist_llm.runtime.block_manager import BlockManager
+from dist_llm.runtime.scheduler import Scheduler
+from dist_llm.runtime.sequence import SamplingParams, Sequence, Status
+
+
+def _decoding_pair(num_blocks: int):
+    """Two requests A (older) and B, each past its 4-token prompt with one new token that needs a new
+    block, and one free block between them."""
+    bm = BlockManager(num_blocks, 4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_batch_size=8, max_num_tokens=64)
+    a = Sequence([1, 2, 3, 4], SamplingParams(max_new_tokens=8))
+    b = Sequence([5, 6, 7, 8], SamplingParams(max_new_tokens=8))
+    for seq in (a, b):
+        sched.add(seq)
+    assert sched.schedule().seqs == [a, b]
+    for seq in (a, b):
+        seq.num_computed_tokens = 4
+        seq.token_ids.append(9)
+    assert bm.num_free_blocks == num_blocks - 2
+    return sched, a, b
+
+
+def test_a_request_taken_into_the_batch_is_never_preempted_for_a_later_one():
+    """Overlap scheduling: B is in flight (protected), A is not. A takes the last free block; B then finds
+    none, and the only request it could preempt is A, already in this batch: B must wait instead (the
+    bug was a plan holding A with its blocks freed, an IndexError on the GPU at 128/2048)."""
+    sched, a, b = _decoding_pair(num_blocks=3)
+    batch = sched.schedule(busy=set(), protected={b.request_id})
+    assert batch.seqs == [a] and batch.preempted == []
+    for seq in batch.seqs:
+        assert seq.status is Status.RUNNING
+        assert len(seq.block_table) * 4 >= len(seq.token_ids)
+    assert b.status is Status.RUNNING and sched.num_preemptions == 0
+
+
+def test_newest_unprotected_request_is_preempted_to_make_room():
+    """Without protection, A (older) needs the block: B, the newest, is preempted and recomputed later."""
+    sched, a, b = _decoding_pair(num_blocks=2)
+    batch = sched.schedule(busy=set(), protected=set())
+    assert batch.seqs == [a] and batch.preempted == [b]
+    assert b.status is Status.WAITING and b.block_table == [] and b.num_computed_tokens == 0
+    assert sched.waiting[0] is b and sched.num_preemptions == 1
