@@ -97,6 +97,8 @@ def main():
     p.add_argument("--skip_hf", action="store_true")
     p.add_argument("--cuda_graphs", default="on", choices=["off", "on"])
     p.add_argument("--profile", action="store_true", help="also profile decode steps at max_batch_size")
+    p.add_argument("--capacity_scheduler_policy", default="max_utilization",
+                   choices=["max_utilization", "guaranteed_no_evict"])
     args = p.parse_args()
 
     from dist_llm.checkpoint.builder import build_dummy
@@ -109,7 +111,8 @@ def main():
     engine = build_dummy(args.model, f"{args.output_dir}/engine_{args.model}",
                          BuildConfig(args.max_batch_size, 2048, 4096, args.max_num_tokens, 64), 1, 1, "bfloat16",
                          overwrite=True)
-    runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs=args.cuda_graphs)
+    runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs=args.cuda_graphs,
+                                  capacity_scheduler_policy=args.capacity_scheduler_policy)
     run_grid_point(runner, 8, 128, 8)  # warm-up: Triton compiles
     rows = []
     for point in args.grid:
@@ -121,6 +124,7 @@ def main():
     result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs,
               "copy_gb_s": bw, "hf_static_batch64_128_128_tok_s": hf,
               "kv_blocks": num_blocks, "max_batch_size": args.max_batch_size, "rows": rows, "profile_full_load": prof,
+              "capacity_scheduler_policy": args.capacity_scheduler_policy,
               "command": "python " + " ".join(sys.argv)}
     write_json(args.output_dir, "throughput.json", result)
     print(f"# {info['gpu']}  torch {info['torch']}  {info['date']}; copy {bw:.0f} GB/s; KV blocks {num_blocks}; "

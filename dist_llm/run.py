@@ -43,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--enforce_eager", action="store_true", help="no CUDA graphs (the same as --cuda_graphs off)")
     p.add_argument("--disable_overlap_scheduler", action="store_true",
                    help="wait for each step's tokens before scheduling the next (debugging)")
+    p.add_argument("--capacity_scheduler_policy", default="max_utilization",
+                   choices=["max_utilization", "guaranteed_no_evict"],
+                   help="max_utilization: admit what fits now and preempt when blocks run out; guaranteed_no_evict: "
+                   "admit a request only if it and every running request can reach max_new_tokens")
     p.add_argument("--quiet", action="store_true", help="do not print the outputs")
     return p.parse_args(argv)
 
@@ -102,6 +106,7 @@ def main(argv=None):
         tokenizer_dir=args.tokenizer_dir, kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
         num_kv_blocks=args.num_kv_blocks,
         cuda_graphs="off" if args.enforce_eager else args.cuda_graphs, overlap=not args.disable_overlap_scheduler,
+        capacity_scheduler_policy=args.capacity_scheduler_policy,
     )
     if not runner.is_leader:
         return

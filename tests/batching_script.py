@@ -47,8 +47,9 @@ def run(ex: Executor, waves: list[list[int]], cancel_after: dict[int, int] | Non
     return seqs
 
 
-def fresh_executor(num_blocks: int) -> Executor:
-    return Executor(runner.executor.worker, runner.engine, num_blocks, runner.tokenizer)
+def fresh_executor(num_blocks: int, policy: str = "max_utilization") -> Executor:
+    return Executor(runner.executor.worker, runner.engine, num_blocks, runner.tokenizer,
+                    capacity_scheduler_policy=policy)
 
 
 report = {}
@@ -72,6 +73,12 @@ seqs = run(small, waves)
 report["preempted"] = {i: s.output_token_ids for i, s in seqs.items()}
 report["num_preemptions"] = small.scheduler.num_preemptions
 report["preempted_free_blocks"] = [small.block_manager.num_free_blocks, small.block_manager.num_blocks]
+
+small = fresh_executor(14, "guaranteed_no_evict")  # the same pool: fewer at once, never preempted
+seqs = run(small, waves)
+report["no_evict"] = {i: s.output_token_ids for i, s in seqs.items()}
+report["no_evict_preemptions"] = small.scheduler.num_preemptions
+report["no_evict_free_blocks"] = [small.block_manager.num_free_blocks, small.block_manager.num_blocks]
 
 ex = fresh_executor(runner.executor.block_manager.num_blocks)
 seqs = run(ex, [list(range(12))], cancel_after={1: 2, 4: 1, 7: 3})

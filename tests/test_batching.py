@@ -44,6 +44,14 @@ def test_preemption_keeps_outputs(report):
     assert free == total
 
 
+def test_guaranteed_no_evict_never_preempts(report):
+    """The same small pool under the guaranteed_no_evict policy: no preemption, the same outputs."""
+    assert report["no_evict_preemptions"] == 0
+    assert report["no_evict"] == report["alone"]
+    free, total = report["no_evict_free_blocks"]
+    assert free == total
+
+
 def test_prefix_reuse_reports_cached_tokens(report):
     cached = {int(i): n for i, n in report["cached_tokens"].items()}
     sharers = [i for i in range(50) if i % 5 == 0]

@@ -44,3 +44,51 @@ def test_newest_unprotected_request_is_preempted_to_make_room():
     assert batch.seqs == [a] and batch.preempted == [b]
     assert b.status is Status.WAITING and b.block_table == [] and b.num_computed_tokens == 0
     assert sched.waiting[0] is b and sched.num_preemptions == 1
+
+
+def _policy_scheduler(policy: str, num_blocks: int, max_new_tokens: int):
+    bm = BlockManager(num_blocks, 4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_batch_size=8, max_num_tokens=64, policy=policy)
+    seqs = [Sequence([1, 2, 3, 4], SamplingParams(max_new_tokens=max_new_tokens)) for _ in range(3)]
+    for seq in seqs:
+        sched.add(seq)
+    return sched, seqs
+
+
+def _decode_to_the_end(sched: Scheduler) -> None:
+    """Run decode steps (every computed token gets a new one) until no request is left."""
+    for _ in range(100):
+        if not sched.has_work():
+            return
+        batch = sched.schedule()
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == len(seq):
+                seq.token_ids.append(7)
+        for seq in list(sched.running):
+            if seq.num_generated >= seq.params.max_new_tokens:
+                sched.finish(seq, "length")
+    raise AssertionError("requests did not finish")
+
+
+def test_guaranteed_no_evict_admits_only_what_can_finish():
+    """Each request lives 4 + 8 tokens = 3 blocks: a pool of 7 holds two lifetimes, not three. Max
+    utilization admits all three at once (1 block each) and preempts later; no-evict admits two, then the
+    third when one finishes, and never preempts."""
+    sched, seqs = _policy_scheduler("guaranteed_no_evict", 7, 8)
+    assert sched.schedule().seqs == seqs[:2]
+    _decode_to_the_end(sched)
+    assert sched.num_preemptions == 0 and all(s.num_generated == 8 for s in seqs)
+    assert sched.bm.num_free_blocks == 7
+
+    sched, seqs = _policy_scheduler("max_utilization", 7, 8)
+    assert sched.schedule().seqs == seqs
+    _decode_to_the_end(sched)
+    assert sched.num_preemptions > 0 and all(s.num_generated == 8 for s in seqs)
+
+
+def test_unknown_policy_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="guaranteed_no_evict"):
+        Scheduler(BlockManager(4, 4), 8, 64, policy="fifo")

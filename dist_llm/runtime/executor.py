@@ -55,11 +55,12 @@ class InFlight:
 
 class Executor:
     def __init__(self, worker: Worker, engine: EngineConfig, num_blocks: int, tokenizer=None,
-                 overlap: bool = True):
+                 overlap: bool = True, capacity_scheduler_policy: str = "max_utilization"):
         self.worker, self.engine, self.tokenizer = worker, engine, tokenizer
         b = engine.build
         self.block_manager = BlockManager(num_blocks, b.tokens_per_block)
-        self.scheduler = Scheduler(self.block_manager, b.max_batch_size, b.max_num_tokens)
+        self.scheduler = Scheduler(self.block_manager, b.max_batch_size, b.max_num_tokens,
+                                   capacity_scheduler_policy, b.max_seq_len)
         self.requests: dict[int, Sequence] = {}  # unfinished requests only
         self.eos_ids = set(engine.model.eos_token_ids)
         self.mapping = worker.mapping

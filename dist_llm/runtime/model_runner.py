@@ -27,6 +27,7 @@ from dist_llm.errors import DistLLMError
 from dist_llm.parallel.state import destroy, init_distributed, is_initialized
 from dist_llm.runtime.executor import Executor, serve_worker
 from dist_llm.runtime.kv_sizing import decide_num_blocks
+from dist_llm.runtime.scheduler import POLICIES
 from dist_llm.runtime.sequence import SamplingParams, Sequence, Status
 from dist_llm.runtime.worker import Worker
 
@@ -79,10 +80,16 @@ class ModelRunner:
     def from_dir(cls, engine_dir: str, *, device: str = "auto", backend: str = "auto",
                  kernel_backend: str = "auto", tokenizer_dir: str | None = None,
                  kv_cache_free_gpu_mem_fraction: float = 0.9, num_kv_blocks: int | None = None,
-                 cuda_graphs: str = "auto", overlap: bool = True) -> ModelRunner:
+                 cuda_graphs: str = "auto", overlap: bool = True,
+                 capacity_scheduler_policy: str = "max_utilization") -> ModelRunner:
         """`cuda_graphs`: "on" (decode steps replayed from CUDA graphs: GPU, one rank or NCCL), "off" (eager),
         "auto" (on where it can be, else off) or "static" (the graphs' static-buffer path run eagerly, for
-        testing on the CPU). `overlap`: schedule step N+1 while step N runs (one pipeline stage)."""
+        testing on the CPU). `overlap`: schedule step N+1 while step N runs (one pipeline stage).
+        `capacity_scheduler_policy`: "max_utilization" (preempt when blocks run out) or
+        "guaranteed_no_evict" (admit only what can run to max_new_tokens; see runtime/scheduler.py)."""
+        if capacity_scheduler_policy not in POLICIES:
+            raise DistLLMError(f"unknown --capacity_scheduler_policy {capacity_scheduler_policy!r}; "
+                               f"choose one of {', '.join(POLICIES)}")
         engine = EngineConfig.load(engine_dir)
         pstate = init_distributed(engine.mapping.tp_size, engine.mapping.pp_size, backend, device)
         if kernel_backend == "auto":
@@ -101,7 +108,8 @@ class ModelRunner:
             destroy()
             return cls(engine, None, None, is_leader=False)
         tokenizer = load_tokenizer(tokenizer_dir or engine_dir)
-        executor = Executor(worker, engine, num_blocks, tokenizer, overlap=overlap)
+        executor = Executor(worker, engine, num_blocks, tokenizer, overlap=overlap,
+                            capacity_scheduler_policy=capacity_scheduler_policy)
         bs = engine.build.tokens_per_block
         log.info("KV cache: %d blocks of %d tokens = %d tokens in flight at most", num_blocks, bs, num_blocks * bs)
         runner = cls(engine, executor, tokenizer, is_leader=True)

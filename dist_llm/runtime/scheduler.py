@@ -5,6 +5,12 @@ are admitted while KV blocks, `max_batch_size` and the token budget `max_num_tok
 tokens and prefill chunks share one forward (chunked prefill), so a long prompt never stalls decoders.
 When blocks run out, the newest running request is preempted (its blocks freed, recomputed later).
 
+Two capacity policies, as TensorRT-LLM names them:
+* "max_utilization" (the default): admit whatever fits now, preempt when decoding runs out of blocks;
+* "guaranteed_no_evict": admit a request only if the pool can hold it and every running request up to
+  their max_new_tokens (counting blocks not yet taken), so nothing is ever preempted; fewer requests run
+  at once, but no prompt is computed twice (long outputs on a small pool preempt a lot otherwise).
+
 Several steps can be in flight at once. With pipeline parallelism `schedule(busy)` leaves out the
 requests of the micro-batches still in the pipeline. With overlap scheduling (one stage) the next step
 takes the same requests again, one token further, while the current one runs. Neither ever preempts a
@@ -34,11 +40,19 @@ class ScheduledBatch:
         return len(self.seqs)
 
 
+POLICIES = ("max_utilization", "guaranteed_no_evict")
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_tokens: int,
+                 policy: str = "max_utilization", max_seq_len: int | None = None):  # fmt: skip
+        if policy not in POLICIES:
+            raise ValueError(f"unknown capacity scheduler policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.bm = block_manager
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
+        self.no_evict = policy == "guaranteed_no_evict"
+        self.max_seq_len = max_seq_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -48,6 +62,13 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def _blocks_to_come(self, seq: Sequence) -> int:
+        """Blocks `seq` may still take before it finishes: its longest length, less the blocks it holds."""
+        longest = seq.prompt_len + seq.params.max_new_tokens
+        if self.max_seq_len is not None:
+            longest = min(longest, self.max_seq_len)
+        return max(0, -(-longest // self.bm.block_size) - len(seq.block_table))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -99,12 +120,18 @@ class Scheduler:
             counts.append(n)
             protected.add(seq.request_id)
             budget -= n
+        reserved = sum(self._blocks_to_come(s) for s in self.running) if self.no_evict and self.waiting else 0
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
             if not self.bm.can_allocate(seq):
                 break
+            if self.no_evict:  # its whole life must fit beside what the running requests may still take
+                if self.bm.num_free_blocks - reserved < self._blocks_to_come(seq):
+                    break
             self.waiting.popleft()
             self.bm.allocate(seq)
+            if self.no_evict:
+                reserved += self._blocks_to_come(seq)  # what it may take beyond the blocks it got
             seq.num_computed_tokens = seq.num_cached_tokens
             if seq.num_preemptions == 0:
                 seq.reported_cached_tokens = seq.num_cached_tokens
