@@ -150,3 +150,29 @@ def test_custom_ar_env_switch_and_non_nccl_backends_give_none(monkeypatch):
         )
         assert car.maybe_create(state) is None
     assert ParallelState(mapping=Mapping(), info=info, backend="nccl", device=torch.device("cpu")).custom_ar is None
+
+
+BROADCAST_SCRIPT = """
+import sys
+from dist_llm.parallel import comm
+from dist_llm.parallel.state import destroy, get_state, init_distributed
+init_distributed(2, 1, backend="gloo", device="cpu")
+rank = get_state().mapping.rank
+sizes = [0, 1, comm._FRAME - 8 - 60, comm._FRAME, 5 * comm._FRAME + 3]  # in one frame, nearly full, two messages
+objs = [bytes(range(256)) * (n // 256) + bytes(n % 256) for n in sizes] + [{"a": [1, 2.5, None]}]
+got = [comm.broadcast_object(o if rank == 0 else None) for o in objs]
+comm.flush_broadcasts()
+open(sys.argv[1] + str(rank), "w").write(str(got == objs))
+destroy()
+"""
+
+
+def test_broadcast_object_one_frame_and_longer(tmp_path):
+    """Rank 0's objects arrive whole and in order on the other rank, whether the pickle fits the first
+    frame, nearly fills it or needs a second message."""
+    from conftest import mpirun_cmd, run_cmd
+
+    script = tmp_path / "bcast.py"
+    script.write_text(BROADCAST_SCRIPT)
+    run_cmd(mpirun_cmd(2) + [sys.executable, str(script), str(tmp_path / "b")], timeout=120)
+    assert [(tmp_path / f"b{r}").read_text() for r in (0, 1)] == ["True", "True"]
