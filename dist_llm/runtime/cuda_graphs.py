@@ -95,7 +95,7 @@ class DecodeGraphRunner:
         ))
 
     def _capture(self, bucket: int, mode: str) -> torch.cuda.CUDAGraph:
-        self._pad(0, bucket)
+        self.inputs.pad(0, bucket)  # padding rows write no KV and attend to one token of block 0
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -117,9 +117,6 @@ class DecodeGraphRunner:
             for mode in modes:
                 self.graphs[(bucket, mode)] = self._capture(bucket, mode)
         torch.cuda.synchronize()
-
-    def _pad(self, start: int, end: int) -> None:
-        self.inputs.pad(start, end)  # padding rows write no KV and attend to one token of block 0
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepResult | None:

@@ -11,7 +11,7 @@ import torch
 def _to_arrays(obj) -> dict:
     """A dataclass's fields with its CPU tensors as numpy arrays. Pickling small torch tensors costs
     ~0.3 ms each way (their storage reduction), numpy arrays a few µs, and the plan goes to every rank
-    every step (`benchmarks/bench_control_plane.py`: 2.3-3.1 ms a plan before, 0.7-0.8 after, 2 CPU ranks)."""
+    every step (`benchmarks/bench_control_plane.py`: 2.3-3.1 ms a plan before, 0.7-1.1 after, 2 CPU ranks)."""
     out = {}
     for f in fields(obj):
         v = getattr(obj, f.name)

@@ -12,6 +12,8 @@ step ahead of the GPU, so it refills a mirror only once the copy that read it tw
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # name, dtype, value in padding rows (and at start-up); block_tables comes last (its rows are copied up
@@ -31,31 +33,26 @@ ROW_FIELDS = (
 _ALIGN = 256
 
 
-def _layout(max_bs: int, max_blocks: int) -> tuple[dict[str, tuple[int, torch.dtype, tuple]], int, int]:
-    """{name: (byte offset, dtype, shape)}, the end of the row fields, and the total size in bytes."""
+def _layout(max_bs: int, max_blocks: int) -> tuple[dict[str, tuple[int, torch.dtype, tuple]], int]:
+    """{name: (byte offset, dtype, shape)} and the total size in bytes; block_tables starts where the row
+    fields end."""
     fields, off = {}, 0
     for name, dtype, _ in ROW_FIELDS:
         fields[name] = (off, dtype, (max_bs,))
         off += -(-max_bs * dtype.itemsize // _ALIGN) * _ALIGN
-    rows_end = off
     fields["block_tables"] = (off, torch.int32, (max_bs, max_blocks))
-    return fields, rows_end, off + max_bs * max_blocks * 4
+    return fields, off + max_bs * max_blocks * 4
 
 
 def _views(buf: torch.Tensor, fields) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, (off, dtype, shape) in fields.items():
-        n = dtype.itemsize
-        for s in shape:
-            n *= s
-        out[name] = buf[off : off + n].view(dtype).view(shape)
-    return out
+    return {name: buf[off : off + dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
+            for name, (off, dtype, shape) in fields.items()}  # fmt: skip
 
 
 class StaticInputs:
     def __init__(self, max_bs: int, max_blocks: int, device: torch.device):
-        self.max_bs, self.max_blocks, self.device = max_bs, max_blocks, device
-        self.fields, self.rows_end, nbytes = _layout(max_bs, max_blocks)
+        self.fields, nbytes = _layout(max_bs, max_blocks)
+        self.table_offset, self.table_row_bytes = self.fields["block_tables"][0], max_blocks * 4
         self.buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self.dev = _views(self.buffer, self.fields)  # what the graphs read
         cuda = device.type == "cuda"
@@ -90,7 +87,7 @@ class StaticInputs:
             h[name][b:bucket] = pad
         h["block_tables"][:b, :nb] = plan.block_tables
         h["block_tables"][b:bucket] = 0
-        end = self.fields["block_tables"][0] + bucket * self.max_blocks * 4
+        end = self.table_offset + bucket * self.table_row_bytes  # the row fields whole, the table's live rows
         self.buffer[:end].copy_(self._host[turn][:end], non_blocking=True)
         if self._copied[turn] is not None:
             self._copied[turn].record()
