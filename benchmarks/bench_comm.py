@@ -107,21 +107,19 @@ def measure(nbytes: int, dtype: torch.dtype, iters: int) -> dict:
 
     s = get_state()
     x = torch.zeros(nbytes // dtype.itemsize, dtype=dtype, device=s.device)
-    cuda = s.device.type == "cuda"
-    graphs = cuda and nbytes <= GRAPH_MAX_BYTES
-    row = {
-        "bytes": nbytes,
-        "us": eager_us(lambda: comm.tp_all_reduce(x), s.device, iters),
-        "graph_us": graph_us(lambda: comm.tp_all_reduce(x), iters) if graphs else None,
-    }
-    if cuda:
-        paths = {"nccl": lambda: dist.all_reduce(x, group=s.tp_group)}
-        if s.custom_ar is not None and s.custom_ar.fits(x):
-            paths["oneshot"] = lambda: s.custom_ar(x)
-            row.update(check_one_shot(x.numel(), dtype))
-        for name, fn in paths.items():
-            row[f"{name}_us"] = eager_us(fn, s.device, iters)
-            row[f"{name}_graph_us"] = graph_us(fn, iters) if graphs else None
+    if s.device.type != "cuda":
+        return {"bytes": nbytes, "us": eager_us(lambda: comm.tp_all_reduce(x), s.device, iters), "graph_us": None}
+    graphs = nbytes <= GRAPH_MAX_BYTES
+    row = {"bytes": nbytes}
+    paths = {"nccl": lambda: dist.all_reduce(x, group=s.tp_group)}
+    if s.custom_ar is not None and s.custom_ar.fits(x):  # then tp_all_reduce takes it, as in the model
+        paths["oneshot"] = lambda: s.custom_ar(x)
+        row.update(check_one_shot(x.numel(), dtype))
+    for name, fn in paths.items():
+        row[f"{name}_us"] = eager_us(fn, s.device, iters)
+        row[f"{name}_graph_us"] = graph_us(fn, iters) if graphs else None
+    model_path = "oneshot" if "oneshot" in paths else "nccl"  # what comm.tp_all_reduce calls for x
+    row["us"], row["graph_us"] = row[f"{model_path}_us"], row[f"{model_path}_graph_us"]
     return row
 
 
