@@ -16,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import copy_bandwidth_gbs, header, hf_generate_tok_s, kernel_table, write_json  # noqa: E402
+from common import copy_bandwidth_gbs, header, hf_generate_tok_s, profile_decode, write_json  # noqa: E402
 
 
 def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str, overlap: bool):
@@ -61,25 +61,6 @@ def kv_bytes_per_step(runner, batch: int, context: int) -> int:
     return w.kv_bytes_per_block() // w.engine.build.tokens_per_block * context * batch
 
 
-def profile_decode(runner, steps: int = 8) -> list[dict]:
-    """Top kernels by GPU time per decode step, batch 1."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from dist_llm.runtime.sequence import SamplingParams, Sequence
-
-    ex = runner.executor
-    seq = Sequence(list(range(3, 131)), SamplingParams(max_new_tokens=steps + 9, ignore_eos=True))
-    ex.enqueue(seq)
-    for _ in range(8):
-        ex.step()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            ex.step()
-    while not seq.is_finished:
-        ex.step()
-    return kernel_table(prof, steps)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", required=True)
@@ -118,7 +99,7 @@ def main():
         r["roofline_tok_s_per_seq"] = bw * 1e9 / step_bytes
         r["pct_roofline"] = 100 * r["decode_tok_s_per_seq"] / r["roofline_tok_s_per_seq"]
         rows.append(r)
-    prof = profile_decode(runner)
+    prof = profile_decode(runner)["kernels"]
     gpu_us = sum(k["us_per_step"] for k in prof)
     runner.shutdown()
     result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs, "decode_gemv": gemv, "pdl": pdl,

@@ -43,6 +43,8 @@ def parse_args():
     p.add_argument("--input_len", type=int, help="prompt tokens (default 128 on GPU, 16 on CPU)")
     p.add_argument("--output_len", type=int, help="new tokens per request (default 128 on GPU, 16 on CPU)")
     p.add_argument("--dtype", choices=list(DTYPE_BYTES), help="default bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--profile_steps", type=int, default=0, help="also profile this many batch-1 decode steps on "
+                   "rank 0 of each layout, and print wall, kernel and host time per step and the top kernels")
     p.add_argument("--timeout_s", type=int, help="per launch (default 600 on GPU, 300 on CPU)")
     args = p.parse_args()
     gpu = args.device == "cuda"
@@ -100,7 +102,8 @@ def launch(args, tp: int, pp: int, engine: str, name: str) -> dict:
     cmd = mpirun_cmd(world) + [sys.executable, WORKER, engine, out_json, "--device", args.device,
                                 "--backend", args.backend, "--input_len", str(args.input_len),
                                 "--output_len", str(args.output_len),
-                                "--batch_sizes", *map(str, args.batch_sizes)]
+                                "--batch_sizes", *map(str, args.batch_sizes),
+                                "--profile_steps", str(args.profile_steps)]
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
@@ -123,6 +126,14 @@ def launch(args, tp: int, pp: int, engine: str, name: str) -> dict:
         tail = f.read().splitlines()[-25:]
     reason = rc if isinstance(rc, str) else f"exit code {rc}" + ("" if rc else ", no result file")
     return {**info, "status": "failed", "error": reason, "log_tail": tail}
+
+
+def print_profile(prof: dict, top: int = 12) -> None:
+    host = ", ".join(f"{k} {v:.0f}" for k, v in prof["host_us_per_step"].items())
+    print(f"  rank 0, batch 1: wall {prof['wall_us_per_step']:.0f} us/step, GPU kernels "
+          f"{prof['kernel_us_per_step']:.0f} us/step; host us/step: {host}")
+    for k in prof["kernels"][:top]:
+        print(f"    {k['us_per_step']:8.1f} us  x{k['calls_per_step']:.0f}  {k['kernel']}")
 
 
 def weight_and_kv_bytes(cfg, tp: int, pp: int, elem: int, context: int) -> list[int]:
@@ -315,6 +326,8 @@ def main():
         r.update(launch(args, tp, pp, engine, name))
         if r["status"] == "ok":
             print(f"batch-1 {r['latency']['decode_tok_s']:.1f} tok/s, start-up {r['startup_s']:.1f} s", flush=True)
+            if "profile_batch1_rank0" in r:
+                print_profile(r["profile_batch1_rank0"])
             if gpu:
                 cfg = EngineConfig.load(engine).model
                 stages = weight_and_kv_bytes(cfg, tp, pp, DTYPE_BYTES[args.dtype], context)

@@ -76,6 +76,37 @@ def hf_generate_tok_s(model: str, batch: int, in_len: int, out_len: int) -> floa
     return tok_s
 
 
+def profile_decode(runner, steps: int = 8) -> dict:
+    """Batch-1 decode steps under torch.profiler on this rank: the top kernels by GPU time per step, and the
+    wall time and the coordinator's host time per step (the gap between the two sums is the GPU waiting on
+    the host, or on another rank)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from dist_llm.runtime.sequence import SamplingParams, Sequence
+
+    ex = runner.executor
+    prompt = list(range(3, 3 + min(128, runner.engine.build.max_input_len)))
+    seq = Sequence(prompt, SamplingParams(max_new_tokens=steps + 9, ignore_eos=True))
+    ex.enqueue(seq)
+    for _ in range(8):
+        ex.step()
+    host0 = dict(ex.host_seconds)
+    on_gpu = ex.worker.device.type == "cuda"  # on the CPU only wall and host time mean something
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            ex.step()
+        wall = time.perf_counter() - t0
+    host = {k: 1e6 * (v - host0[k]) / steps for k, v in ex.host_seconds.items()}
+    while not seq.is_finished:
+        ex.step()
+    table = kernel_table(prof, steps)
+    return {"kernels": table, "wall_us_per_step": 1e6 * wall / steps,
+            "kernel_us_per_step": sum(k["us_per_step"] for k in table), "host_us_per_step": host}
+
+
 def kernel_table(prof, steps: int) -> list[dict]:
     """A torch.profiler run's GPU kernels, as time and calls per step, longest first."""
     rows = []

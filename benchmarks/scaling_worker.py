@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
 
-from dist_llm.runtime import ModelRunner
-from dist_llm.runtime.sequence import SamplingParams, Sequence
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from dist_llm.runtime import ModelRunner  # noqa: E402
+from dist_llm.runtime.sequence import SamplingParams, Sequence  # noqa: E402
 
 
 def run_batch(runner, batch: int, input_len: int, output_len: int, seed: int) -> dict:
@@ -48,6 +50,8 @@ def main():
     p.add_argument("--batch_sizes", type=int, nargs="+", required=True)
     p.add_argument("--input_len", type=int, required=True)
     p.add_argument("--output_len", type=int, required=True)
+    p.add_argument("--profile_steps", type=int, default=0, help="also profile this many batch-1 decode steps on "
+                   "rank 0: its kernels, and wall and host time per step")
     args = p.parse_args()
 
     t0 = time.perf_counter()
@@ -69,6 +73,10 @@ def main():
                           "decode_tok_s": 1e3 / latency["decode_ms_per_token"],
                           "ttft_ms": latency["ttft_ms_max"]},
               "throughput": rows}
+    if args.profile_steps:
+        from common import profile_decode
+
+        result["profile_batch1_rank0"] = profile_decode(runner, args.profile_steps)
     runner.shutdown()
     with open(args.output_json, "w") as f:
         json.dump(result, f, indent=2)

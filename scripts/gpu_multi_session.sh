@@ -19,16 +19,17 @@ if [ "$PART" = correctness ]; then
     TAIL=10 step nccl_tests 400 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py -k nccl
     grep -h "largest first-step\|diverged" "$OUT/nccl_tests.log"
     TAIL=14 step comm 90 "${MPI[@]}" -n "$N" python3 benchmarks/bench_comm.py --output_dir "$OUT/comm"
-elif [ "$PART" = oneshot ]; then  # DIST_LLM_CUSTOM_AR=1: tokens against tp=1, then the tp=2/4 step time
+elif [ "$PART" = oneshot ]; then  # DIST_LLM_CUSTOM_AR=1: the tp=2/4 step time and profile, then tokens against tp=1
     export DIST_LLM_CUSTOM_AR=1
-    TAIL=10 step nccl_tests_oneshot 300 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py \
+    C=(2x1); [ "$N" -ge 4 ] && C+=(4x1)
+    TAIL=40 step scaling_oneshot 200 python3 benchmarks/bench_scaling.py --output_dir "$OUT/scaling_oneshot" \
+        --model llama-2-7b --configs 1x1 "${C[@]}" --batch_sizes 1 --timeout_s 90 --profile_steps 16
+    TAIL=25 DIST_LLM_CUSTOM_AR=0 step scaling_nccl 150 python3 benchmarks/bench_scaling.py \
+        --output_dir "$OUT/scaling_nccl" --model llama-2-7b --configs "${C[@]}" --batch_sizes 1 --timeout_s 90 \
+        --profile_steps 16
+    TAIL=10 step nccl_tests_oneshot 220 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py \
         -k "nccl and (2-1 or 4-1 or 2-2)"
     grep -h "largest first-step\|diverged" "$OUT/nccl_tests_oneshot.log"
-    C=(2x1); [ "$N" -ge 4 ] && C+=(4x1)
-    TAIL=8 step scaling_oneshot 150 python3 benchmarks/bench_scaling.py --output_dir "$OUT/scaling_oneshot" \
-        --model llama-2-7b --configs 1x1 "${C[@]}" --batch_sizes 1 --timeout_s 60
-    TAIL=8 DIST_LLM_CUSTOM_AR=0 step scaling_nccl 120 python3 benchmarks/bench_scaling.py \
-        --output_dir "$OUT/scaling_nccl" --model llama-2-7b --configs "${C[@]}" --batch_sizes 1 --timeout_s 60
 else
     C7=(1x1 2x1); C70=(2x1)
     [ "$N" -ge 4 ] && C7+=(4x1 2x2) && C70+=(4x1)
