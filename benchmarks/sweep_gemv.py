@@ -1,9 +1,11 @@
-"""Sweep the decode GEMV's launch configs at one row, at the Llama-2-7B projection shapes (bf16), in CUDA
-graphs with programmatic dependent launch (`bench_kernels.graph_time_us`), cycling through 8 weight copies
-so that nothing is served from L2. Prints cuBLAS, the config `gemv._config` picks, and the best six per
-shape; the JSON has every config. This is how the one-row rules in `dist_llm/kernels/gemv.py:_config` were chosen.
+"""Sweep the decode GEMV's launch configs at one row, at a model's projection shapes (bf16), in CUDA graphs
+with programmatic dependent launch (`bench_kernels.graph_time_us`), cycling through 8 weight copies so
+that nothing is served from L2. Each projection runs as the model runs it: qkv and gate_up with the
+RMSNorm prologue, down with SiLU-and-mul. Prints cuBLAS, the config `gemv._config` picks, and the best six
+per shape; the JSON has every config. This is how the one-row rules and the table in
+`dist_llm/kernels/gemv.py:_config` were chosen.
 
-    python benchmarks/sweep_gemv.py --output_dir bench_out/gemv_sweep [--shapes qkv,o] [--tp 2]
+    python benchmarks/sweep_gemv.py --output_dir bench_out/gemv_sweep [--model llama-2-70b] [--shapes qkv,o] [--tp 2]
 
 `--tp N` sweeps one rank's shard at tensor parallelism N: N divided for the column-parallel projections
 (qkv, gate_up, LM head), K for the row-parallel ones (o, down).
@@ -23,31 +25,48 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_kernels import Bench, graph_time_us  # noqa: E402
 from common import header, write_json  # noqa: E402
 
-# name: (N, K, act); the down projection reads [gate | up] with SiLU-and-mul fused, as the model runs it
-SHAPES = {"qkv": (12288, 4096, None), "o": (4096, 4096, None), "gate_up": (22016, 4096, None),
-          "down": (4096, 11008, "silu_and_mul"), "lm_head": (32000, 4096, None)}  # fmt: skip
+from dist_llm.checkpoint.presets import preset_config  # noqa: E402
+
+NAMES = ("qkv", "o", "gate_up", "down", "lm_head")
 ROW_PARALLEL = ("o", "down")
+NORMED = ("qkv", "gate_up")  # the model folds the RMSNorm before them into the GEMV
 
 
-def shard(name: str, tp: int) -> tuple[int, int, str | None]:
-    n, k, act = SHAPES[name]
+def shapes(model: str) -> dict[str, tuple[int, int, str | None]]:
+    """name: (N, K, act) of the preset's projections; the down projection reads [gate | up] with SiLU-and-mul."""
+    c = preset_config(model)
+    h, heads, kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    d, inter = h // heads, c["intermediate_size"]
+    return {"qkv": ((heads + 2 * kv) * d, h, None), "o": (h, heads * d, None), "gate_up": (2 * inter, h, None),
+            "down": (h, inter, "silu_and_mul"), "lm_head": (c["vocab_size"], h, None)}  # fmt: skip
+
+
+def shard(shape: tuple[int, int, str | None], name: str, tp: int) -> tuple[int, int, str | None]:
+    n, k, act = shape
     return (n, k // tp, act) if name in ROW_PARALLEL else (n // tp, k, act)
+
+
 COPIES = 8
 
 
-def sweep(b: Bench, name: str, tp: int = 1) -> dict:
+def sweep(b: Bench, name: str, shape: tuple[int, int, str | None], tp: int = 1) -> dict:
     from dist_llm.kernels import gemv as G
     from dist_llm.kernels._pdl import pdl_launch_kwargs
 
-    n, k, act = shard(name, tp)
+    n, k, act = shard(shape, name, tp)
     dev = torch.device("cuda")
     weights = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k**-0.5 for _ in range(COPIES)]
     x = torch.randn(1, 2 * k if act else k, device=dev, dtype=torch.bfloat16)
     out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
+    norm = name in NORMED
+    kw = ({"norm_weight": torch.ones(k, device=dev, dtype=torch.bfloat16), "eps": 1e-5,
+           "residual": torch.randn(1, k, device=dev, dtype=torch.bfloat16),
+           "residual_out": torch.empty(1, k, device=dev, dtype=torch.bfloat16)} if norm else {})  # fmt: skip
     gb = n * k * 2 / 1e3  # GB/s = gb / µs
-    ref = G.gemv(x, weights[0], act=act).float()
-    row = {"n": n, "k": k, "act": act, "current": list(G._config(1, n, k)),
-           "current_gb_s": gb / graph_time_us(b, [lambda w=w: G.gemv(x, w, out=out, act=act) for w in weights])}
+    ref = G.gemv(x, weights[0], act=act, **kw).float()
+    row = {"n": n, "k": k, "act": act, "norm": norm, "current": list(G._config(1, n, k, 2)),
+           "current_gb_s": gb / graph_time_us(b, [lambda w=w: G.gemv(x, w, out=out, act=act, **kw)
+                                                  for w in weights])}  # fmt: skip
     if act is None:
         row["cublas_gb_s"] = gb / graph_time_us(b, [lambda w=w: F.linear(x, w, out=out) for w in weights])
     configs = []
@@ -57,9 +76,11 @@ def sweep(b: Bench, name: str, tp: int = 1) -> dict:
 
         def launch(w, bn=bn, bk=bk, nw=nw, ns=ns):
             G._gemv_kernel[(triton.cdiv(n, bn),)](
-                x, w, w, out, n, k, x.stride(0), w.stride(0), out.stride(0),
+                x, w, w, out, kw.get("residual", x), kw.get("norm_weight", x), kw.get("residual_out", x),
+                n, k, 1e-5, x.stride(0), w.stride(0), out.stride(0),
                 M=1, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, HAS_BIAS=False, PREFETCH=k >= bk,
-                SILU_MUL=act is not None, **pdl_launch_kwargs(dev), num_warps=nw, num_stages=ns,
+                SILU_MUL=act is not None, NORM=norm, HAS_RES=norm, **pdl_launch_kwargs(dev),
+                num_warps=nw, num_stages=ns,
             )  # fmt: skip
 
         launch(weights[0])
@@ -73,22 +94,25 @@ def sweep(b: Bench, name: str, tp: int = 1) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    p.add_argument("--model", default="llama-2-7b", help="a preset of dist_llm/checkpoint/presets.py")
+    p.add_argument("--shapes", default=",".join(NAMES), help=f"comma-separated, of {', '.join(NAMES)}")
     p.add_argument("--tp", type=int, default=1, choices=[1, 2, 4, 8], help="sweep one rank's shard at this tp")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("sweep_gemv.py needs a CUDA GPU")
     names = args.shapes.split(",")
-    unknown = [s for s in names if s not in SHAPES]
+    unknown = [s for s in names if s not in NAMES]
     if unknown:
-        sys.exit(f"unknown --shapes {unknown}; choose from {', '.join(SHAPES)}")
+        sys.exit(f"unknown --shapes {unknown}; choose from {', '.join(NAMES)}")
+    model_shapes = shapes(args.model)
     info = header()
     b = Bench("cuda", small=False)
     b.rep_s = 0.02  # ~60 configs a shape: a short loop of graph replays each is enough at these sizes
-    rows = {name: sweep(b, name, args.tp) for name in names}
+    rows = {name: sweep(b, name, model_shapes[name], args.tp) for name in names}
     command = "python " + " ".join(sys.argv)
-    write_json(args.output_dir, "gemv_sweep.json", {**info, "tp": args.tp, "shapes": rows, "command": command})
-    print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}  {info['date']}")
+    write_json(args.output_dir, "gemv_sweep.json",
+               {**info, "model": args.model, "tp": args.tp, "shapes": rows, "command": command})
+    print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}  {info['date']}  {args.model} tp={args.tp}")
     for name, r in rows.items():
         cublas = f"cuBLAS {r['cublas_gb_s']:.0f} GB/s, " if "cublas_gb_s" in r else ""
         print(f"{name} [{r['n']} x {r['k']}]: {cublas}current {tuple(r['current'])} {r['current_gb_s']:.0f} GB/s")

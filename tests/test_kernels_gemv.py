@@ -172,7 +172,9 @@ def test_gemv_checks_out_and_bias():
 # ---- GPU: Llama-2-7B decode shapes against cuBLAS -------------------------------------------------
 
 LLAMA_7B = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
-            "lm_head": (32000, 4096)}  # fmt: skip
+            "lm_head": (32000, 4096),
+            # one rank's shards at tp=2: configs from gemv._TUNED_ONE_ROW at one row
+            "qkv_tp2": (6144, 4096), "o_tp2": (4096, 2048), "lm_head_tp2": (16000, 4096)}  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -213,7 +215,7 @@ def test_gemv_captures_in_a_cuda_graph():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("m", [1, 2, 4])
-@pytest.mark.parametrize("n,k", [(7, 5), (33, 515), (16, 64)])
+@pytest.mark.parametrize("n,k", [(7, 5), (33, 515), (16, 64)] + ([(4096, 5504)] if GPU else []))
 def test_gemv_silu_and_mul_equals_the_two_kernels(dtype, m, n, k):
     """act="silu_and_mul" reads [gate | up] and must give bit for bit what silu_and_mul then gemv give."""
     from dist_llm.kernels.activation import silu_and_mul
@@ -235,6 +237,124 @@ def test_gemv_silu_and_mul_refuses_bad_shapes():
     assert not gemv_supported(randn(2, 128), w, act="gelu"), "unknown activation"
     with pytest.raises(AssertionError, match="act='silu_and_mul'"):
         gemv(randn(2, 64), w, act="silu_and_mul")
+
+
+# ---- the RMSNorm (and residual add) in the prologue ---------------------------------------------------
+
+
+def test_folds_norm_where_a_program_has_rows_enough(monkeypatch):
+    """Folded where the one-row config gives 16 rows or more a program; DIST_LLM_NORM_FOLD forces it."""
+    monkeypatch.delenv("DIST_LLM_NORM_FOLD", raising=False)
+    assert gemv_mod.folds_norm(12288, 4096) and gemv_mod._config(1, 12288, 4096)[0] == 32  # 7B qkv
+    assert not gemv_mod.folds_norm(22016, 4096) and gemv_mod._config(1, 22016, 4096)[0] == 8  # 7B gate_up
+    assert not gemv_mod.folds_norm(12288, 4096, elem_bytes=4), "fp32 takes the 8-row many-row config"
+    monkeypatch.setenv("DIST_LLM_NORM_FOLD", "1")
+    assert gemv_mod.folds_norm(22016, 4096)
+    monkeypatch.setenv("DIST_LLM_NORM_FOLD", "0")
+    assert not gemv_mod.folds_norm(12288, 4096)
+
+
+# N = 1 and a bias (33) too; on the GPU, the 7B qkv and gate_up shards at tp=2
+NORM_SHAPES = [(7, 5), (33, 515), (16, 64), (1, 100)] + ([(6144, 4096), (11008, 4096)] if GPU else [])
+
+
+def norm_operands(n, k, dtype, residual: bool):
+    x = randn(1, k + 16, dtype=dtype)[:, 8 : 8 + k]  # a strided view, as a row of a bigger batch would be
+    res = randn(1, k, dtype=dtype) if residual else None
+    return x, res, randn(k, dtype=dtype), randn(n, k, dtype=dtype, scale=k**-0.5)
+
+
+def norm_reference(x, res, norm_w, weight, bias, eps):
+    """fused_add_rms_norm then linear, as the two-kernel path runs them: (output, new residual)."""
+    from dist_llm.kernels.reference import rms_norm_ref
+
+    h = x if res is None else (x.float() + res.float()).to(x.dtype)
+    return linear_ref(rms_norm_ref(h, norm_w, eps), weight, bias), h
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,k", NORM_SHAPES)
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+def test_gemv_rms_norm_prologue_matches_norm_then_linear(dtype, n, k, residual):
+    x, res, norm_w, weight = norm_operands(n, k, dtype, residual)
+    b = randn(n, dtype=dtype) if n == 33 else None
+    x0, res0 = x.clone(), None if res is None else res.clone()
+    assert gemv_supported(x, weight, norm_weight=norm_w, residual=res)
+    expected, h = norm_reference(x, res, norm_w, weight, b, 1e-5)
+    res_out = torch.full((1, k), float("nan"), dtype=dtype, device=DEVICE) if residual else None
+    buf, out = poisoned_out(1, n, dtype)
+    gemv(x, weight, b, out=out, norm_weight=norm_w, eps=1e-5, residual=res, residual_out=res_out)
+    # the norm's row is not rounded to the dtype before the product (the two-kernel path rounds it twice),
+    # so 16-bit outputs agree to the dtype's tolerance, not bit for bit
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+    assert (buf[:, :3] == SENTINEL).all() and (buf[:, 3 + n :] == SENTINEL).all(), "wrote outside out"
+    assert torch.equal(x, x0) and (res is None or torch.equal(res, res0)), "the inputs must be left alone"
+    if residual:
+        torch.testing.assert_close(res_out, h, atol=0, rtol=0)  # x + residual, rounded as the norm kernel does
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gemv_rms_norm_prologue_many_k_chunks(monkeypatch, dtype):
+    """The prologue in the peeled first chunk, the unmasked loop and the masked tail: BLOCK_K forced to 32."""
+    monkeypatch.setattr(gemv_mod, "_MAX_BLOCK_K", 32)
+    x, res, norm_w, weight = norm_operands(20, 100, dtype, residual=True)
+    res_out = torch.empty(1, 100, dtype=dtype, device=DEVICE)
+    out = gemv(x, weight, norm_weight=norm_w, eps=1e-6, residual=res, residual_out=res_out)
+    expected, h = norm_reference(x, res, norm_w, weight, None, 1e-6)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+    torch.testing.assert_close(res_out, h, atol=0, rtol=0)
+
+
+def test_gemv_rms_norm_prologue_refuses_what_it_cannot_do():
+    x, res, norm_w, w = norm_operands(10, 64, torch.float32, residual=True)
+    assert gemv_supported(x, w, norm_weight=norm_w, residual=res)
+    assert not gemv_supported(randn(2, 64), w, norm_weight=norm_w), "one row only"
+    assert not gemv_supported(randn(1, 128), w, act="silu_and_mul", norm_weight=norm_w), "not with an act"
+    assert not gemv_supported(x, w, norm_weight=randn(63)), "norm weight of K"
+    assert not gemv_supported(x, w, norm_weight=norm_w, residual=randn(1, 63)), "residual of [1, K]"
+    assert not gemv_supported(x, w, norm_weight=norm_w, residual=res.half()), "residual in x's dtype"
+    assert not gemv_supported(x, w, residual=res), "a residual only with the norm"
+    with pytest.raises(AssertionError, match="residual_out"):
+        gemv(x, w, norm_weight=norm_w, residual=res)
+    with pytest.raises(AssertionError, match="must not overlap"):
+        gemv(x, w, norm_weight=norm_w, residual=res, residual_out=res)
+
+
+def test_deferred_norm_through_a_linear_layer_equals_the_norm_kernel():
+    """The model's path: a DeferredRMSNorm into a column-parallel layer with the GEMV folds the norm, and
+    leaves the same new residual stream as RMSNorm then the layer."""
+    from dist_llm.kernels import get_ops
+    from dist_llm.layers.linear import QKVParallelLinear
+    from dist_llm.layers.norm import RMSNorm
+    from dist_llm.parallel.state import destroy, set_single_process_state
+
+    set_single_process_state(torch.device(DEVICE))
+    try:
+        dtype, hidden = torch.bfloat16, 96
+        norm = RMSNorm(hidden, 1e-5, dtype, get_ops("triton")).to(DEVICE)
+        norm.weight.copy_(randn(hidden, dtype=dtype))
+        layer = QKVParallelLinear(hidden, 16, 4, 2, False, dtype).to(DEVICE)
+        layer.weight.copy_(randn(*layer.weight.shape, dtype=dtype, scale=hidden**-0.5))
+        x, res = randn(1, hidden, dtype=dtype), randn(1, hidden, dtype=dtype)
+        x0, res0 = x.clone(), res.clone()
+        x_before, res_before = x.clone(), res.clone()
+        layer.gemv, layer.gemv_folds_norm = gemv, True
+        folded = norm.deferred(x, res)
+        got = layer(folded)
+        layer.gemv = None  # F.linear: the deferred norm runs as its own kernel (in place, as before)
+        plain = norm.deferred(x0, res0)
+        want = layer(plain)
+        torch.testing.assert_close(got, want, atol=1.6e-2, rtol=1.6e-2)
+        torch.testing.assert_close(folded.residual, plain.residual, atol=0, rtol=0)
+        # the fold writes a new residual and leaves its inputs alone (the norm kernel works in place)
+        assert torch.equal(x, x_before) and torch.equal(res, res_before)
+        assert folded.residual.data_ptr() not in (x.data_ptr(), res.data_ptr())
+        with pytest.raises(AssertionError, match="consumed once"):
+            folded.materialize()
+    finally:
+        destroy()
 
 
 @pytest.mark.gpu
