@@ -1,9 +1,8 @@
 """Sweep the decode GEMV's launch configs at one row, at a model's projection shapes (bf16), in CUDA graphs
 with programmatic dependent launch (`bench_kernels.graph_time_us`), cycling through 8 weight copies so
-that nothing is served from L2. Each projection runs as the model runs it: qkv and gate_up with the
-RMSNorm prologue, down with SiLU-and-mul. Prints cuBLAS, the config `gemv._config` picks, and the best six
-per shape; the JSON has every config. This is how the one-row rules and the table in
-`dist_llm/kernels/gemv.py:_config` were chosen.
+that nothing is served from L2. The down projection runs as the model runs it, with SiLU-and-mul. Prints
+cuBLAS, the config `gemv._config` picks, and the best six per shape; the JSON has every config. This is
+how the one-row rules and the table in `dist_llm/kernels/gemv.py:_config` were chosen.
 
     python benchmarks/sweep_gemv.py --output_dir bench_out/gemv_sweep [--model llama-2-70b] [--shapes qkv,o] [--tp 2]
 
@@ -29,7 +28,6 @@ from dist_llm.checkpoint.presets import preset_config  # noqa: E402
 
 NAMES = ("qkv", "o", "gate_up", "down", "lm_head")
 ROW_PARALLEL = ("o", "down")
-NORMED = ("qkv", "gate_up")  # the model folds the RMSNorm before them into the GEMV
 
 
 def shapes(model: str) -> dict[str, tuple[int, int, str | None]]:
@@ -58,15 +56,10 @@ def sweep(b: Bench, name: str, shape: tuple[int, int, str | None], tp: int = 1) 
     weights = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k**-0.5 for _ in range(COPIES)]
     x = torch.randn(1, 2 * k if act else k, device=dev, dtype=torch.bfloat16)
     out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
-    norm = name in NORMED
-    kw = ({"norm_weight": torch.ones(k, device=dev, dtype=torch.bfloat16), "eps": 1e-5,
-           "residual": torch.randn(1, k, device=dev, dtype=torch.bfloat16),
-           "residual_out": torch.empty(1, k, device=dev, dtype=torch.bfloat16)} if norm else {})  # fmt: skip
     gb = n * k * 2 / 1e3  # GB/s = gb / µs
-    ref = G.gemv(x, weights[0], act=act, **kw).float()
-    row = {"n": n, "k": k, "act": act, "norm": norm, "current": list(G._config(1, n, k, 2)),
-           "current_gb_s": gb / graph_time_us(b, [lambda w=w: G.gemv(x, w, out=out, act=act, **kw)
-                                                  for w in weights])}  # fmt: skip
+    ref = G.gemv(x, weights[0], act=act).float()
+    row = {"n": n, "k": k, "act": act, "current": list(G._config(1, n, k)),
+           "current_gb_s": gb / graph_time_us(b, [lambda w=w: G.gemv(x, w, out=out, act=act) for w in weights])}
     if act is None:
         row["cublas_gb_s"] = gb / graph_time_us(b, [lambda w=w: F.linear(x, w, out=out) for w in weights])
     configs = []
@@ -76,11 +69,9 @@ def sweep(b: Bench, name: str, shape: tuple[int, int, str | None], tp: int = 1) 
 
         def launch(w, bn=bn, bk=bk, nw=nw, ns=ns):
             G._gemv_kernel[(triton.cdiv(n, bn),)](
-                x, w, w, out, kw.get("residual", x), kw.get("norm_weight", x), kw.get("residual_out", x),
-                n, k, 1e-5, x.stride(0), w.stride(0), out.stride(0),
+                x, w, w, out, n, k, x.stride(0), w.stride(0), out.stride(0),
                 M=1, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, HAS_BIAS=False, PREFETCH=k >= bk,
-                SILU_MUL=act is not None, NORM=norm, HAS_RES=norm, **pdl_launch_kwargs(dev),
-                num_warps=nw, num_stages=ns,
+                SILU_MUL=act is not None, **pdl_launch_kwargs(dev), num_warps=nw, num_stages=ns,
             )  # fmt: skip
 
         launch(weights[0])

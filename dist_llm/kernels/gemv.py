@@ -21,14 +21,6 @@ The output dtype is x's; the bias (any float dtype) is added in fp32 before the 
 are deterministic (no split-K, no atomics) and the call can be captured in a CUDA graph once `out` is
 preallocated.
 
-With `residual` / `norm_weight` (one row only) the input is RMS-normalised in the K loop, so the norm
-needs no kernel of its own: each program forms h = x + residual chunk by chunk (rounded to x's dtype, as
-`fused_add_rms_norm` does; program 0 stores it to `residual_out`, the new residual stream), multiplies
-it by the norm weight in fp32 and accumulates the sum of squares of h beside the products. The scale
-rsqrt(mean(h²) + eps) is a per-row scalar, so it is applied once, in the epilogue. Every program walks
-all of K, so every program computes the same scale. Against the two-kernel path this skips two
-roundings of the normalised row to x's dtype, so outputs agree to bf16 noise, not bit for bit.
-
 With programmatic dependent launch (`_pdl.py`) each program loads its first weight chunk before waiting
 for the previous kernel: the weights are no kernel's output, so their stream starts while that kernel
 drains. The first chunk is peeled off the loop also without PDL, so one code path is tested everywhere.
@@ -77,23 +69,6 @@ def _fma(acc, w, x_row, kk, K, MASK_K: tl.constexpr, SILU_MUL: tl.constexpr):
 
 
 @triton.jit
-def _norm_chunk(x_row, res_row, nw_ptr, res_out_row, kk, K, MASK_K: tl.constexpr, HAS_RES: tl.constexpr):
-    """The RMSNorm prologue's K chunk: (h * norm_weight, h²) in fp32 for h = x + residual, rounded to x's
-    dtype as `fused_add_rms_norm` rounds it; program 0 writes h to the new residual stream."""
-    h = _load_x(x_row, kk, K, MASK_K).to(tl.float32)
-    if HAS_RES:
-        dtype = x_row.dtype.element_ty
-        h = round_to(h + _load_x(res_row, kk, K, MASK_K).to(tl.float32), dtype)
-        if tl.program_id(0) == 0:
-            if MASK_K:
-                tl.store(res_out_row + kk, h, mask=kk < K)
-            else:
-                tl.store(res_out_row + kk, h)
-        h = h.to(tl.float32)
-    return h * _load_x(nw_ptr, kk, K, MASK_K).to(tl.float32), h * h
-
-
-@triton.jit
 def _load_w(w_ptrs, kk, K, MASK_K: tl.constexpr):
     if MASK_K:
         return tl.load(w_ptrs, mask=kk[None, :] < K, other=0.0, eviction_policy="evict_first")
@@ -102,52 +77,44 @@ def _load_w(w_ptrs, kk, K, MASK_K: tl.constexpr):
 
 @triton.jit
 def _accumulate(
-    acc0, acc1, acc2, acc3, ss, w_ptrs, x_ptr, stride_xm, kk, K, res_ptr, nw_ptr, res_out_ptr,
-    M: tl.constexpr, MASK_K: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+    acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, kk, K,
+    M: tl.constexpr, MASK_K: tl.constexpr, SILU_MUL: tl.constexpr,
 ):  # fmt: skip
     """One K chunk for the M token rows; accumulators of rows >= M are passed through untouched."""
     w = _load_w(w_ptrs, kk, K, MASK_K)
-    return _accumulate_w(acc0, acc1, acc2, acc3, ss, w, x_ptr, stride_xm, kk, K, res_ptr, nw_ptr, res_out_ptr,
-                         M, MASK_K, SILU_MUL, NORM, HAS_RES)
+    return _accumulate_w(acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, kk, K, M, MASK_K, SILU_MUL)
 
 
 @triton.jit
 def _accumulate_w(
-    acc0, acc1, acc2, acc3, ss, w, x_ptr, stride_xm, kk, K, res_ptr, nw_ptr, res_out_ptr,
-    M: tl.constexpr, MASK_K: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+    acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, kk, K,
+    M: tl.constexpr, MASK_K: tl.constexpr, SILU_MUL: tl.constexpr,
 ):  # fmt: skip
-    """`_accumulate` with the chunk's weights already loaded. With NORM (one row) `ss` gathers the sum of
-    squares of the row being normalised; otherwise it passes through."""
+    """`_accumulate` with the chunk's weights already loaded."""
     w = w.to(tl.float32)
-    if NORM:
-        xn, sq = _norm_chunk(x_ptr, res_ptr, nw_ptr, res_out_ptr, kk, K, MASK_K, HAS_RES)
-        acc0 = acc0 + w * xn[None, :]
-        ss = ss + sq
-    else:
-        acc0 = _fma(acc0, w, x_ptr, kk, K, MASK_K, SILU_MUL)
+    acc0 = _fma(acc0, w, x_ptr, kk, K, MASK_K, SILU_MUL)
     if M > 1:
         acc1 = _fma(acc1, w, x_ptr + stride_xm, kk, K, MASK_K, SILU_MUL)
     if M > 2:
         acc2 = _fma(acc2, w, x_ptr + 2 * stride_xm, kk, K, MASK_K, SILU_MUL)
     if M > 3:
         acc3 = _fma(acc3, w, x_ptr + 3 * stride_xm, kk, K, MASK_K, SILU_MUL)
-    return acc0, acc1, acc2, acc3, ss
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
-def _store_row(acc, bias, y_row, rn, N, scale=1.0):
-    y = tl.sum(acc, axis=1) * scale + bias
+def _store_row(acc, bias, y_row, rn, N):
+    y = tl.sum(acc, axis=1) + bias
     tl.store(y_row + rn, round_to(y, y_row.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, res_out_ptr,
-    N, K, eps,
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, K,
     stride_xm, stride_wn, stride_ym,
     M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
-    HAS_RES: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, SILU_MUL: tl.constexpr,
 ):  # fmt: skip
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -157,37 +124,30 @@ def _gemv_kernel(
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # rows >= M: never updated, compiled away
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)  # NORM: the sum of squares of the normalised row
     k_main = (K // BLOCK_K) * BLOCK_K  # written as a product: the tail stays 16-byte aligned for the compiler
     k_start = 0
     if PREFETCH:  # the weights are no kernel's output: the first chunk streams in while the previous kernel ends
         w_first = _load_w(w_ptrs, rk, K, MASK_K=False)
         pdl_wait(USE_PDL)
-        acc0, acc1, acc2, acc3, ss = _accumulate_w(
-            acc0, acc1, acc2, acc3, ss, w_first, x_ptr, stride_xm, rk, K, res_ptr, nw_ptr, res_out_ptr,
-            M, MASK_K=False, SILU_MUL=SILU_MUL, NORM=NORM, HAS_RES=HAS_RES,
+        acc0, acc1, acc2, acc3 = _accumulate_w(
+            acc0, acc1, acc2, acc3, w_first, x_ptr, stride_xm, rk, K, M, MASK_K=False, SILU_MUL=SILU_MUL
         )
         k_start = BLOCK_K
     else:
         pdl_wait(USE_PDL)
     for k0 in range(k_start, k_main, BLOCK_K):
-        acc0, acc1, acc2, acc3, ss = _accumulate(
-            acc0, acc1, acc2, acc3, ss, w_ptrs + k0, x_ptr, stride_xm, k0 + rk, K, res_ptr, nw_ptr, res_out_ptr,
-            M, MASK_K=False, SILU_MUL=SILU_MUL, NORM=NORM, HAS_RES=HAS_RES,
+        acc0, acc1, acc2, acc3 = _accumulate(
+            acc0, acc1, acc2, acc3, w_ptrs + k0, x_ptr, stride_xm, k0 + rk, K, M, MASK_K=False, SILU_MUL=SILU_MUL
         )
     if not EVEN_K:
-        acc0, acc1, acc2, acc3, ss = _accumulate(
-            acc0, acc1, acc2, acc3, ss, w_ptrs + k_main, x_ptr, stride_xm, k_main + rk, K, res_ptr, nw_ptr,
-            res_out_ptr, M, MASK_K=True, SILU_MUL=SILU_MUL, NORM=NORM, HAS_RES=HAS_RES,
+        acc0, acc1, acc2, acc3 = _accumulate(
+            acc0, acc1, acc2, acc3, w_ptrs + k_main, x_ptr, stride_xm, k_main + rk, K, M, MASK_K=True, SILU_MUL=SILU_MUL
         )
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     else:
         bias = 0.0
-    if NORM:
-        _store_row(acc0, bias, y_ptr, rn, N, tl.rsqrt(tl.sum(ss, axis=0) / K + eps))
-    else:
-        _store_row(acc0, bias, y_ptr, rn, N)
+    _store_row(acc0, bias, y_ptr, rn, N)
     if M > 1:
         _store_row(acc1, bias, y_ptr + stride_ym, rn, N)
     if M > 2:
@@ -199,7 +159,7 @@ def _gemv_kernel(
 # One row of 16-bit weights, shapes where the aspect rule of `_config` is far from the best config:
 # (N, K) -> (BLOCK_N, BLOCK_K, num_warps), each the best of `benchmarks/sweep_gemv.py --tp N` on an H200
 # (2026-11-28, table in docs/performance.md), with the rule's figure beside it. Keyed by shape alone, so
-# that a fused prologue (SiLU-and-mul, the norm) sums in the same order as the plain call.
+# that the down projection with SiLU-and-mul fused sums in the same order as the plain call.
 _TUNED_ONE_ROW = {
     # Llama-2-7B at tp=2, 10:50: the shards halve N or K, and the rule tuned at tp=1 misjudges them
     (6144, 4096): (16, 512, 8),  # qkv: 3,971 GB/s (rule 3,163)
@@ -240,31 +200,15 @@ def _config(m: int, n: int, k: int, elem_bytes: int = 2) -> tuple[int, int, int]
     return block_n, min(block_k, _MAX_BLOCK_K, triton.next_power_of_2(k)), num_warps
 
 
-_MIN_FOLD_BLOCK_N = 16
-
-
-def folds_norm(n: int, k: int, elem_bytes: int = 2) -> bool:
-    """Whether the RMSNorm prologue is worth folding into the one-row GEMV of an [n, k] weight, rather than
-    a norm kernel of its own. The prologue's loads and ~6 operations per input element are repeated by every
-    program and shared by its BLOCK_N rows: at 8 rows (Llama-2-7B's gate_up, 2,752 programs) they cost more
-    than the norm kernel saves, at 16 or more they pay. DIST_LLM_NORM_FOLD=1 (always) or 0 (never) for A/B."""
-    forced = os.environ.get("DIST_LLM_NORM_FOLD", "auto")
-    if forced in ("0", "1"):
-        return forced == "1"
-    return _config(1, n, k, elem_bytes)[0] >= _MIN_FOLD_BLOCK_N
-
-
 ACTIVATIONS = (None, "silu_and_mul")
 
 
-def gemv_supported(x: torch.Tensor, weight: torch.Tensor, act: str | None = None, norm_weight=None,
-                   residual=None) -> bool:
+def gemv_supported(x: torch.Tensor, weight: torch.Tensor, act: str | None = None) -> bool:
     """Whether `gemv(x, weight, ..., act=act)` can stand in for F.linear: x [1..MAX_M, K] (with
     act="silu_and_mul", [gate | up] of [1..MAX_M, 2K]) and weight [N, K] of one float dtype (fp32/fp16/bf16),
     both contiguous along K (x's row stride is free), on a CUDA device (or on the CPU under
-    TRITON_INTERPRET=1). With `norm_weight` (the RMSNorm prologue): one row, no act, a contiguous [K] norm
-    weight and, if given, a contiguous [1, K] residual of x's dtype, all on x's device."""
-    ok = (
+    TRITON_INTERPRET=1)."""
+    return (
         x.dim() == 2
         and weight.dim() == 2
         and act in ACTIVATIONS
@@ -279,24 +223,6 @@ def gemv_supported(x: torch.Tensor, weight: torch.Tensor, act: str | None = None
         and x.device == weight.device
         and (x.device.type == "cuda" or (_INTERPRET and x.device.type == "cpu"))
     )
-    if not ok or norm_weight is None:
-        return ok and residual is None
-    k = weight.shape[1]
-    return (
-        act is None
-        and x.shape[0] == 1
-        and norm_weight.shape == (k,)
-        and norm_weight.stride(0) == 1
-        and norm_weight.dtype.is_floating_point
-        and norm_weight.device == x.device
-        and (residual is None or (residual.shape == (1, k) and residual.stride(1) == 1 and residual.dtype == x.dtype
-                                  and residual.device == x.device))
-    )
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def gemv(
@@ -305,39 +231,23 @@ def gemv(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     act: str | None = None,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    residual: torch.Tensor | None = None,
-    residual_out: torch.Tensor | None = None,
 ):
     """out [M, N] = x [M, K] @ weight [N, K]ᵀ + bias [N], fp32 accumulation, in x.dtype.
 
     act="silu_and_mul": x is [M, 2K] = [gate | up] and the product is taken with silu(gate) * up, computed
     and rounded exactly as `activation.silu_and_mul` does (the down projection without its input pass).
-    norm_weight (one row): the product is taken with rms_norm(h, norm_weight, eps) for h = x + residual (or
-    h = x), and h, rounded to x's dtype, is written to `residual_out` ([1, K], overlapping neither x nor
-    residual), which is then what `fused_add_rms_norm` would have left in `residual`.
-    Needs `gemv_supported(x, weight, act, norm_weight, residual)`; `out` may be a view with any row stride
-    (last dim contiguous). With `out` given nothing is allocated, so the call can be captured in a CUDA graph.
+    Needs `gemv_supported(x, weight, act)`; `out` may be a view with any row stride (last dim contiguous).
+    With `out` given nothing is allocated, so the call can be captured in a CUDA graph.
     """
-    assert gemv_supported(x, weight, act, norm_weight, residual), (
+    assert gemv_supported(x, weight, act), (
         f"gemv cannot take act={act!r}, x {tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device} with weight "
-        f"{tuple(weight.shape)} {weight.dtype} strides {weight.stride()} on {weight.device}"
-        + ("" if norm_weight is None else f", norm weight {tuple(norm_weight.shape)}")
-        + ("" if residual is None else f", residual {tuple(residual.shape)} {residual.dtype}")
-        + " (see gemv_supported)"
+        f"{tuple(weight.shape)} {weight.dtype} strides {weight.stride()} on {weight.device} (see gemv_supported)"
     )
     m, k = x.shape[0], weight.shape[1]
     n = weight.shape[0]
     if bias is not None:
         assert bias.shape == (n,) and bias.stride(0) == 1, f"bias must be contiguous [{n}], got {tuple(bias.shape)}"
         assert bias.device == x.device and bias.dtype.is_floating_point
-    if residual is not None:
-        assert residual_out is not None, "with a residual, residual_out receives x + residual"
-        assert residual_out.shape == (1, k) and residual_out.stride(1) == 1 and residual_out.dtype == x.dtype
-        assert not _overlaps(residual_out, x) and not _overlaps(residual_out, residual), (
-            "residual_out must not overlap x or residual: other programs still read them"
-        )
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.dtype == x.dtype and out.device == x.device, "out must be [M, N] in x.dtype"
@@ -345,16 +255,12 @@ def gemv(
     block_n, block_k, num_warps = _config(m, n, k, x.element_size())
     pdl = pdl_launch_kwargs(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        # pointers not read in this mode get a stand-in of the right device
-        x, weight, weight if bias is None else bias, out,
-        x if residual is None else residual, x if norm_weight is None else norm_weight,
-        x if residual_out is None else residual_out,
-        n, k, float(eps),
+        x, weight, weight if bias is None else bias, out,  # the bias pointer is not read without a bias
+        n, k,
         x.stride(0), weight.stride(0), out.stride(0),
         M=m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None,
         # PREFETCH also without PDL, so that the CPU tests run the peeled path
-        PREFETCH=k >= block_k, SILU_MUL=act == "silu_and_mul", NORM=norm_weight is not None,
-        HAS_RES=residual is not None, **pdl,
+        PREFETCH=k >= block_k, SILU_MUL=act == "silu_and_mul", **pdl,
         num_warps=num_warps, num_stages=_NUM_STAGES,
     )  # fmt: skip
     return out

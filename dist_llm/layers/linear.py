@@ -3,9 +3,7 @@
 Weights are stored [out_features_local, in_features_local] and applied as Y = X Wᵀ. The quantization
 method is a strategy object on the layer (`create_weights` / `apply(layer, x, bias, act=None)`), so a
 quantized layer is the same class with another method, not a branch; `act` is only ever passed where
-`takes_gemv` holds. The X a method's `apply` gets may be a `DeferredRMSNorm` (the norm before qkv and
-gate_up, not yet run): `dense_linear` folds it into the decode GEMV, and a method that cannot fold it
-calls `input_tensor(x)`.
+`takes_gemv` holds.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_llm.layers.norm import DeferredRMSNorm
 from dist_llm.parallel import comm
 
 
@@ -24,23 +21,11 @@ def takes_gemv(layer: nn.Module, x: torch.Tensor) -> bool:
     return layer.gemv is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_M and x.stride(-1) == 1
 
 
-def input_tensor(x: torch.Tensor | DeferredRMSNorm) -> torch.Tensor:
-    """X itself, with a deferred norm run first."""
-    return x.materialize() if isinstance(x, DeferredRMSNorm) else x
-
-
 def dense_linear(
-    layer: nn.Module, x: torch.Tensor | DeferredRMSNorm, weight: torch.Tensor, bias: torch.Tensor | None,
-    act: str | None = None,
+    layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None
 ) -> torch.Tensor:
     """Y = X Wᵀ (+ b): F.linear, or the decode GEMV kernel where `takes_gemv(layer, x)`. With act
-    ("silu_and_mul") X is [gate | up] and only the GEMV path can take it: callers check `takes_gemv`.
-    A deferred RMSNorm goes into the GEMV's prologue (no norm kernel) where the worker found that it pays
-    (`layer.gemv_folds_norm`), or is run first."""
-    if isinstance(x, DeferredRMSNorm):
-        if takes_gemv(layer, x.x) and layer.gemv_folds_norm:
-            return layer.gemv(x.x, weight, bias, **x.gemv_kwargs())
-        x = x.materialize()
+    ("silu_and_mul") X is [gate | up] and only the GEMV path can take it: callers check `takes_gemv`."""
     if takes_gemv(layer, x):
         return layer.gemv(x, weight, bias, act=act)
     assert act is None, f"act={act!r} needs the decode GEMV (takes_gemv)"
@@ -60,7 +45,6 @@ class UnquantizedLinearMethod:
 
 class LinearBase(nn.Module):
     gemv = None  # the small-batch kernel, set by the worker where it is faster than cuBLAS
-    gemv_folds_norm = False  # whether a deferred RMSNorm before this layer goes into the GEMV (worker)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, quant_method=None):
         super().__init__()

@@ -14,7 +14,7 @@ from dist_llm.config import ModelConfig
 from dist_llm.layers.attention import Attention
 from dist_llm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from dist_llm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, takes_gemv
-from dist_llm.layers.norm import DeferredRMSNorm, RMSNorm
+from dist_llm.layers.norm import RMSNorm
 from dist_llm.layers.rotary import RotaryEmbedding
 from dist_llm.parallel.mapping import Mapping
 
@@ -31,9 +31,9 @@ class LlamaAttention(nn.Module):
         rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rotary_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5, rotary_emb, ops)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor | DeferredRMSNorm) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)
-        t, d = qkv.shape[0], self.head_dim
         q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
         q = qkv[:, :q_size].view(t, self.num_heads, d)
         k = qkv[:, q_size : q_size + kv_size].view(t, self.num_kv_heads, d)
@@ -50,7 +50,7 @@ class LlamaMLP(nn.Module):
         )
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
 
-    def forward(self, x: torch.Tensor | DeferredRMSNorm) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if takes_gemv(self.down_proj, gate_up):  # decode: SiLU-and-mul in the down GEMV's prologue
             return self.down_proj(gate_up, act="silu_and_mul")
@@ -66,11 +66,10 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, dtype, ops)
 
     def forward(self, positions, hidden, residual):
-        # each norm is left to the projection after it, which folds it into its decode GEMV (no norm kernel)
-        x = self.input_layernorm.deferred(hidden, residual)
-        hidden = self.self_attn(positions, x)
-        x = self.post_attention_layernorm.deferred(hidden, x.residual)
-        return self.mlp(x), x.residual
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(nn.Module):

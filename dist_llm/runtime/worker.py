@@ -109,12 +109,11 @@ class Worker:
             if isinstance(m, RotaryEmbedding):
                 m.build_cache(self.device)
         if use_decode_gemv(self.ops.backend, self.device):
-            from dist_llm.kernels.gemv import folds_norm, gemv
+            from dist_llm.kernels.gemv import gemv
 
             for m in self.model.modules():
                 if isinstance(m, (LinearBase, ParallelLMHead)):
                     m.gemv = gemv
-                    m.gemv_folds_norm = folds_norm(*m.weight.shape, m.weight.element_size())
         self.model.eval()
         self.num_blocks = 0
         self._pending_send = None  # the previous micro-batch's activations, still on their way
