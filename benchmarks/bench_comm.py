@@ -5,11 +5,13 @@ model uses. Run one process per GPU:
     mpirun -n 8 python benchmarks/bench_comm.py --output_dir bench_out/comm            # NCCL on GPUs
     mpirun -n 2 python benchmarks/bench_comm.py --device cpu --output_dir /tmp/comm    # gloo on the CPU
 
-On GPUs both paths are timed side by side, NCCL and the one-shot peer-memory kernel
-(`parallel/custom_all_reduce.py`, turned on here unless DIST_LLM_CUSTOM_AR=0), each eagerly and as GRAPH_CALLS calls
-captured in one CUDA graph (how the decode step runs them). Sizes the one-shot kernel takes are also
-checked: its result must equal the fp32 rank-order sum of every rank's input bit for bit, and is compared
-with NCCL's. `us`/`graph_us` and the bandwidths are the model's path (`tp_all_reduce`).
+On GPUs the paths are timed side by side, NCCL and both one-shot peer-memory kernels of
+`parallel/custom_all_reduce.py` (turned on here unless DIST_LLM_CUSTOM_AR=0): "barrier" (`kernels/all_reduce.py`)
+and "lamport" (`kernels/lamport_all_reduce.py`, bf16/fp16 only), each eagerly and as GRAPH_CALLS calls captured
+in one CUDA graph (how the decode step runs them). Sizes a one-shot kernel takes are also checked: its
+result must equal the fp32 rank-order sum of every rank's input bit for bit, and is compared with NCCL's.
+`us`/`graph_us` and the bandwidths are the model's path (`tp_all_reduce`: the kernel DIST_LLM_CUSTOM_AR_ALGO
+picks, where it fits, else NCCL).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ DECODE_BYTES = [8 << 10, 16 << 10, 32 << 10, 64 << 10]  # batch 1-8 × hidden 40
 PREFILL_BYTES = [1 << 20, 8 << 20, 64 << 20, 256 << 20]
 GRAPH_CALLS = 64  # all-reduces per decode step of a 32-layer model
 GRAPH_MAX_BYTES = 1 << 20  # graphs are timed at decode sizes only (prefill runs eagerly)
+ONE_SHOT = ("barrier", "lamport")  # custom_all_reduce.ALGOS, in table order
 
 
 def _sync(device: torch.device) -> None:
@@ -77,9 +80,9 @@ def graph_us(fn, iters: int) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * GRAPH_CALLS)
 
 
-def check_one_shot(numel: int, dtype: torch.dtype) -> dict:
-    """Random inputs, different on every rank: the one-shot result against the exact reference (all
-    inputs gathered, summed in fp32 in rank order) and against NCCL's."""
+def check_one_shot(numel: int, dtype: torch.dtype, algo: str) -> dict:
+    """Random inputs, different on every rank: the one-shot kernel `algo`'s result against the exact
+    reference (all inputs gathered, summed in fp32 in rank order) and against NCCL's."""
     import torch.distributed as dist
 
     from dist_llm.kernels.reference import all_reduce_ref
@@ -91,11 +94,11 @@ def check_one_shot(numel: int, dtype: torch.dtype) -> dict:
     inputs = [torch.empty_like(x) for _ in range(s.mapping.tp_size)]
     dist.all_gather(inputs, x, group=s.tp_group)
     ours, nccl = x.clone(), x.clone()
-    s.custom_ar(ours)
+    s.custom_ar(ours, algo)
     dist.all_reduce(nccl, group=s.tp_group)
     return {
-        "exact": bool(torch.equal(ours, all_reduce_ref(inputs))),
-        "max_diff_vs_nccl": (ours.float() - nccl.float()).abs().max().item(),
+        f"{algo}_exact": bool(torch.equal(ours, all_reduce_ref(inputs))),
+        f"{algo}_max_diff_vs_nccl": (ours.float() - nccl.float()).abs().max().item(),
     }
 
 
@@ -112,14 +115,16 @@ def measure(nbytes: int, dtype: torch.dtype, iters: int) -> dict:
     graphs = nbytes <= GRAPH_MAX_BYTES
     row = {"bytes": nbytes}
     paths = {"nccl": lambda: dist.all_reduce(x, group=s.tp_group)}
-    if s.custom_ar is not None and s.custom_ar.fits(x):  # then tp_all_reduce takes it, as in the model
-        paths["oneshot"] = lambda: s.custom_ar(x)
-        row.update(check_one_shot(x.numel(), dtype))
+    for algo in ONE_SHOT if s.custom_ar is not None else ():
+        if s.custom_ar.fits(x, algo):  # every rank decides alike: same size, dtype and object
+            paths[algo] = lambda algo=algo: s.custom_ar(x, algo)
+            row.update(check_one_shot(x.numel(), dtype, algo))
     for name, fn in paths.items():
         row[f"{name}_us"] = eager_us(fn, s.device, iters)
         row[f"{name}_graph_us"] = graph_us(fn, iters) if graphs else None
-    model_path = "oneshot" if "oneshot" in paths else "nccl"  # what comm.tp_all_reduce calls for x
-    row["us"], row["graph_us"] = row[f"{model_path}_us"], row[f"{model_path}_graph_us"]
+    # what comm.tp_all_reduce calls for x
+    model_path = s.custom_ar.algo if s.custom_ar is not None and s.custom_ar.fits(x) else "nccl"
+    row["path"], row["us"], row["graph_us"] = model_path, row[f"{model_path}_us"], row[f"{model_path}_graph_us"]
     return row
 
 
@@ -136,19 +141,22 @@ def print_table(rows: list[dict], world: int, info: dict) -> None:
             print(f"| {r['bytes']:,} | {r['us']:.1f} | {r['algbw_gb_s']:.2f} | {r['busbw_gb_s']:.2f} |")
         return
     print(
-        f"µs per call; graph = {GRAPH_CALLS} calls in one CUDA graph; speedup = NCCL / one-shot in graphs; "
-        "busbw from the model's path (graph where timed)"
+        f"µs per call; graph = {GRAPH_CALLS} calls in one CUDA graph; speedup = NCCL / the model's one-shot kernel "
+        "in graphs; exact = bit-exact vs the fp32 rank-order sum (barrier, lamport); busbw from the model's path "
+        "(graph where timed)"
     )
-    print("| bytes | NCCL eager | NCCL graph | one-shot eager | one-shot graph | speedup | exact | busbw GB/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| bytes | NCCL eager | NCCL graph | barrier eager | barrier graph | Lamport eager | Lamport graph | path "
+        "| speedup | exact | busbw GB/s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    exact = {True: "yes", False: "NO", None: "—"}
     for r in rows:
-        a, b = r.get("nccl_graph_us"), r.get("oneshot_graph_us")
+        a, b = r.get("nccl_graph_us"), r.get(f"{r['path']}_graph_us") if r["path"] != "nccl" else None
         speedup = f"{a / b:.2f}x" if a and b else "—"
-        exact = {True: "yes", False: "NO"}.get(r.get("exact"), "—")
-        print(
-            f"| {r['bytes']:,} | {_fmt(r.get('nccl_us'))} | {_fmt(a)} | {_fmt(r.get('oneshot_us'))} | {_fmt(b)} "
-            f"| {speedup} | {exact} | {r['busbw_gb_s']:.2f} |"
-        )
+        times = " | ".join(f"{_fmt(r.get(f'{k}_us'))} | {_fmt(r.get(f'{k}_graph_us'))}" for k in ("nccl",) + ONE_SHOT)
+        checks = ", ".join(exact[r.get(f"{k}_exact")] for k in ONE_SHOT)
+        print(f"| {r['bytes']:,} | {times} | {r['path']} | {speedup} | {checks} | {r['busbw_gb_s']:.2f} |")
 
 
 def main():
@@ -179,7 +187,7 @@ def main():
             **header(),
             "ranks": world,
             "backend": s.backend,
-            "one_shot": s.custom_ar is not None,
+            "one_shot": s.custom_ar.algo if s.custom_ar is not None else None,
             "graph_calls": GRAPH_CALLS,
             "command": "python " + " ".join(sys.argv),
         }

@@ -109,26 +109,31 @@ def test_grid_is_bounded_and_launch_checks_sizes():
 
 
 def test_one_shot_object_checks_the_handle_and_reduces_in_place():
-    """`custom_all_reduce.OneShotAllReduce` over a stand-in for torch's symmetric-memory handle (one rank)."""
+    """`custom_all_reduce.OneShotAllReduce` (algo "barrier") over a stand-in for torch's symmetric-memory handle."""
     from types import SimpleNamespace
 
-    from dist_llm.parallel.custom_all_reduce import OneShotAllReduce
+    from dist_llm.parallel.custom_all_reduce import OneShotAllReduce, buffer_bytes
 
-    buf = torch.zeros(CAPACITY + 64, dtype=torch.uint8, device=DEVICE)
+    assert buffer_bytes(1) == 4 * CAPACITY  # this kernel's region, then the Lamport kernel's 3 slots
+    buf = torch.zeros(buffer_bytes(1) + 64, dtype=torch.uint8, device=DEVICE)
     pad = torch.zeros(signal_pad_ints(1), dtype=torch.int32, device=DEVICE)
     handle = SimpleNamespace(rank=0, world_size=1, offset=64, buffer_ptrs=[buf.data_ptr()],
                              signal_pad_ptrs=[pad.data_ptr()], signal_pad_size=pad.nbytes)  # fmt: skip
-    ar = OneShotAllReduce(buf[64:], handle, buf.device)
-    x = rand(5000, torch.bfloat16, seed=3)
+    ar = OneShotAllReduce(buf[64:], handle, buf.device, algo="barrier")
+    assert ar.capacity == CAPACITY
+    x = rand(5000, torch.float32, seed=3)
     y = x.clone()
     assert ar.fits(y) and ar(y) is y and torch.equal(y, x)
+    assert torch.equal(buf[64 : 64 + x.nbytes].view(torch.float32), x)  # copied into the first CAPACITY bytes
     assert not ar.fits(torch.zeros(CAPACITY + 2, dtype=torch.uint8, device=DEVICE))  # too big, and uint8
     assert not ar.fits(torch.zeros(CAPACITY // 2 + 1, dtype=torch.bfloat16, device=DEVICE))
     assert not ar.fits(torch.zeros(64, 2, dtype=torch.float32, device=DEVICE).t())  # not contiguous
     with pytest.raises(RuntimeError, match="not the tensor"):
-        OneShotAllReduce(buf[:CAPACITY], handle, buf.device)  # the offset says the tensor starts 64 bytes in
+        OneShotAllReduce(buf[: buffer_bytes(1)], handle, buf.device)  # the offset says it starts 64 bytes in
     with pytest.raises(RuntimeError, match="signal pads"):
         OneShotAllReduce(buf[64:], SimpleNamespace(**{**vars(handle), "signal_pad_size": 4}), buf.device)
+    with pytest.raises(RuntimeError, match="ranks need"):
+        OneShotAllReduce(buf[64 : 64 + CAPACITY], handle, buf.device)
 
 
 def _flag(barrier: int, program: int, world_size: int, sender: int) -> int:
