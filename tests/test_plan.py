@@ -44,3 +44,30 @@ def test_step_result_round_trip_and_unwaited_refused():
     assert back.ready is None
     with pytest.raises(AssertionError, match="wait"):
         pickle.dumps(StepResult(torch.arange(2), ready=object()))
+
+
+class _Event:
+    """A stand-in for torch.cuda.Event that completes after `polls` queries (never, with None)."""
+
+    def __init__(self, polls):
+        self.left = polls
+
+    def query(self) -> bool:
+        if self.left is None:
+            return False
+        self.left -= 1
+        return self.left < 0
+
+
+def test_wait_returns_once_the_step_is_done():
+    event = _Event(polls=3000)
+    result = StepResult(token_ids=torch.tensor([5]), ready=event)
+    assert result.wait(timeout_s=5) is result and result.ready is None and event.left < 0
+
+
+def test_a_step_that_never_finishes_raises_instead_of_hanging():
+    from dist_llm.errors import DistLLMError
+
+    result = StepResult(token_ids=torch.tensor([5]), ready=_Event(polls=None))
+    with pytest.raises(DistLLMError, match="DIST_LLM_TIMEOUT_S=0.2.*a rank is stuck"):
+        result.wait(timeout_s=0.2)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+
+from dist_llm.errors import DistLLMError
 
 
 def _to_arrays(obj) -> dict:
@@ -73,11 +76,40 @@ class StepResult:
         assert self.ready is None, "wait() for a StepResult before sending it"
         return _from_arrays, (StepResult, _to_arrays(self))
 
-    def wait(self) -> StepResult:
+    def wait(self, timeout_s: float | None = None) -> StepResult:
+        """Until the ids are on the host. A step still running after `timeout_s` (DIST_LLM_TIMEOUT_S, default
+        600) raises DistLLMError, which ends the job on every rank: a collective that a peer never joins (a
+        stuck rank; NCCL's watchdog does not see collectives replayed from CUDA graphs, and the one-shot
+        all-reduces spin without a limit) must stop the run loudly, not hang it."""
         if self.ready is not None:
-            self.ready.synchronize()
+            if not self.ready.query():
+                _wait_event(self.ready, timeout_s)
             self.ready = None
         return self
+
+
+def _wait_event(event, timeout_s: float | None) -> None:
+    """Poll `event` until it completes: as promptly as a spinning synchronize, but with a deadline, and
+    letting other Python threads run between polls (sleep(0) releases the GIL)."""
+    if timeout_s is None:
+        from dist_llm.parallel.state import timeout_s as default_timeout
+
+        timeout_s = default_timeout()
+    start = time.monotonic()
+    polls = 0
+    while not event.query():
+        polls += 1
+        if polls % 1024 == 0:
+            waited = time.monotonic() - start
+            if waited > timeout_s:
+                raise DistLLMError(
+                    f"a step has not finished on the GPU after {waited:.0f} s (DIST_LLM_TIMEOUT_S={timeout_s:g}): "
+                    "a rank is stuck (a peer that never joined a collective, or a hung kernel); stopping the job"
+                )
+            if waited > 1.0:  # a long step (a huge prefill) or a hang: stop spinning
+                time.sleep(1e-3)
+                continue
+        time.sleep(0)
 
 
 SHUTDOWN = "shutdown"
