@@ -172,7 +172,7 @@ def main():
     from dist_llm.parallel.state import destroy, get_state, init_distributed
 
     world = discover().world_size
-    os.environ.setdefault("DIST_LLM_CUSTOM_AR", "1")  # the model's switch is opt-in; time both paths here
+    os.environ.setdefault("DIST_LLM_CUSTOM_AR", "1")  # on by default at tp=2 only; time both kernels here at any tp
     init_distributed(tp_size=world, pp_size=1, backend=args.backend, device=args.device)
     s = get_state()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32

@@ -69,7 +69,7 @@ init_distributed(2, 1, backend="gloo", device="cpu")
 s = get_state()
 s.backend = "nccl"  # pretend: the creation protocol runs over the gloo tp group
 rank = s.mapping.rank
-car._local_facts = lambda r, device: car.RankFacts(r, "h", r, True)
+car._local_facts = lambda r, device, tp_size: car.RankFacts(r, "h", r, True)
 entered = []
 def prepare_fails_on(bad):
     def prepare(device, devices):
@@ -121,7 +121,9 @@ def test_one_shot_all_reduce_is_refused_by_env_hosts_errors_and_shared_gpus():
     from dist_llm.parallel.custom_all_reduce import refusal
 
     assert refusal(_facts()) is None
-    assert refusal(_facts({"enabled": False})) == ("DIST_LLM_CUSTOM_AR is not 1", False)
+    assert refusal(_facts({"enabled": False})) == (
+        "switched off (DIST_LLM_CUSTOM_AR=0, or tp_size 2 without DIST_LLM_CUSTOM_AR=1)", False
+    )
     assert refusal(_facts({"host": "other"})) == ("the tp ranks span several hosts", False)
     assert refusal(_facts({"error": "no symmetric memory"})) == ("rank 1: no symmetric memory", True)
     assert refusal(_facts({"device": 0})) == ("two tp ranks share a GPU", True)
@@ -133,12 +135,14 @@ def test_custom_ar_env_switch_and_non_nccl_backends_give_none(monkeypatch):
     from dist_llm.parallel.mapping import Mapping
     from dist_llm.parallel.state import ParallelState
 
+    cpu = torch.device("cpu")
     monkeypatch.delenv("DIST_LLM_CUSTOM_AR", raising=False)
-    assert car._local_facts(0, torch.device("cpu")).enabled is False  # opt-in
+    assert car._local_facts(0, cpu, 2).enabled is True  # on by default where it has run: tp=2
+    assert car._local_facts(0, cpu, 4).enabled is False and car._local_facts(0, cpu, 8).enabled is False
     monkeypatch.setenv("DIST_LLM_CUSTOM_AR", "0")
-    assert car._local_facts(0, torch.device("cpu")).enabled is False
+    assert car._local_facts(0, cpu, 2).enabled is False
     monkeypatch.setenv("DIST_LLM_CUSTOM_AR", "1")
-    assert car._local_facts(0, torch.device("cpu")).enabled is True
+    assert car._local_facts(0, cpu, 2).enabled is True and car._local_facts(0, cpu, 8).enabled is True
 
     info = RankInfo(0, 2, 0, 2, "127.0.0.1", 0, "single")
     for backend, tp in (("gloo", 2), ("nccl", 1), ("nccl", 3)):  # returns before any collective

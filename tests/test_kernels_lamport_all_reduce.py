@@ -245,11 +245,11 @@ def test_algorithm_comes_from_the_env_and_must_agree(monkeypatch):
     from dist_llm.parallel import custom_all_reduce as car
 
     monkeypatch.delenv(car.ALGO_ENV, raising=False)
-    assert car._local_facts(0, torch.device("cpu")).algo == "lamport"
+    assert car._local_facts(0, torch.device("cpu"), 2).algo == "lamport"
     monkeypatch.setenv(car.ALGO_ENV, "barrier")
-    assert car._local_facts(0, torch.device("cpu")).algo == "barrier"
+    assert car._local_facts(0, torch.device("cpu"), 2).algo == "barrier"
     monkeypatch.setenv(car.ALGO_ENV, "ring")
-    assert "DIST_LLM_CUSTOM_AR_ALGO='ring'" in car._local_facts(0, torch.device("cpu")).error
+    assert "DIST_LLM_CUSTOM_AR_ALGO='ring'" in car._local_facts(0, torch.device("cpu"), 2).error
     facts = [car.RankFacts(rank=r, host="h", device=r, enabled=True) for r in range(2)]
     assert car.refusal(facts) is None
     assert car.refusal([facts[0], dataclasses.replace(facts[1], algo="barrier")]) == (

@@ -9,12 +9,14 @@ Both sum in fp32 in rank order, so every rank gets the same bits. fp32 tensors s
 
 `maybe_create(state)` is called once per process by `init_distributed` and returns an `OneShotAllReduce`
 when the backend is NCCL, tp_size is 2, 4 or 8, every tp rank sits on one host on its own GPU with P2P
-access to the others', and DIST_LLM_CUSTOM_AR=1 on all of them; otherwise None, and
-`comm.tp_all_reduce` keeps using NCCL (as it does for tensors that do not `fit`). On 2× H200 (2026-11-28,
+access to the others', and the switch is on for all of them: DIST_LLM_CUSTOM_AR=1, or unset at tp_size 2
+(`DEFAULT_ON_TP`); otherwise None, and `comm.tp_all_reduce` keeps using NCCL (as it does for tensors that
+do not `fit`). On 2× H200 (2026-11-28,
 CUDA graphs, bit-exact on both ranks) the Lamport kernel took 3.7 µs per 8-64 KB call against NCCL's
 15-19 µs and the barrier kernel's 7; the 7B tp=2 batch-1 decode went from 359 tok/s (NCCL) and 373
-(barrier) to 400 (docs/performance.md). It stays opt-in until it has run on 4 and 8 GPUs: a rank that
-never arrives leaves its peers spinning with no timeout, where NCCL's watchdog would end the job.
+(barrier) to 400 (docs/performance.md), so it is on by default at tp=2, and opt-in at tp=4 and 8 until it
+has run there. A rank that never arrives leaves its peers spinning (the kernels have no timeout); rank 0's
+wait for the step (`StepResult.wait`) then stops the job after DIST_LLM_TIMEOUT_S.
 
 Creation never hangs and never half-succeeds: every collective step is entered by all tp ranks or by
 none. The ranks first gather what each knows about itself (host, GPU, the env switches, whether symmetric
@@ -59,6 +61,7 @@ ENV = "DIST_LLM_CUSTOM_AR"
 ALGO_ENV = "DIST_LLM_CUSTOM_AR_ALGO"
 ALGOS = ("lamport", "barrier")  # the first is the default
 TP_SIZES = (2, 4, 8)
+DEFAULT_ON_TP = (2,)  # on unless DIST_LLM_CUSTOM_AR=0: the tp sizes it has run at on real GPUs (2x H200)
 CAPACITY_BYTES = 1 << 20  # decode all-reduces: up to 128 tokens x 4096 x bf16; bigger ones stay on NCCL
 
 
@@ -124,7 +127,7 @@ class RankFacts:
     rank: int
     host: str
     device: int
-    enabled: bool  # DIST_LLM_CUSTOM_AR=1
+    enabled: bool  # DIST_LLM_CUSTOM_AR=1, or unset where DEFAULT_ON_TP has the tp size (`switched_on`)
     error: str | None = None  # why this rank cannot take part at all
     algo: str = ALGOS[0]  # DIST_LLM_CUSTOM_AR_ALGO
 
@@ -133,7 +136,7 @@ def refusal(facts: list[RankFacts]) -> tuple[str, bool] | None:
     """Why the tp group whose ranks report `facts` must stay on NCCL, and whether that is a failure worth a
     warning (not a setting); None when it can go on. Every rank computes it from the same list."""
     if not all(f.enabled for f in facts):
-        return f"{ENV} is not 1", False
+        return f"switched off ({ENV}=0, or tp_size {len(facts)} without {ENV}=1)", False
     if len({f.host for f in facts}) > 1:
         return "the tp ranks span several hosts", False
     for f in facts:
@@ -146,7 +149,13 @@ def refusal(facts: list[RankFacts]) -> tuple[str, bool] | None:
     return None
 
 
-def _local_facts(rank: int, device: torch.device) -> RankFacts:
+def switched_on(tp_size: int) -> bool:
+    """DIST_LLM_CUSTOM_AR: 1 on, 0 off, unset (or anything else): on at the tp sizes of DEFAULT_ON_TP."""
+    value = os.environ.get(ENV, "")
+    return value == "1" if value in ("0", "1") else tp_size in DEFAULT_ON_TP
+
+
+def _local_facts(rank: int, device: torch.device, tp_size: int) -> RankFacts:
     error = None
     try:
         import torch.distributed._symmetric_memory  # noqa: F401
@@ -155,7 +164,7 @@ def _local_facts(rank: int, device: torch.device) -> RankFacts:
     algo = os.environ.get(ALGO_ENV) or ALGOS[0]
     if algo not in ALGOS:
         error = f"{ALGO_ENV}={algo!r}: choose one of {', '.join(ALGOS)}"
-    return RankFacts(rank, socket.gethostname(), device.index, os.environ.get(ENV, "0") == "1", error, algo)
+    return RankFacts(rank, socket.gethostname(), device.index, switched_on(tp_size), error, algo)
 
 
 def _prepare(device: torch.device, peer_devices: list[int]) -> torch.Tensor:
@@ -214,7 +223,7 @@ def maybe_create(state) -> OneShotAllReduce | None:
     if state.backend != "nccl" or m.tp_size not in TP_SIZES:
         return None
     facts = [None] * m.tp_size
-    dist.all_gather_object(facts, _local_facts(m.rank, state.device), group=state.tp_group)
+    dist.all_gather_object(facts, _local_facts(m.rank, state.device, m.tp_size), group=state.tp_group)
     ar, why = None, refusal(facts)
     if why is None:
         ar, error = _create(state, [f.device for f in facts], facts[0].algo)
