@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from dist_llm.errors import DistLLMError
+from dist_llm.parallel.state import timeout_s as default_timeout_s
 
 
 def _to_arrays(obj) -> dict:
@@ -89,17 +90,14 @@ class StepResult:
 
 
 def _wait_event(event, timeout_s: float | None) -> None:
-    """Poll `event` until it completes: as promptly as a spinning synchronize, but with a deadline, and
-    letting other Python threads run between polls (sleep(0) releases the GIL)."""
-    if timeout_s is None:
-        from dist_llm.parallel.state import timeout_s as default_timeout
-
-        timeout_s = default_timeout()
+    """Poll `event` until it completes: as promptly as a spinning synchronize for the first second (sleep(0)
+    releases the GIL, so other Python threads run between polls), then once a millisecond, with a deadline."""
+    timeout_s = default_timeout_s() if timeout_s is None else timeout_s
     start = time.monotonic()
-    polls = 0
+    polls, pause = 0, 0.0
     while not event.query():
         polls += 1
-        if polls % 1024 == 0:
+        if polls % 1024 == 0:  # the clock every 1024 polls: about a millisecond early on, a second later
             waited = time.monotonic() - start
             if waited > timeout_s:
                 raise DistLLMError(
@@ -107,9 +105,8 @@ def _wait_event(event, timeout_s: float | None) -> None:
                     "a rank is stuck (a peer that never joined a collective, or a hung kernel); stopping the job"
                 )
             if waited > 1.0:  # a long step (a huge prefill) or a hang: stop spinning
-                time.sleep(1e-3)
-                continue
-        time.sleep(0)
+                pause = 1e-3
+        time.sleep(pause)
 
 
 SHUTDOWN = "shutdown"
