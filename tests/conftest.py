@@ -121,3 +121,18 @@ def convert_and_build(hf_dir: str, out_root, tp: int, pp: int, dtype: str = "flo
 def tiny_engine_tp2(tiny_models, tmp_path_factory):
     """A tiny Llama converted with tp=2 and built (used by the launch and Slurm tests)."""
     return convert_and_build(tiny_models["llama"], tmp_path_factory.mktemp("engine_tp2"), 2, 1)
+
+
+def launch_on_streams(call, xs, outs, streams, delay_rank: int | None = None) -> None:
+    """Simulated ranks of a collective kernel on one GPU: `call(rank, x, out)` for each rank on its own
+    stream, forked from and joined back to the current one; `delay_rank` starts ~50 µs late, so that its
+    peers wait for it."""
+    main = torch.cuda.current_stream()
+    for rank, stream in enumerate(streams):
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            if rank == delay_rank:
+                torch.cuda._sleep(100_000)
+            call(rank, xs[rank], outs[rank])
+    for stream in streams:
+        main.wait_stream(stream)

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from conftest import launch_on_streams  # noqa: E402
 
 from dist_llm.kernels.all_reduce import (  # noqa: E402
     MAX_PROGRAMS,
@@ -198,17 +199,6 @@ def _load_alone(ranks: Ranks, numel: int, dtype: torch.dtype) -> None:
             pad.zero_()
 
 
-def _launch_all(ranks: Ranks, xs, outs, streams) -> None:
-    """Each simulated rank's kernel on its own stream, forked from and joined back to the current one."""
-    main = torch.cuda.current_stream()
-    for rank, stream in enumerate(streams):
-        stream.wait_stream(main)
-        with torch.cuda.stream(stream):
-            ranks.call(rank, xs[rank], outs[rank])
-    for stream in streams:
-        main.wait_stream(stream)
-
-
 @pytest.mark.gpu
 @pytest.mark.timeout(180, method="thread")  # a broken barrier hangs inside CUDA: only a thread timeout ends it
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -222,7 +212,7 @@ def test_simulated_ranks_on_one_gpu(world_size, dtype):
             xs = [rand(numel, dtype, seed=1000 * it + r) for r in range(world_size)]
             expected = all_reduce_ref(xs)
             outs = [x.clone() for x in xs]
-            _launch_all(ranks, outs, outs, streams)  # in place, as tp_all_reduce calls it
+            launch_on_streams(ranks.call, outs, outs, streams)  # in place, as tp_all_reduce calls it
             torch.cuda.synchronize()
             for rank, out in enumerate(outs):
                 assert torch.equal(out, expected), f"rank {rank} of {world_size}, numel {numel}, call {it}"
@@ -240,12 +230,12 @@ def test_simulated_ranks_replayed_from_a_cuda_graph(world_size):
     streams = [torch.cuda.Stream() for _ in range(world_size)]
     bufs = [torch.zeros(numel, dtype=dtype, device=DEVICE) for _ in range(world_size)]
     _load_alone(ranks, numel, dtype)
-    _launch_all(ranks, bufs, bufs, streams)  # an eager round before the capture
+    launch_on_streams(ranks.call, bufs, bufs, streams)  # an eager round before the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
-            _launch_all(ranks, bufs, bufs, streams)
+            launch_on_streams(ranks.call, bufs, bufs, streams)
     for it in range(4):
         xs = [rand(numel, dtype, seed=100 * it + r) for r in range(world_size)]
         for buf, x in zip(bufs, xs):

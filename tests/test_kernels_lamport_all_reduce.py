@@ -25,6 +25,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from conftest import launch_on_streams  # noqa: E402
 
 from dist_llm.kernels.lamport_all_reduce import (  # noqa: E402
     SENTINEL,
@@ -286,20 +287,6 @@ def _load_alone(ranks: Ranks, numels, dtype: torch.dtype) -> None:
     torch.cuda.synchronize()
 
 
-def _launch_all(ranks: Ranks, xs, outs, streams, delay_rank: int | None = None) -> None:
-    """Each simulated rank's kernel on its own stream, forked from and joined back to the current one;
-    `delay_rank` starts ~50 µs late, so that its peers wait for it."""
-    main = torch.cuda.current_stream()
-    for rank, stream in enumerate(streams):
-        stream.wait_stream(main)
-        with torch.cuda.stream(stream):
-            if rank == delay_rank:
-                torch.cuda._sleep(100_000)
-            ranks.call(rank, xs[rank], outs[rank])
-    for stream in streams:
-        main.wait_stream(stream)
-
-
 @pytest.mark.gpu
 @pytest.mark.timeout(180, method="thread")  # a lost word hangs inside CUDA: only a thread timeout ends it
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -315,7 +302,7 @@ def test_simulated_ranks_on_one_gpu(world_size, dtype):
         for it in range(3):  # new data every call: a stale word of an earlier call would show
             xs = [rand(numel, dtype, seed=1000 * it + 10 * r + world_size, wide=it == 1) for r in range(world_size)]
             outs = [x.clone() for x in xs]
-            _launch_all(ranks, outs, outs, streams, delay_rank=call % (world_size + 1))  # in place
+            launch_on_streams(ranks.call, outs, outs, streams, delay_rank=call % (world_size + 1))  # in place
             torch.cuda.synchronize()
             want = expected(xs)
             for rank, out in enumerate(outs):
@@ -367,12 +354,12 @@ def test_simulated_ranks_replayed_from_a_cuda_graph(world_size):
     streams = [torch.cuda.Stream() for _ in range(world_size)]
     bufs = [torch.zeros(numel, dtype=dtype, device=DEVICE) for _ in range(world_size)]
     _load_alone(ranks, [numel], dtype)
-    _launch_all(ranks, bufs, bufs, streams)  # an eager round before the capture
+    launch_on_streams(ranks.call, bufs, bufs, streams)  # an eager round before the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
-            _launch_all(ranks, bufs, bufs, streams)
+            launch_on_streams(ranks.call, bufs, bufs, streams)
     for it in range(4):  # 8 calls a replay: the slot goes round 3 times and lands somewhere else each time
         xs = [rand(numel, dtype, seed=100 * it + r) for r in range(world_size)]
         for buf, x in zip(bufs, xs):
