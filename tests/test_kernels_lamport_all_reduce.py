@@ -33,6 +33,7 @@ from dist_llm.kernels.lamport_all_reduce import (  # noqa: E402
     buffer_bytes,
     init_buffer,
     lamport_all_reduce,
+    lamport_all_reduce_rms_norm,
     new_state,
 )
 from dist_llm.kernels.reference import all_reduce_ref  # noqa: E402
@@ -373,3 +374,174 @@ def test_simulated_ranks_replayed_from_a_cuda_graph(world_size):
             assert torch.equal(buf, want[0]), f"rank {rank}, replay {it}"
         done = 1 + calls * (it + 1)
         assert all(s.tolist() == [done % SLOTS, numel, 0] for s in ranks.states)
+
+
+# ------------------------------------------------------------------- the all-reduce fused with add + RMSNorm
+
+EPS = 1e-5
+
+
+def _norm_inputs(rows: int, hidden: int, dtype: torch.dtype, seed: int, w_dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    residual = torch.randn(rows, hidden, generator=g).to(dtype).to(DEVICE)
+    weight = (1.0 + 0.1 * torch.randn(hidden, generator=g)).to(w_dtype or dtype).to(DEVICE)
+    return residual, weight
+
+
+def _unfused(summed: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor):
+    """What the two launches leave: the all-reduce's result, then `fused_add_rms_norm` in place."""
+    from dist_llm.kernels.rmsnorm import fused_add_rms_norm
+
+    x, res = summed.clone(), residual.clone()
+    fused_add_rms_norm(x, res, weight, EPS)
+    return x, res
+
+
+class NormRanks(Ranks):
+    def call_norm(self, rank: int, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> None:
+        lamport_all_reduce_rms_norm(
+            x, residual, weight, EPS, self.buffer_ptrs, self.states[rank], rank, self.world_size, SLOT_BYTES
+        )
+
+
+# (rows, hidden): one row and a few; past the 32-program grid (rows loop); odd widths
+NORM_SHAPES = [(1, 64), (3, 1000), (2, 4096), (35, 40)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_fused_norm_one_rank_equals_all_reduce_then_norm_and_shares_the_state(dtype):
+    """W = 1, interleaved with the plain all-reduce on one state: bit for bit the two launches it replaces
+    (x and residual), the slot and previous numel advanced alike, the previous slot cleared."""
+    ranks = NormRanks(1)
+    for call, (rows, hidden) in enumerate(NORM_SHAPES + [(1, 7)]):
+        w_dtype = torch.float32 if call == 1 else None  # the weight's dtype wins the product: no rounding to x's
+        residual, weight = _norm_inputs(rows, hidden, dtype, seed=call, w_dtype=w_dtype)
+        x = rand(rows * hidden, dtype, seed=call).view(rows, hidden)
+        want_x, want_res = _unfused(expected([x.view(-1)]).view(rows, hidden), residual, weight)
+        got_x, got_res = x.clone(), residual.clone()
+        ranks.call_norm(0, got_x, got_res, weight)
+        assert torch.equal(got_res, want_res) and torch.equal(got_x, want_x), f"call {call}, {rows}x{hidden}"
+        numel = rows * hidden
+        assert ranks.states[0].tolist() == [(2 * call + 1) % SLOTS, numel, 0]
+        assert torch.equal(ranks.words(0) != SENTINEL, in_use(1, (2 * call) % SLOTS, numel)), f"call {call}"
+        y = rand(333, dtype, seed=99)  # a plain call in between, on the same state
+        assert torch.equal(ranks.call(0, y.clone(), torch.empty_like(y)), expected([y]))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fused_norm_each_rank_alone_with_its_peers_pushes_simulated(world_size):
+    """As the plain kernel's test: each rank alone, its peers' words in place; it must leave the unfused
+    pair's x and residual, and push its own x (not the normed one) into every peer's buffer."""
+    rows, hidden, dtype = 3, 1000, torch.bfloat16
+    numel = rows * hidden
+    xs = [rand(numel, dtype, seed=7 * world_size + r, wide=True) for r in range(world_size)]
+    residual, weight = _norm_inputs(rows, hidden, dtype, seed=world_size)
+    want_x, want_res = _unfused(expected(xs).view(rows, hidden), residual, weight)
+    for rank in range(world_size):
+        ranks = NormRanks(world_size)
+        slot = (rank + 2) % SLOTS
+        ranks.states[rank].copy_(torch.tensor([slot, numel + 17, 0], dtype=torch.int32))
+        own = ranks.words(rank)
+        own[(slot + SLOTS - 1) % SLOTS, :, : numel + 17] = 0x1234
+        for peer in range(world_size):
+            if peer != rank:
+                own[slot, peer, :numel] = pushed(xs[peer])
+        x, res = xs[rank].clone().view(rows, hidden), residual.clone()
+        ranks.call_norm(rank, x, res, weight)
+        assert torch.equal(res, want_res) and torch.equal(x, want_x), f"rank {rank} of {world_size}"
+        assert ranks.states[rank].tolist() == [(slot + 1) % SLOTS, numel, 0]
+        assert torch.equal(own != SENTINEL, in_use(world_size, slot, numel)), f"rank {rank}: own buffer"
+        for peer in range(world_size):
+            assert torch.equal(ranks.words(peer)[slot, rank, :numel], pushed(xs[rank])), f"rank {rank} -> {peer}"
+
+
+def test_fused_norm_refuses_what_it_cannot_take():
+    from dist_llm.kernels.lamport_all_reduce import MAX_NORM_HIDDEN, rms_norm_fits
+
+    x = torch.zeros(2, 64, dtype=torch.bfloat16, device=DEVICE)
+    res, w = torch.zeros_like(x), torch.ones(64, dtype=torch.bfloat16, device=DEVICE)
+    assert rms_norm_fits(x, res, w, SLOT_BYTES)
+    assert not rms_norm_fits(x.float(), res.float(), w, SLOT_BYTES)  # fp32: no sentinel
+    assert not rms_norm_fits(x, res.half(), w, SLOT_BYTES)
+    assert not rms_norm_fits(x, res, w[:32], SLOT_BYTES)
+    assert not rms_norm_fits(x.t(), res.t(), torch.ones(2, dtype=torch.bfloat16, device=DEVICE), SLOT_BYTES)
+    wide = torch.zeros(1, MAX_NORM_HIDDEN + 8, dtype=torch.bfloat16, device=DEVICE)
+    assert not rms_norm_fits(wide, wide, torch.ones(wide.shape[1], device=DEVICE), 1 << 20)
+    assert not rms_norm_fits(x, res, w, 64)  # does not fit the segment
+    with pytest.raises(AssertionError, match="see rms_norm_fits"):
+        NormRanks(1).call_norm(0, x, res.half(), w)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(180, method="thread")
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fused_norm_simulated_ranks_on_one_gpu_and_in_a_graph(world_size):
+    """Concurrent simulated ranks, eagerly (interleaved with plain calls, one of them late) and replayed
+    from a CUDA graph: every rank leaves the unfused pair's bits."""
+    dtype, rows, hidden = torch.bfloat16, 5, 4096
+    ranks = NormRanks(world_size)
+    streams = [torch.cuda.Stream() for _ in range(world_size)]
+    residual, weight = _norm_inputs(rows, hidden, dtype, seed=5)
+    xs = [torch.zeros(rows, hidden, dtype=dtype, device=DEVICE) for _ in range(world_size)]
+    ress = [residual.clone() for _ in range(world_size)]
+    for rank in range(world_size):  # compile and load alone first (see _load_alone)
+        ranks.reset()
+        ranks.words(rank)[0, :, : rows * hidden] = 0
+        ranks.call_norm(rank, xs[rank], ress[rank], weight)
+        torch.cuda.synchronize()
+    _load_alone(ranks, [rows * hidden], dtype)
+
+    def norm_call(rank, x, res):
+        ranks.call_norm(rank, x, res, weight)
+
+    def check(inputs, tag):
+        want_x, want_res = _unfused(expected([x.view(-1) for x in inputs]).view(rows, hidden), residual, weight)
+        for rank in range(world_size):
+            assert torch.equal(ress[rank], want_res) and torch.equal(xs[rank], want_x), f"rank {rank}, {tag}"
+
+    for it in range(3):
+        inputs = [rand(rows * hidden, dtype, seed=10 * it + r, wide=it == 1).view(rows, hidden)
+                  for r in range(world_size)]  # fmt: skip
+        for rank in range(world_size):
+            xs[rank].copy_(inputs[rank])
+            ress[rank].copy_(residual)
+        launch_on_streams(norm_call, xs, ress, streams, delay_rank=it % (world_size + 1))
+        torch.cuda.synchronize()
+        check(inputs, f"eager {it}")
+        plain = [x.view(-1).clone() for x in inputs]
+        launch_on_streams(ranks.call, plain, plain, streams)  # a plain call in between
+        torch.cuda.synchronize()
+        assert all(torch.equal(p, expected([x.view(-1) for x in inputs])) for p in plain)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch_on_streams(norm_call, xs, ress, streams)
+    for it in range(4):  # one call per replay: the slot moves on each time
+        inputs = [rand(rows * hidden, dtype, seed=100 + 10 * it + r).view(rows, hidden) for r in range(world_size)]
+        for rank in range(world_size):
+            xs[rank].copy_(inputs[rank])
+            ress[rank].copy_(residual)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(inputs, f"replay {it}")
+
+
+def test_one_shot_object_fuses_the_norm_only_with_lamport_and_when_switched_on(monkeypatch):
+    from dist_llm.parallel.custom_all_reduce import NORM_ENV
+
+    rows, hidden, dtype = 2, 96, torch.bfloat16
+    residual, weight = _norm_inputs(rows, hidden, dtype, seed=11)
+    x = rand(rows * hidden, dtype, seed=12).view(rows, hidden)
+    want_x, want_res = _unfused(expected([x.view(-1)]).view(rows, hidden), residual, weight)
+    ar, _, _ = _one_rank_all_reduce()
+    got_x, got_res = x.clone(), residual.clone()
+    assert ar.add_rms_norm(got_x, got_res, weight, EPS)
+    assert torch.equal(got_x, want_x) and torch.equal(got_res, want_res)
+    assert ar.lamport_state.tolist() == [1, rows * hidden, 0]
+    assert not ar.add_rms_norm(x.float(), residual.float(), weight, EPS)  # fp32: not the Lamport kernel's
+    monkeypatch.setenv(NORM_ENV, "0")
+    for off in (_one_rank_all_reduce()[0], _one_rank_all_reduce("barrier")[0]):
+        untouched = x.clone()
+        assert not off.add_rms_norm(untouched, residual.clone(), weight, EPS) and torch.equal(untouched, x)
+    monkeypatch.delenv(NORM_ENV)
+    assert not _one_rank_all_reduce("barrier")[0].add_rms_norm(x.clone(), residual.clone(), weight, EPS)

@@ -70,7 +70,8 @@ import triton.language as tl
 
 from dist_llm.kernels._pdl import pdl_launch_kwargs, pdl_wait
 from dist_llm.kernels._rounding import round_to
-from dist_llm.kernels.all_reduce import TILE_BYTES, num_programs  # the same tiles and grid bound (32)
+from dist_llm.kernels.all_reduce import MAX_PROGRAMS, TILE_BYTES, num_programs  # the same tiles and grid bound
+from dist_llm.kernels.rmsnorm import _add_rms_norm_row
 
 DTYPES = (torch.bfloat16, torch.float16)  # 16-bit types whose negative zero is the word 0x8000
 SENTINEL = -32768  # 0x8000 as int16: -0.0 in bf16 and fp16
@@ -80,6 +81,7 @@ STATE_INTS = 3  # the current slot, the previous call's numel, the exit count
 _SENTINEL, _SLOTS = tl.constexpr(SENTINEL), tl.constexpr(SLOTS)
 _SLOT, _PREV_NUMEL, _EXITS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _NUM_WARPS = 8  # 256 threads: two 16-byte words per thread and segment (not swept yet)
+MAX_NORM_HIDDEN = 16384  # widest row the fused norm holds in registers (rmsnorm's one-pass bound)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -106,6 +108,61 @@ def _words(ptrs, p):
 
 
 @triton.jit
+def _push(x_ptr, buffer_ptrs, slot, slot_words, idx, mask, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
+    """Step 1 for the words at `idx`: x into segment RANK of the slot, on every rank (-0.0 sent as +0.0)."""
+    bits = tl.load(x_ptr + idx, mask=mask).to(tl.int16, bitcast=True)
+    bits = tl.where(bits == _SENTINEL, tl.zeros_like(bits), bits)
+    for p in tl.static_range(WORLD_SIZE):
+        tl.store(_words(buffer_ptrs, p) + (slot * WORLD_SIZE + RANK) * slot_words + idx, bits, mask=mask)
+
+
+@triton.jit
+def _clear_previous(state_ptr, own, slot, slot_words, pid, step, WORLD_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """Step 2, this program's share: the sentinel over the previous call's slot of its own buffer (every
+    peer's write there has been seen, by the previous call), over the previous call's numel rounded up to
+    whole 16-byte words (the words past it are the sentinel already; slot_words is a multiple of 8)."""
+    prev_n = tl.multiple_of((tl.load(state_ptr + _PREV_NUMEL) + 7) // 8 * 8, 8)
+    prev = own + ((slot + _SLOTS - 1) % _SLOTS) * WORLD_SIZE * slot_words
+    sentinel = tl.full([BLOCK], _SENTINEL, tl.int16)
+    for start in range(pid * BLOCK, prev_n, step):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < prev_n
+        for p in tl.static_range(WORLD_SIZE):
+            tl.store(prev + p * slot_words + idx, sentinel, mask=mask)
+
+
+@triton.jit
+def _wait_and_sum(cur, slot_words, idx, mask, dtype: tl.constexpr, WORLD_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """Step 3 for the words at `idx`: poll segments 0..W-1 of the current slot until no word is the
+    sentinel, and return their fp32 sum in rank order (the same bits on every rank). The sum of the last
+    pass is kept: by then no word read was the sentinel, so all are final. The loop condition is a scalar
+    computed at the end of the body: a tensor reduction in the while condition breaks triton 3.6's
+    TritonGPURemoveLayoutConversions pass (PassManager::run failed in make_ttgir)."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    pending = 1  # int32 scalar: 1 while the last pass read a sentinel word
+    while pending > 0:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        waiting = tl.zeros([BLOCK], dtype=tl.int32)
+        for p in tl.static_range(WORLD_SIZE):
+            w = tl.load(cur + p * slot_words + idx, mask=mask, other=0, volatile=True)
+            waiting = tl.where(w == _SENTINEL, 1, waiting)
+            acc += w.to(dtype, bitcast=True).to(tl.float32)
+        pending = tl.max(waiting, axis=0)
+    return acc
+
+
+@triton.jit
+def _advance_state(state_ptr, slot, n, programs):
+    """Step 4: the last program out advances the state (every program has read it: module docstring)."""
+    tl.debug_barrier()
+    exited = tl.atomic_add(state_ptr + _EXITS, 1, sem="acq_rel", scope="gpu")
+    if exited == programs - 1:
+        tl.store(state_ptr + _EXITS, 0)
+        tl.store(state_ptr + _PREV_NUMEL, n)
+        tl.store(state_ptr + _SLOT, (slot + 1) % _SLOTS)
+
+
+@triton.jit
 def _lamport_all_reduce_kernel(
     x_ptr, out_ptr, buffer_ptrs, state_ptr, n, slot_words,
     RANK: tl.constexpr, WORLD_SIZE: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
@@ -117,52 +174,49 @@ def _lamport_all_reduce_kernel(
     dtype = x_ptr.dtype.element_ty
     pdl_wait(USE_PDL)
     slot = tl.load(state_ptr + _SLOT)
-    # rounded up to whole 16-byte words, so the clear vectorizes: the words past the previous numel are
-    # the sentinel already, and slot_words is a multiple of 8
-    prev_n = tl.multiple_of((tl.load(state_ptr + _PREV_NUMEL) + 7) // 8 * 8, 8)
     own = _words(buffer_ptrs, RANK)
-    # 1. push this rank's x into segment RANK of the slot, on every rank
     for start in range(pid * BLOCK, n, step):
-        idx = start + offs
-        mask = idx < n
-        bits = tl.load(x_ptr + idx, mask=mask).to(tl.int16, bitcast=True)
-        bits = tl.where(bits == _SENTINEL, tl.zeros_like(bits), bits)  # -0.0 -> +0.0
-        for p in tl.static_range(WORLD_SIZE):
-            tl.store(_words(buffer_ptrs, p) + (slot * WORLD_SIZE + RANK) * slot_words + idx, bits, mask=mask)
-    # 2. clear the previous call's slot (every peer's write there has been seen, by the previous call)
-    prev = own + ((slot + _SLOTS - 1) % _SLOTS) * WORLD_SIZE * slot_words
-    sentinel = tl.full([BLOCK], _SENTINEL, tl.int16)
-    for start in range(pid * BLOCK, prev_n, step):
-        idx = start + offs
-        mask = idx < prev_n
-        for p in tl.static_range(WORLD_SIZE):
-            tl.store(prev + p * slot_words + idx, sentinel, mask=mask)
-    # 3. wait until every segment's words have arrived, summing them in rank order (the sum of the last
-    # pass is kept: by then no word read was the sentinel, so all are final). The loop condition is a
-    # scalar computed at the end of the body: a tensor reduction in the while condition breaks triton
-    # 3.6's TritonGPURemoveLayoutConversions pass (PassManager::run failed in make_ttgir)
+        _push(x_ptr, buffer_ptrs, slot, slot_words, start + offs, start + offs < n, RANK, WORLD_SIZE)
+    _clear_previous(state_ptr, own, slot, slot_words, pid, step, WORLD_SIZE, BLOCK)
     cur = own + slot * WORLD_SIZE * slot_words
     for start in range(pid * BLOCK, n, step):
         idx = start + offs
         mask = idx < n
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        pending = 1  # int32 scalar: 1 while the last pass read a sentinel word
-        while pending > 0:
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            waiting = tl.zeros([BLOCK], dtype=tl.int32)
-            for p in tl.static_range(WORLD_SIZE):  # rank order: the same sum, bit for bit, on every rank
-                w = tl.load(cur + p * slot_words + idx, mask=mask, other=0, volatile=True)
-                waiting = tl.where(w == _SENTINEL, 1, waiting)
-                acc += w.to(dtype, bitcast=True).to(tl.float32)
-            pending = tl.max(waiting, axis=0)
+        acc = _wait_and_sum(cur, slot_words, idx, mask, dtype, WORLD_SIZE, BLOCK)
         tl.store(out_ptr + idx, round_to(acc, dtype), mask=mask)
-    # 4. the last program out advances the state (every program has read it: see the module docstring)
-    tl.debug_barrier()
-    exited = tl.atomic_add(state_ptr + _EXITS, 1, sem="acq_rel", scope="gpu")
-    if exited == programs - 1:
-        tl.store(state_ptr + _EXITS, 0)
-        tl.store(state_ptr + _PREV_NUMEL, n)
-        tl.store(state_ptr + _SLOT, (slot + 1) % _SLOTS)
+    _advance_state(state_ptr, slot, n, programs)
+
+
+@triton.jit
+def _lamport_all_reduce_rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, buffer_ptrs, state_ptr, rows, hidden, slot_words, eps,
+    RANK: tl.constexpr, WORLD_SIZE: tl.constexpr, BLOCK: tl.constexpr, ROUND_TO_RES: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):  # fmt: skip
+    """The all-reduce of x [rows, hidden] (a program per row, grid-stride), then, per row as its sum
+    arrives, `rmsnorm._fused_add_rms_norm_kernel`'s one-pass body: residual <- sum + residual, x <- the
+    normed residual. The same slots, state and words as `_lamport_all_reduce_kernel`, so calls of the two
+    kernels interleave."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    col_mask = offs < hidden
+    dtype = x_ptr.dtype.element_ty
+    pdl_wait(USE_PDL)
+    slot = tl.load(state_ptr + _SLOT)
+    own = _words(buffer_ptrs, RANK)
+    for row in range(pid, rows, programs):  # every row of this program is pushed before any wait
+        _push(x_ptr, buffer_ptrs, slot, slot_words, row * hidden + offs, col_mask, RANK, WORLD_SIZE)
+    _clear_previous(state_ptr, own, slot, slot_words, pid, programs * BLOCK, WORLD_SIZE, BLOCK)
+    cur = own + slot * WORLD_SIZE * slot_words
+    for row in range(pid, rows, programs):
+        idx = row * hidden + offs
+        y = round_to(_wait_and_sum(cur, slot_words, idx, col_mask, dtype, WORLD_SIZE, BLOCK), dtype)
+        _add_rms_norm_row(
+            y.to(tl.float32), res_ptr + row * hidden, x_ptr + row * hidden, w_ptr, offs, col_mask, hidden, eps,
+            ROUND_TO_RES,
+        )  # fmt: skip
+    _advance_state(state_ptr, slot, rows * hidden, programs)
 
 
 def lamport_all_reduce(
@@ -182,18 +236,10 @@ def lamport_all_reduce(
     Every rank must make the same call (same numel and 16-bit dtype), in the same order. Nothing is
     allocated, so the call can be captured in a CUDA graph (and replayed: the state lives on the device).
     """
-    assert x.dtype in DTYPES, f"lamport_all_reduce takes bf16 or fp16 (-0.0 is its sentinel), got {x.dtype}"
-    assert x.is_contiguous() and out.is_contiguous(), "x and out must be contiguous"
-    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device, "out must be like x"
-    assert x.device.type == "cuda" or (_INTERPRET and x.device.type == "cpu"), f"x is on {x.device}"
-    assert slot_bytes % 16 == 0, f"slot_bytes {slot_bytes} is not a multiple of 16"
-    assert x.nbytes <= slot_bytes, f"{x.nbytes} bytes do not fit the {slot_bytes}-byte segment"
-    assert 0 <= rank < world_size, f"rank {rank} of {world_size}"
-    assert buffer_ptrs.dtype == torch.int64 and buffer_ptrs.shape == (world_size,), (
-        f"buffer_ptrs must be int64 [{world_size}], got {buffer_ptrs.dtype} {tuple(buffer_ptrs.shape)}"
+    _check_call(x, buffer_ptrs, state, rank, world_size, slot_bytes)
+    assert out.is_contiguous() and out.shape == x.shape and out.dtype == x.dtype and out.device == x.device, (
+        "out must be contiguous and like x"
     )
-    assert state.dtype == torch.int32 and state.shape == (STATE_INTS,), f"state must be int32 [{STATE_INTS}]"
-    assert buffer_ptrs.device == x.device and state.device == x.device, "buffer_ptrs and state go on x's device"
     n = x.numel()
     if n == 0:
         return out
@@ -203,3 +249,66 @@ def lamport_all_reduce(
         RANK=rank, WORLD_SIZE=world_size, BLOCK=block, num_warps=_NUM_WARPS, **pdl_launch_kwargs(x.device),
     )  # fmt: skip
     return out
+
+
+def _check_call(x, buffer_ptrs, state, rank, world_size, slot_bytes) -> None:
+    assert x.dtype in DTYPES, f"the Lamport all-reduce takes bf16 or fp16 (-0.0 is its sentinel), got {x.dtype}"
+    assert x.is_contiguous(), "x must be contiguous"
+    assert x.device.type == "cuda" or (_INTERPRET and x.device.type == "cpu"), f"x is on {x.device}"
+    assert slot_bytes % 16 == 0, f"slot_bytes {slot_bytes} is not a multiple of 16"
+    assert x.nbytes <= slot_bytes, f"{x.nbytes} bytes do not fit the {slot_bytes}-byte segment"
+    assert 0 <= rank < world_size, f"rank {rank} of {world_size}"
+    assert buffer_ptrs.dtype == torch.int64 and buffer_ptrs.shape == (world_size,), (
+        f"buffer_ptrs must be int64 [{world_size}], got {buffer_ptrs.dtype} {tuple(buffer_ptrs.shape)}"
+    )
+    assert state.dtype == torch.int32 and state.shape == (STATE_INTS,), f"state must be int32 [{STATE_INTS}]"
+    assert buffer_ptrs.device == x.device and state.device == x.device, "buffer_ptrs and state go on x's device"
+
+
+def rms_norm_fits(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, slot_bytes: int) -> bool:
+    """Whether `lamport_all_reduce_rms_norm` takes these: x and residual [T, H] contiguous of one 16-bit
+    dtype, H <= MAX_NORM_HIDDEN, x within a segment, weight [H] contiguous, all on one device."""
+    return (
+        x.dim() == 2
+        and x.dtype in DTYPES
+        and residual.shape == x.shape
+        and residual.dtype == x.dtype
+        and x.is_contiguous()
+        and residual.is_contiguous()
+        and 0 < x.shape[1] <= MAX_NORM_HIDDEN
+        and 0 < x.nbytes <= slot_bytes
+        and weight.shape == (x.shape[1],)
+        and weight.is_contiguous()
+        and weight.dtype.is_floating_point
+        and residual.device == x.device == weight.device
+    )
+
+
+def lamport_all_reduce_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    buffer_ptrs: torch.Tensor,
+    state: torch.Tensor,
+    rank: int,
+    world_size: int,
+    slot_bytes: int,
+) -> None:
+    """In place: s = the all-reduce of x [T, H] (as `lamport_all_reduce`); residual <- s + residual;
+    x <- rms_norm(residual) * weight. Bit for bit what `lamport_all_reduce(x, x, ...)` then
+    `rmsnorm.fused_add_rms_norm(x, residual, weight, eps)` leave, in one launch: the decode step's
+    all-reduce after a row-parallel projection and the norm that follows it. Same buffers, state and
+    calling contract as `lamport_all_reduce` (and one state for both: calls of the two interleave)."""
+    _check_call(x, buffer_ptrs, state, rank, world_size, slot_bytes)
+    assert rms_norm_fits(x, residual, weight, slot_bytes), (
+        f"lamport_all_reduce_rms_norm cannot take x {tuple(x.shape)} {x.dtype}, residual {tuple(residual.shape)} "
+        f"{residual.dtype}, weight {tuple(weight.shape)} (see rms_norm_fits)"
+    )
+    rows, hidden = x.shape
+    _lamport_all_reduce_rms_norm_kernel[(min(rows, MAX_PROGRAMS),)](
+        x, residual, weight, buffer_ptrs, state, rows, hidden, slot_bytes // 2, eps,
+        RANK=rank, WORLD_SIZE=world_size, BLOCK=triton.next_power_of_2(hidden),
+        ROUND_TO_RES=torch.promote_types(residual.dtype, weight.dtype) == residual.dtype,
+        num_warps=_NUM_WARPS, **pdl_launch_kwargs(x.device),
+    )  # fmt: skip

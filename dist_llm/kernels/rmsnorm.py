@@ -34,6 +34,20 @@ def _scale_and_store(v, rstd, w_ptr, out_row, offs, mask, norm_dtype: tl.constex
 
 
 @triton.jit
+def _add_rms_norm_row(x, res_row, out_row, w_ptr, offs, mask, N, eps, ROUND_TO_RES: tl.constexpr):
+    """One row held in registers: res_row <- x (fp32) + res_row, rounded to its dtype; out_row <- the
+    normalised residual times the weight. Also the epilogue of the fused all-reduce + norm
+    (`lamport_all_reduce.lamport_all_reduce_rms_norm`), so both round alike."""
+    res_dtype = res_row.dtype.element_ty
+    r = tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
+    r = round_to(x + r, res_dtype)
+    tl.store(res_row + offs, r, mask=mask)
+    r = r.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(r * r, axis=0) / N + eps)
+    _scale_and_store(r, rstd, w_ptr, out_row, offs, mask, res_dtype, ROUND_TO_RES)
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, w_ptr, out_ptr,
     stride_x0, stride_out0,
@@ -87,12 +101,7 @@ def _fused_add_rms_norm_kernel(
         offs = tl.arange(0, BLOCK)
         mask = offs < N
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
-        r = round_to(x + r, res_dtype)
-        tl.store(res_row + offs, r, mask=mask)
-        r = r.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(r * r, axis=0) / N + eps)
-        _scale_and_store(r, rstd, w_ptr, x_row, offs, mask, res_dtype, ROUND_TO_RES)
+        _add_rms_norm_row(x, res_row, x_row, w_ptr, offs, mask, N, eps, ROUND_TO_RES)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):

@@ -102,15 +102,25 @@ class RowParallelLinear(LinearBase):
     """Y = X A with A = [A_1; …; A_p] split by rows and X = [X_1, …, X_p] split by columns:
     Y = Σ_r X_r A_r. Each rank computes its term, then an all-reduce sums them; the bias is added once,
     after the reduction.
+
+    With reduce_results=False (no bias then) the layer returns this rank's term and the caller owes the
+    sum: an RMSNorm with reduce=True, which fuses the all-reduce with the residual add and the norm.
     """
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype, quant_method=None):
+    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype, quant_method=None,
+                 reduce_results: bool = True):  # fmt: skip
         tp = comm.tp_size()
         if input_size % tp:
             raise ValueError(f"input size {input_size} is not divisible by tp_size {tp}")
+        if bias and not reduce_results:
+            raise ValueError("a RowParallelLinear with a bias must reduce its results (the bias goes on the sum)")
         super().__init__(input_size // tp, output_size, bias, dtype, quant_method)
+        self.reduce_results = reduce_results
 
     def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
         """act="silu_and_mul": x is [gate | up] and the activation runs in the GEMV (where `takes_gemv`)."""
-        y = comm.tp_all_reduce(self.quant_method.apply(self, x, None, act))
+        y = self.quant_method.apply(self, x, None, act)
+        if not self.reduce_results:
+            return y
+        y = comm.tp_all_reduce(y)
         return y if self.bias is None else y + self.bias

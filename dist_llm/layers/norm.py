@@ -3,16 +3,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_llm.parallel import comm
+
 
 class RMSNorm(nn.Module):
-    """RMSNorm; with `residual`, the residual add is fused in: returns (normed, new residual)."""
+    """RMSNorm; with `residual`, the residual add is fused in: returns (normed, new residual).
+
+    reduce=True: x is this tp rank's term of a row-parallel projection (`reduce_results=False`); it is
+    summed over the tp group first, in the same kernel as the add and the norm where the group's one-shot
+    all-reduce can take it (decode sizes), else by a separate all-reduce. Every tp rank gets the same bits.
+    """
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, ops):
         super().__init__()
         self.eps, self.ops = eps, ops
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, reduce: bool = False):
+        if reduce:
+            if residual is not None and comm.tp_all_reduce_add_rms_norm(x, residual, self.weight, self.eps):
+                return x, residual
+            x = comm.tp_all_reduce(x)
         if residual is None:
             return self.ops.rms_norm(x, self.weight, self.eps), x
         self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)

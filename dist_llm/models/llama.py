@@ -25,7 +25,10 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(
             cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias, dtype
         )
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias, dtype)
+        # without a bias, o_proj leaves its tp sum to post_attention_layernorm (fused with the norm)
+        self.o_proj = RowParallelLinear(
+            cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias, dtype, reduce_results=cfg.o_bias
+        )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
         rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rotary_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
@@ -48,7 +51,8 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(
             cfg.hidden_size, [cfg.intermediate_size] * 2, False, dtype
         )
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
+        # its tp sum is owed to the next norm: the next layer's input_layernorm or the final norm
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, dtype, reduce_results=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -66,9 +70,12 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, dtype, ops)
 
     def forward(self, positions, hidden, residual):
-        hidden, residual = self.input_layernorm(hidden, residual)
+        """`hidden` is the embedding (residual None, first layer of the first stage) or the previous layer's
+        MLP output before its tp sum; so is the returned one. The sums happen in the norms."""
+        hidden, residual = self.input_layernorm(hidden, residual, reduce=residual is not None)
         hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        o_summed = self.self_attn.o_proj.reduce_results
+        hidden, residual = self.post_attention_layernorm(hidden, residual, reduce=not o_summed)
         return self.mlp(hidden), residual
 
 
@@ -97,14 +104,16 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, positions, input_ids=None, hidden=None, residual=None):
         """First stage: from input_ids. Later stages: from the previous stage's (hidden, residual).
-        Returns (hidden, residual) on inner stages and the final normed hidden on the last stage."""
+        Returns (hidden, residual) on inner stages and the final normed hidden on the last stage. An inner
+        stage's hidden is its tp rank's term of the last MLP's sum: the next stage's tp group (its ranks
+        receive from the same tp ranks) sums it in its first norm, which adds up the same numbers."""
         if self.mapping.is_first_stage:
             hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers.values():
             hidden, residual = layer(positions, hidden, residual)
         if not self.mapping.is_last_stage:
             return hidden, residual
-        hidden, _ = self.norm(hidden, residual)
+        hidden, _ = self.norm(hidden, residual, reduce=residual is not None)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

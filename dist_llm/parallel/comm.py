@@ -30,6 +30,14 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def tp_all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> bool:
+    """x <- rms_norm(sum of x over tp + residual) * weight and residual <- that sum + residual, in one
+    kernel, where the tp group's one-shot all-reduce can fuse them (`custom_all_reduce.add_rms_norm`).
+    False when it cannot, with nothing done: the caller all-reduces and normalises separately."""
+    s = get_state()
+    return s.mapping.tp_size > 1 and s.custom_ar is not None and s.custom_ar.add_rms_norm(x, residual, weight, eps)
+
+
 def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Concatenate the tp ranks' `x` along `dim`, in rank order."""
     s = get_state()
