@@ -24,6 +24,10 @@ preallocated.
 With programmatic dependent launch (`_pdl.py`) each program loads its first weight chunk before waiting
 for the previous kernel: the weights are no kernel's output, so their stream starts while that kernel
 drains. The first chunk is peeled off the loop also without PDL, so one code path is tested everywhere.
+
+ROPE_KV (one row, the qkv projection; `gemv_rotary_kv.py`) changes only which rows a program owns and
+its epilogue: rotary pairs of q/k rows, rotated and written to the paged KV cache from registers. The
+dot products are the plain call's, bit for bit; without it the plain kernel compiles exactly as before.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ import triton
 import triton.language as tl
 
 from dist_llm.kernels._pdl import pdl_launch_kwargs, pdl_wait
+from dist_llm.kernels._rounding import _INTERPRET as _INTERPRETED
 from dist_llm.kernels._rounding import round_to
+from dist_llm.kernels.kv_cache import _cache_row
 
 MAX_M = 4
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -109,14 +115,122 @@ def _store_row(acc, bias, y_row, rn, N):
 
 
 @triton.jit
+def _rope_kv_rows(pid, num_q_heads, num_kv_heads, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The weight rows of program `pid` with ROPE_KV: in the q/k region, rotary pairs pid * BLOCK_N/2 + i // 2
+    (pair p: dim p % HALF of head p // HALF), tile row i taking the pair's first-half dim for even i and
+    its second-half dim (+ HALF) for odd i; in the v region, BLOCK_N consecutive rows. Pairs and rows past
+    their region re-read its last one (the epilogue's stores drop them)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    PAIRS: tl.constexpr = BLOCK_N // 2
+    num_pairs = (num_q_heads + num_kv_heads) * HALF
+    num_rot_programs = (num_pairs + PAIRS - 1) // PAIRS
+    i = tl.arange(0, BLOCK_N)
+    if pid < num_rot_programs:
+        pair = tl.minimum(pid * PAIRS + i // 2, num_pairs - 1)
+        rows = (pair // HALF) * HEAD_DIM + (i % 2) * HALF + pair % HALF
+    else:
+        v_rows = (pid - num_rot_programs) * BLOCK_N + i
+        rows = 2 * num_pairs + tl.minimum(v_rows, num_kv_heads * HEAD_DIM - 1)
+    return rows
+
+
+@triton.jit
+def _rotate_pair(x1, x2, cos, sin):
+    """(x1 cos - x2 sin, x2 cos + x1 sin) in fp32, as `rotary._rotate_heads` computes them. Compiled, LLVM
+    fuses one product of each pair into an FMA, and which one depends on the code around it; here the ones
+    that Triton 3.6 fuses in `_rotate_heads` for 16-bit q/k (x1 cos, x1 sin) are fused explicitly. The
+    interpreter fuses nothing, there or here."""
+    if _INTERPRETED:
+        o1 = x1 * cos - x2 * sin
+        o2 = x2 * cos + x1 * sin
+    else:
+        o1 = tl.fma(x1, cos, -(x2 * sin))
+        o2 = tl.fma(x1, sin, x2 * cos)
+    return o1, o2
+
+
+@triton.jit
+def _load_rope_kv_operands(
+    pid, pos_ptr, cos_sin_ptr, stride_cs0, slot_ptr, num_q_heads, num_kv_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """(cos, sin, slot) for program `pid` with ROPE_KV: fp32 cos/sin [BLOCK_N/2] of its rotary pairs at
+    positions[0] (as `rotary._load_cos_sin` reads them; zero past the pairs, so v programs read nothing),
+    and slot_mapping[0]. Activations, so loaded after `pdl_wait`, but before the K loop, whose weight stream
+    then hides the latency of the dependent position -> cos/sin loads."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    PAIRS: tl.constexpr = BLOCK_N // 2
+    pair = pid * PAIRS + tl.arange(0, PAIRS)
+    mask = pair < (num_q_heads + num_kv_heads) * HALF
+    d = pair % HALF
+    cs_row = cos_sin_ptr + tl.load(pos_ptr).to(tl.int64) * stride_cs0
+    cos = tl.load(cs_row + d, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_row + HALF + d, mask=mask, other=0.0).to(tl.float32)
+    slot = tl.load(slot_ptr).to(tl.int64)
+    return cos, sin, slot
+
+
+@triton.jit
+def _store_rope_kv(
+    acc, bias, y_row, pid, cos, sin, slot, k_cache_ptr, v_cache_ptr,
+    stride_kc0, stride_kc1, stride_kc2, stride_vc0, stride_vc1, stride_vc2, block_size, num_q_heads, num_kv_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The ROPE_KV epilogue of one token row: `_store_row`'s rounding, then what `rotary_and_write_kv` does
+    to these rows (`_rotate_heads`' arithmetic, `_cache_row`'s slot addressing), from registers."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    PAIRS: tl.constexpr = BLOCK_N // 2
+    dtype = y_row.dtype.element_ty
+    y = round_to(tl.sum(acc, axis=1) + bias, dtype)  # the value `_store_row` stores, which the rotary reads
+    num_pairs = (num_q_heads + num_kv_heads) * HALF
+    num_rot_programs = (num_pairs + PAIRS - 1) // PAIRS
+    heads_to_write = tl.where(slot >= 0, num_kv_heads, 0)  # slot -1: no cache store
+    slot = tl.maximum(slot, 0)
+    if pid < num_rot_programs:
+        pair = pid * PAIRS + tl.arange(0, PAIRS)
+        pair_mask = pair < num_pairs
+        pair = tl.minimum(pair, num_pairs - 1)
+        head = pair // HALF
+        d = pair % HALF
+        x1, x2 = tl.split(tl.reshape(y.to(tl.float32), (PAIRS, 2)))  # tile rows (2j, 2j + 1): pair j
+        o1, o2 = _rotate_pair(x1, x2, cos, sin)
+        o1 = round_to(o1, dtype)
+        o2 = round_to(o2, dtype)
+        first = y_row + head * HEAD_DIM + d
+        tl.store(first, o1, mask=pair_mask)
+        tl.store(first + HALF, o2, mask=pair_mask)
+        kv_head = head - num_q_heads  # k heads: also to the k cache
+        kc = _cache_row(k_cache_ptr, slot, block_size, stride_kc0, stride_kc1)
+        kc += tl.maximum(kv_head, 0).to(tl.int64) * stride_kc2 + d
+        k_mask = pair_mask & (kv_head >= 0) & (kv_head < heads_to_write)
+        tl.store(kc, o1, mask=k_mask)  # the caches are in out's dtype
+        tl.store(kc + HALF, o2, mask=k_mask)
+    else:
+        v_idx = (pid - num_rot_programs) * BLOCK_N + tl.arange(0, BLOCK_N)  # within the v region
+        tl.store(y_row + 2 * num_pairs + v_idx, y, mask=v_idx < num_kv_heads * HEAD_DIM)
+        vc = _cache_row(v_cache_ptr, slot, block_size, stride_vc0, stride_vc1)
+        vc += (v_idx // HEAD_DIM).to(tl.int64) * stride_vc2 + v_idx % HEAD_DIM
+        tl.store(vc, y, mask=v_idx < heads_to_write * HEAD_DIM)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     N, K,
     stride_xm, stride_wn, stride_ym,
     M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, SILU_MUL: tl.constexpr,
+    # ROPE_KV (M = 1, `gemv_rotary_kv`): the epilogue rotates q/k and writes k/v to the paged caches; the
+    # arguments below stay None (constexpr) without it, so the plain GEMV compiles as it did before
+    ROPE_KV: tl.constexpr = False, HEAD_DIM: tl.constexpr = None, num_q_heads=None, num_kv_heads=None,
+    pos_ptr=None, cos_sin_ptr=None, stride_cs0=None, slot_ptr=None, k_cache_ptr=None, v_cache_ptr=None,
+    stride_kc0=None, stride_kc1=None, stride_kc2=None, stride_vc0=None, stride_vc1=None, stride_vc2=None,
+    block_size=None,
 ):  # fmt: skip
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROPE_KV:  # rows are independent, so any row set gives the same sums: this one holds whole rotary pairs
+        rn = _rope_kv_rows(tl.program_id(0), num_q_heads, num_kv_heads, HEAD_DIM, BLOCK_N)
+    else:
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     # rows past N re-read row N - 1, so no load needs an N mask; the store drops them
     w_ptrs = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn + rk[None, :]
@@ -135,6 +249,10 @@ def _gemv_kernel(
         k_start = BLOCK_K
     else:
         pdl_wait(USE_PDL)
+    if ROPE_KV:
+        cos, sin, slot = _load_rope_kv_operands(
+            tl.program_id(0), pos_ptr, cos_sin_ptr, stride_cs0, slot_ptr, num_q_heads, num_kv_heads, HEAD_DIM, BLOCK_N
+        )
     for k0 in range(k_start, k_main, BLOCK_K):
         acc0, acc1, acc2, acc3 = _accumulate(
             acc0, acc1, acc2, acc3, w_ptrs + k0, x_ptr, stride_xm, k0 + rk, K, M, MASK_K=False, SILU_MUL=SILU_MUL
@@ -147,7 +265,14 @@ def _gemv_kernel(
         bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     else:
         bias = 0.0
-    _store_row(acc0, bias, y_ptr, rn, N)
+    if ROPE_KV:
+        _store_rope_kv(
+            acc0, bias, y_ptr, tl.program_id(0), cos, sin, slot, k_cache_ptr, v_cache_ptr,
+            stride_kc0, stride_kc1, stride_kc2, stride_vc0, stride_vc1, stride_vc2, block_size,
+            num_q_heads, num_kv_heads, HEAD_DIM, BLOCK_N,
+        )  # fmt: skip
+    else:
+        _store_row(acc0, bias, y_ptr, rn, N)
     if M > 1:
         _store_row(acc1, bias, y_ptr + stride_ym, rn, N)
     if M > 2:

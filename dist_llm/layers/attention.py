@@ -11,10 +11,15 @@ import torch
 from torch import nn
 
 from dist_llm.layers.context import get_metadata
+from dist_llm.layers.linear import UnquantizedLinearMethod, takes_gemv
 from dist_llm.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
+    # the qkv GEMV with rotary and the KV write in its epilogue (kernels/gemv_rotary_kv.py), set by the worker
+    # where the decode GEMV is used; None: the projection and `rotary_and_write_kv` run as two kernels
+    qkv_rotary_kv = None
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary_emb: RotaryEmbedding,
                  ops):  # fmt: skip
         super().__init__()
@@ -24,13 +29,31 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, Hq, D], k and v [T, Hk, D] (views of the fused qkv output; q and k rotated in place) -> [T, Hq·D]."""
+    def project_rotate_and_cache(self, qkv_proj: nn.Module, positions: torch.Tensor, x: torch.Tensor):
+        """qkv_proj(x) with q and k rotated and this step's K/V in the cache, in one kernel where the fused
+        GEMV takes it (one decode token); None otherwise, with nothing done (then `forward` does the rest)."""
+        unquantized = isinstance(qkv_proj.quant_method, UnquantizedLinearMethod)
+        if self.qkv_rotary_kv is None or not unquantized or not takes_gemv(qkv_proj, x):
+            return None
+        from dist_llm.kernels.gemv_rotary_kv import gemv_rotary_kv_supported
+
+        md, rope = get_metadata(), self.rotary_emb
+        args = (positions, rope.cos_sin_cache, self.k_cache, self.v_cache, md.slot_mapping)
+        heads = (self.num_heads, self.num_kv_heads, self.head_dim)
+        if not gemv_rotary_kv_supported(x, qkv_proj.weight, *args[:2], rope.is_neox, *args[2:], *heads):
+            return None
+        return self.qkv_rotary_kv(x, qkv_proj.weight, qkv_proj.bias, None, *args, *heads)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rotated_and_cached: bool = False) -> torch.Tensor:  # fmt: skip
+        """q [T, Hq, D], k and v [T, Hk, D] (views of the fused qkv output; q and k rotated in place) -> [T, Hq·D].
+        rotated_and_cached: `project_rotate_and_cache` made them, so the rotation and the KV write are done."""
         md = get_metadata()
         rope = self.rotary_emb
-        self.ops.rotary_and_write_kv(
-            positions, q, k, v, rope.cos_sin_cache, rope.is_neox, self.k_cache, self.v_cache, md.slot_mapping
-        )
+        if not rotated_and_cached:
+            self.ops.rotary_and_write_kv(
+                positions, q, k, v, rope.cos_sin_cache, rope.is_neox, self.k_cache, self.v_cache, md.slot_mapping
+            )
         out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
         if md.is_decode:
             self.ops.paged_decode_attention(

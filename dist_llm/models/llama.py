@@ -36,12 +36,15 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
-        qkv = self.qkv_proj(x)
+        qkv = self.attn.project_rotate_and_cache(self.qkv_proj, positions, x)  # one kernel at batch 1
+        done = qkv is not None
+        if not done:
+            qkv = self.qkv_proj(x)
         q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
         q = qkv[:, :q_size].view(t, self.num_heads, d)
         k = qkv[:, q_size : q_size + kv_size].view(t, self.num_kv_heads, d)
         v = qkv[:, q_size + kv_size :].view(t, self.num_kv_heads, d)
-        return self.o_proj(self.attn(positions, q, k, v))
+        return self.o_proj(self.attn(positions, q, k, v, rotated_and_cached=done))
 
 
 class LlamaMLP(nn.Module):

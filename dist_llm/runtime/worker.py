@@ -10,6 +10,7 @@ from safetensors import safe_open
 from dist_llm.config import EngineConfig
 from dist_llm.errors import CheckpointError
 from dist_llm.kernels import get_ops
+from dist_llm.layers.attention import Attention
 from dist_llm.layers.context import AttentionMetadata, set_metadata
 from dist_llm.layers.embedding import ParallelLMHead
 from dist_llm.layers.linear import LinearBase
@@ -110,10 +111,13 @@ class Worker:
                 m.build_cache(self.device)
         if use_decode_gemv(self.ops.backend, self.device):
             from dist_llm.kernels.gemv import gemv
+            from dist_llm.kernels.gemv_rotary_kv import FUSE_ROPE_KV, gemv_rotary_kv
 
             for m in self.model.modules():
                 if isinstance(m, (LinearBase, ParallelLMHead)):
                     m.gemv = gemv
+                if isinstance(m, Attention) and FUSE_ROPE_KV:
+                    m.qkv_rotary_kv = gemv_rotary_kv
         self.model.eval()
         self.num_blocks = 0
         self._pending_send = None  # the previous micro-batch's activations, still on their way
