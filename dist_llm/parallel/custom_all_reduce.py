@@ -8,7 +8,9 @@ Two kernels, chosen by DIST_LLM_CUSTOM_AR_ALGO (the same on every rank):
 Both sum in fp32 in rank order, so every rank gets the same bits. fp32 tensors stay on NCCL with "lamport".
 With "lamport", `add_rms_norm` also fuses the residual add and RMSNorm that follow a row-parallel
 projection into the all-reduce's launch (one kernel instead of two, 64 times a Llama-7B decode step);
-DIST_LLM_AR_NORM=0 turns that off. Its words on the wire are the plain kernel's, so ranks may even differ.
+DIST_LLM_AR_NORM=1 turns that on: it is off until it has run on GPUs (written and tested on the CPU only, in
+the session of 2026-11-28 whose device time ran out). Its words on the wire are the plain kernel's, so
+ranks may even differ.
 
 `maybe_create(state)` is called once per process by `init_distributed` and returns an `OneShotAllReduce`
 when the backend is NCCL, tp_size is 2, 4 or 8, every tp rank sits on one host on its own GPU with P2P
@@ -63,7 +65,7 @@ log = logging.getLogger("dist_llm")
 ENV = "DIST_LLM_CUSTOM_AR"
 ALGO_ENV = "DIST_LLM_CUSTOM_AR_ALGO"
 ALGOS = ("lamport", "barrier")  # the first is the default
-NORM_ENV = "DIST_LLM_AR_NORM"  # 0: the residual add + RMSNorm after an all-reduce stay a kernel of their own
+NORM_ENV = "DIST_LLM_AR_NORM"  # 1: the residual add + RMSNorm after an all-reduce go in its launch
 TP_SIZES = (2, 4, 8)
 DEFAULT_ON_TP = (2,)  # on unless DIST_LLM_CUSTOM_AR=0: the tp sizes it has run at on real GPUs (2x H200)
 CAPACITY_BYTES = 1 << 20  # decode all-reduces: up to 128 tokens x 4096 x bf16; bigger ones stay on NCCL
@@ -89,7 +91,7 @@ class OneShotAllReduce:
             raise ValueError(f"unknown one-shot all-reduce {algo!r}; choose one of {ALGOS}")
         self.rank, self.world_size = int(handle.rank), int(handle.world_size)
         self.device, self.algo, self.capacity = device, algo, CAPACITY_BYTES
-        self.fuse_norm = os.environ.get(NORM_ENV, "1") != "0"  # an A/B switch
+        self.fuse_norm = os.environ.get(NORM_ENV, "0") == "1"  # opt-in until timed on GPUs
         if buffer.nbytes < (need := buffer_bytes(self.world_size)):
             raise RuntimeError(f"a {buffer.nbytes}-byte buffer; {self.world_size} ranks need {need}")
         offset = int(getattr(handle, "offset", 0))
@@ -118,7 +120,7 @@ class OneShotAllReduce:
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> bool:
         """The all-reduce of x fused with the residual add and RMSNorm that follow it, in place (x <- the
-        normed sum, residual <- sum + residual), where the Lamport kernel takes them and NORM_ENV is not 0;
+        normed sum, residual <- sum + residual), where the Lamport kernel takes them and NORM_ENV is 1;
         False, with nothing done, otherwise. The same decision on every tp rank: the shapes are the same."""
         if not (self.fuse_norm and self.algo == "lamport" and x.device == self.device):
             return False
