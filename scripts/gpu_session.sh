@@ -34,7 +34,8 @@ tests)  # about 7 minutes on an H100
     grep -ahE "largest first-step|diverged|^(FAILED|ERROR)" "$OUT/pytest_graphs.log"
     TAIL=6 step pytest_kernels 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_elementwise.py \
         tests/test_kernels_attention.py tests/test_kernels_gemv.py tests/test_kernels_rotary_kv.py \
-        tests/test_kernels_all_reduce.py tests/test_kernels_lamport_all_reduce.py
+        tests/test_kernels_all_reduce.py tests/test_kernels_lamport_all_reduce.py tests/test_kernels_gemv_rotary_kv.py \
+        tests/test_decode_fusions.py
     grep -aE "^(FAILED|ERROR)" "$OUT/pytest_kernels.log" | head -20 ;;
 sweeps)  # about 8 minutes on an H200: the shards of the layouts the multi-GPU runs use (tp=2 7B is in gemv.py)
     for MT in llama-2-7b:4 llama-2-7b:8 llama-2-70b:4 llama-2-70b:8; do M=${MT%:*} T=${MT#*:}
