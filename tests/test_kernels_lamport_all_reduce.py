@@ -404,8 +404,8 @@ class NormRanks(Ranks):
         )
 
 
-# (rows, hidden): one row and a few; past the 32-program grid (rows loop); odd widths
-NORM_SHAPES = [(1, 64), (3, 1000), (2, 4096), (35, 40)]
+# (rows, hidden): one row and a few; past the 32-program grid (rows loop); odd widths; a 70B-wide row
+NORM_SHAPES = [(1, 64), (3, 1000), (2, 4096), (35, 40), (1, 8192)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
