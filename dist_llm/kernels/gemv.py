@@ -21,9 +21,10 @@ The output dtype is x's; the bias (any float dtype) is added in fp32 before the 
 are deterministic (no split-K, no atomics) and the call can be captured in a CUDA graph once `out` is
 preallocated.
 
-With programmatic dependent launch (`_pdl.py`) each program loads its first weight chunk before waiting
-for the previous kernel: the weights are no kernel's output, so their stream starts while that kernel
-drains. The first chunk is peeled off the loop also without PDL, so one code path is tested everywhere.
+With programmatic dependent launch (`_pdl.py`) each program loads its first weight chunk (or first
+PREFETCH_CHUNKS chunks) before waiting for the previous kernel: the weights are no kernel's output, so their
+stream starts while that kernel drains. The prefetched chunks are peeled off the loop also without PDL, so
+one code path is tested everywhere, and they are summed in the loop's order, so the count changes no bit.
 
 ROPE_KV (one row, the qkv projection; `gemv_rotary_kv.py`) changes only which rows a program owns and
 its epilogue: rotary pairs of q/k rows, rotated and written to the paged KV cache from registers. The
@@ -240,13 +241,29 @@ def _gemv_kernel(
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_main = (K // BLOCK_K) * BLOCK_K  # written as a product: the tail stays 16-byte aligned for the compiler
     k_start = 0
-    if PREFETCH:  # the weights are no kernel's output: the first chunk streams in while the previous kernel ends
+    if PREFETCH > 0:  # the weights are no kernel's output: they stream in while the previous kernel ends
         w_first = _load_w(w_ptrs, rk, K, MASK_K=False)
+        w_second = w_first  # stand-ins, compiled away unless prefetched below
+        w_third = w_first
+        if PREFETCH > 1:
+            w_second = _load_w(w_ptrs + BLOCK_K, BLOCK_K + rk, K, MASK_K=False)
+        if PREFETCH > 2:
+            w_third = _load_w(w_ptrs + 2 * BLOCK_K, 2 * BLOCK_K + rk, K, MASK_K=False)
         pdl_wait(USE_PDL)
         acc0, acc1, acc2, acc3 = _accumulate_w(
             acc0, acc1, acc2, acc3, w_first, x_ptr, stride_xm, rk, K, M, MASK_K=False, SILU_MUL=SILU_MUL
         )
-        k_start = BLOCK_K
+        if PREFETCH > 1:
+            acc0, acc1, acc2, acc3 = _accumulate_w(
+                acc0, acc1, acc2, acc3, w_second, x_ptr, stride_xm, BLOCK_K + rk, K, M, MASK_K=False,
+                SILU_MUL=SILU_MUL,
+            )  # fmt: skip
+        if PREFETCH > 2:
+            acc0, acc1, acc2, acc3 = _accumulate_w(
+                acc0, acc1, acc2, acc3, w_third, x_ptr, stride_xm, 2 * BLOCK_K + rk, K, M, MASK_K=False,
+                SILU_MUL=SILU_MUL,
+            )  # fmt: skip
+        k_start = PREFETCH * BLOCK_K
     else:
         pdl_wait(USE_PDL)
     if ROPE_KV:
@@ -325,6 +342,24 @@ def _config(m: int, n: int, k: int, elem_bytes: int = 2) -> tuple[int, int, int]
     return block_n, min(block_k, _MAX_BLOCK_K, triton.next_power_of_2(k)), num_warps
 
 
+# Full weight chunks a program loads before `pdl_wait` (at most 3; DIST_LLM_GEMV_PREFETCH, default 1). More
+# keeps HBM busy for longer under the previous kernel's tail (decode attention and the all-reduces are latency
+# bound), at the cost of registers; the sums are the same bits whatever the count. Not timed above 1 yet.
+def _prefetch_setting() -> int:
+    value = os.environ.get("DIST_LLM_GEMV_PREFETCH", "1")
+    if value not in ("0", "1", "2", "3"):
+        raise ValueError(f"DIST_LLM_GEMV_PREFETCH={value!r}: give 0, 1, 2 or 3 (weight chunks loaded before the wait)")
+    return int(value)
+
+
+PREFETCH_CHUNKS = _prefetch_setting()
+
+
+def prefetch_chunks(k: int, block_k: int) -> int:
+    """The PREFETCH of a launch: PREFETCH_CHUNKS, or fewer where K holds fewer full chunks."""
+    return min(PREFETCH_CHUNKS, k // block_k)
+
+
 ACTIVATIONS = (None, "silu_and_mul")
 
 
@@ -385,7 +420,7 @@ def gemv(
         x.stride(0), weight.stride(0), out.stride(0),
         M=m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None,
         # PREFETCH also without PDL, so that the CPU tests run the peeled path
-        PREFETCH=k >= block_k, SILU_MUL=act == "silu_and_mul", **pdl,
+        PREFETCH=prefetch_chunks(k, block_k), SILU_MUL=act == "silu_and_mul", **pdl,
         num_warps=num_warps, num_stages=_NUM_STAGES,
     )  # fmt: skip
     return out

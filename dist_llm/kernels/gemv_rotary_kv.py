@@ -121,7 +121,7 @@ def gemv_rotary_kv(
         n, k,
         x.stride(0), weight.stride(0), out.stride(0),
         M=1, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None,
-        PREFETCH=k >= block_k, SILU_MUL=False, **pdl_launch_kwargs(x.device),
+        PREFETCH=_gemv.prefetch_chunks(k, block_k), SILU_MUL=False, **pdl_launch_kwargs(x.device),
         ROPE_KV=True, HEAD_DIM=head_dim, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
         pos_ptr=positions, cos_sin_ptr=cos_sin_cache, stride_cs0=cos_sin_cache.stride(0), slot_ptr=slot_mapping,
         k_cache_ptr=k_cache, v_cache_ptr=v_cache,
