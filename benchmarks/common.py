@@ -38,6 +38,8 @@ def header() -> dict:
         "triton": triton.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        # dist_llm's own switches (DIST_LLM_GEMV_PREFETCH, DIST_LLM_AR_NORM, ...): what an A/B run changed
+        "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DIST_LLM_")},
     }
 
 

@@ -24,7 +24,7 @@ def sweep(tmp_path_factory):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_scaling.py"), "--model", "tiny", "--device", "cpu",
            "--configs", *CONFIGS, "--batch_sizes", *map(str, BATCHES), "--input_len", "8", "--output_len", "8",
            "--output_dir", str(out)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "DIST_LLM_GEMV_PREFETCH": "2"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return out, proc.stdout
@@ -47,6 +47,7 @@ def test_json_has_every_row(sweep):
         assert r["decode_tok_s"] > 0 and r["efficiency"] > 0
         assert r["decode_tok_s"] == pytest.approx(1e3 / r["decode_ms_per_token"])
     assert "bench_scaling.py" in data["command"] and data["model"] == "tiny"
+    assert data["switches"]["DIST_LLM_GEMV_PREFETCH"] == "2"  # the knobs of an A/B run are on record
     for c in CONFIGS:  # the Markdown table
         assert f"| {c} |" in stdout
 
