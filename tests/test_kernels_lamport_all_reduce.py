@@ -271,18 +271,22 @@ def test_prepare_fills_the_symmetric_buffer_with_the_sentinel():
 # ------------------------------------------------------------------------------- GPU: W ranks, one device
 
 
-def _load_alone(ranks: Ranks, numels, dtype: torch.dtype) -> None:
+def _load_alone(ranks: Ranks, numels, dtype: torch.dtype, launch=None) -> None:
     """Compile and load every simulated rank's kernel variant (for these numels and dtype) before any two
     run at once: loading a kernel may synchronize the device (CUDA lazy loading), which would deadlock
     against a peer already waiting for words. Each rank runs alone, its peers' words put in place first;
-    then every buffer and state is reset."""
+    then every buffer and state is reset. `launch(rank, x)` makes the call (default: the plain all-reduce,
+    in place)."""
     torch.cuda._sleep(1)  # loaded too: the tests delay ranks with it
     for numel in numels:
         for rank in range(ranks.world_size):
             ranks.reset()
             ranks.words(rank)[0, :, :numel] = 0
             x = torch.zeros(numel, dtype=dtype, device=DEVICE)
-            ranks.call(rank, x, x)
+            if launch is None:
+                ranks.call(rank, x, x)
+            else:
+                launch(rank, x)
             torch.cuda.synchronize()
     ranks.reset()
     torch.cuda.synchronize()
@@ -485,11 +489,8 @@ def test_fused_norm_simulated_ranks_on_one_gpu_and_in_a_graph(world_size):
     residual, weight = _norm_inputs(rows, hidden, dtype, seed=5)
     xs = [torch.zeros(rows, hidden, dtype=dtype, device=DEVICE) for _ in range(world_size)]
     ress = [residual.clone() for _ in range(world_size)]
-    for rank in range(world_size):  # compile and load alone first (see _load_alone)
-        ranks.reset()
-        ranks.words(rank)[0, :, : rows * hidden] = 0
-        ranks.call_norm(rank, xs[rank], ress[rank], weight)
-        torch.cuda.synchronize()
+    _load_alone(ranks, [rows * hidden], dtype,
+                lambda rank, x: ranks.call_norm(rank, x.view(rows, hidden), residual.clone(), weight))  # fmt: skip
     _load_alone(ranks, [rows * hidden], dtype)
 
     def norm_call(rank, x, res):

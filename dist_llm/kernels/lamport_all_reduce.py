@@ -71,7 +71,8 @@ import triton.language as tl
 from dist_llm.kernels._pdl import pdl_launch_kwargs, pdl_wait
 from dist_llm.kernels._rounding import round_to
 from dist_llm.kernels.all_reduce import MAX_PROGRAMS, TILE_BYTES, num_programs  # the same tiles and grid bound
-from dist_llm.kernels.rmsnorm import _add_rms_norm_row
+from dist_llm.kernels.rmsnorm import _MAX_FUSED_BLOCK, _add_rms_norm_row
+from dist_llm.kernels.rmsnorm import _launch_config as _norm_launch_config
 
 DTYPES = (torch.bfloat16, torch.float16)  # 16-bit types whose negative zero is the word 0x8000
 SENTINEL = -32768  # 0x8000 as int16: -0.0 in bf16 and fp16
@@ -81,7 +82,7 @@ STATE_INTS = 3  # the current slot, the previous call's numel, the exit count
 _SENTINEL, _SLOTS = tl.constexpr(SENTINEL), tl.constexpr(SLOTS)
 _SLOT, _PREV_NUMEL, _EXITS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _NUM_WARPS = 8  # 256 threads: two 16-byte words per thread and segment (not swept yet)
-MAX_NORM_HIDDEN = 16384  # widest row the fused norm holds in registers (rmsnorm's one-pass bound)
+MAX_NORM_HIDDEN = _MAX_FUSED_BLOCK  # widest row the fused norm holds in registers (rmsnorm's one-pass path)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -306,9 +307,12 @@ def lamport_all_reduce_rms_norm(
         f"{residual.dtype}, weight {tuple(weight.shape)} (see rms_norm_fits)"
     )
     rows, hidden = x.shape
+    # the norm kernel's own row tile and warps: its sum of squares reduces in the same order, bit for bit
+    block, one_pass, num_warps = _norm_launch_config(hidden)
+    assert one_pass, f"a {hidden}-wide row is past the one-pass norm"
     _lamport_all_reduce_rms_norm_kernel[(min(rows, MAX_PROGRAMS),)](
         x, residual, weight, buffer_ptrs, state, rows, hidden, slot_bytes // 2, eps,
-        RANK=rank, WORLD_SIZE=world_size, BLOCK=triton.next_power_of_2(hidden),
+        RANK=rank, WORLD_SIZE=world_size, BLOCK=block,
         ROUND_TO_RES=torch.promote_types(residual.dtype, weight.dtype) == residual.dtype,
-        num_warps=_NUM_WARPS, **pdl_launch_kwargs(x.device),
+        num_warps=num_warps, **pdl_launch_kwargs(x.device),
     )  # fmt: skip
