@@ -81,8 +81,9 @@ def mpirun_cmd(n: int) -> list[str]:
         cmd.append("--allow-run-as-root")
     for k, v in NO_MULTICAST.items():
         cmd += ["-x", f"{k}={v}"]
-    for k in sorted(os.environ):  # dist_llm's own switches (DIST_LLM_ALLREDUCE, DIST_LLM_GEMV, ...) reach every rank
-        if k.startswith("DIST_LLM_"):
+    # dist_llm's own switches (DIST_LLM_ALLREDUCE, DIST_LLM_GEMV, ...) and the GPU set reach every rank
+    for k in sorted(os.environ):
+        if k.startswith("DIST_LLM_") or k == "CUDA_VISIBLE_DEVICES":
             cmd += ["-x", k]
     return cmd
 
