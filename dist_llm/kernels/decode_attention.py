@@ -14,6 +14,11 @@ that a batch-1 step still spreads over the SMs. Partitions that start
 at or past a sequence's length write lse = -inf and no output; the reduction only reads partitions
 below the sequence's length. When the block table spans a single partition, pass 1 writes `out`
 directly and pass 2 is skipped.
+
+An fp8 cache (torch.float8_e4m3fn; q stays 16-bit or fp32) holds K / k_scale and V / v_scale. Its tiles
+are converted to q's dtype as they load (exact), k_scale is folded into the score scale and v_scale
+multiplies each partition's output once (the merge is linear), so the inner loop only adds the
+conversion. Other caches pass v_scale None (constexpr): their kernel compiles as without fp8.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import triton.language as tl
 
 from dist_llm.kernels._attention_common import LOG2E, dot_precision
 from dist_llm.kernels._pdl import pdl_launch_kwargs, pdl_wait
+from dist_llm.kernels.reference import FP8_KV_DTYPE, check_kv_scales
 
 DEFAULT_PARTITION_SIZE = 1024
 # "BLOCK_N,num_warps,num_stages" for the 16-bit launches, for sweeps (benchmarks/sweep_decode_attention.py)
@@ -37,7 +43,7 @@ _CONFIG_OVERRIDE = os.environ.get("DIST_LLM_DECODE_ATTN_CONFIG", "")
 @triton.jit
 def _decode_partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, partition_size,
+    qk_scale, partition_size, v_scale,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -92,6 +98,8 @@ def _decode_partition_kernel(
             v = tl.load(v_base + (phys * stride_vb + slot * stride_vt)[:, None], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
             m_i = m_new
+        if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+            acc = acc * v_scale
 
         o_mask = g_mask[:, None] & d_mask[None, :]
         if SINGLE:
@@ -193,7 +201,10 @@ def _launch_config(head_dim: int, block_size: int, group: int, dtype: torch.dtyp
     From batch 32 on, 16-bit launches take 32-token tiles, 2 warps and 2 stages: more programs per SM
     where every sequence is one program (`benchmarks/sweep_decode_attention.py`, H200, 2026-11-28 09:08:
     1.05x at batch 64 and at batch 256 with GQA, 0.98x at batch 32 x 2k; in the model at batch 256 the
-    decode step's kernels took 9.9 ms instead of 11.3, and batch 64 decoded 161 tok/s instead of 153)."""
+    decode step's kernels took 9.9 ms instead of 11.3, and batch 64 decoded 161 tok/s instead of 153).
+
+    `dtype` is q's (the dot operands' dtype). An fp8 cache takes the 16-bit tiles as they are (not timed):
+    its K/V tiles are half the bytes, so they fit wherever the 16-bit ones do."""
     block_d = triton.next_power_of_2(head_dim)
     block_g = max(16, triton.next_power_of_2(group))
     if _CONFIG_OVERRIDE and dtype != torch.float32:  # sweeps and A/B runs only
@@ -223,13 +234,16 @@ def _split_plan(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, works
     return triton.cdiv(max_ctx, partition), partition
 
 
-def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace):
+def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, k_scale, v_scale):
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape)
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     assert out.shape == q.shape, (out.shape, q.shape)
-    assert q.dtype == k_cache.dtype == v_cache.dtype, (q.dtype, k_cache.dtype, v_cache.dtype)
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in (q.dtype, FP8_KV_DTYPE), (
+        f"caches must be q's dtype or {FP8_KV_DTYPE}: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}"
+    )
+    check_kv_scales(k_cache.dtype, k_scale, v_scale)
     assert block_tables.dtype == torch.int32 and block_tables.dim() == 2 and block_tables.shape[0] == batch
     assert seq_lens.dtype == torch.int32 and seq_lens.shape == (batch,) and seq_lens.is_contiguous()
     for t in (q, k_cache, v_cache, out):
@@ -254,12 +268,13 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace):
         assert part_out.device == q.device and part_out.dtype == part_lse.dtype == torch.float32
         po_strides, pl_strides = part_out.stride(), part_lse.stride()
 
-    qk_scale = scale * LOG2E
+    qk_scale = scale * LOG2E * k_scale  # k_scale is 1.0 unless the cache is fp8
+    fp8 = k_cache.dtype == FP8_KV_DTYPE
     pdl = pdl_launch_kwargs(q.device)
     precision = dot_precision(q.dtype)
     _decode_partition_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
-        qk_scale, partition,
+        qk_scale, partition, float(v_scale) if fp8 else None,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         *po_strides, *pl_strides,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
@@ -276,7 +291,12 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace):
     return out
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace=None):
-    """q, out [B, Hq, D]; caches [num_blocks, block_size, Hk, D]; block_tables int32 [B, M];
-    seq_lens int32 [B] (>= 1). With `workspace` (DecodeWorkspace) nothing is allocated."""
-    return _launch(q, k_cache, v_cache, block_tables, seq_lens, float(scale), out, workspace)
+def paged_decode_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace=None, k_scale: float = 1.0,
+    v_scale: float = 1.0,
+):  # fmt: skip
+    """q, out [B, Hq, D]; caches [num_blocks, block_size, Hk, D] of q's dtype, or fp8 holding K / k_scale and
+    V / v_scale; block_tables int32 [B, M]; seq_lens int32 [B] (>= 1). With `workspace` (DecodeWorkspace)
+    nothing is allocated."""
+    return _launch(q, k_cache, v_cache, block_tables, seq_lens, float(scale), out, workspace, float(k_scale),
+                   float(v_scale))  # fmt: skip

@@ -57,7 +57,8 @@ def gemv_rotary_kv_supported(
     """Whether `gemv_rotary_kv` can stand in for `gemv` then `rotary_and_write_kv(..., is_neox, ...)`: one
     token (x [1, K]), `gemv_supported(x, weight)`, weight rows [q heads | k heads | v heads] of head_dim
     each, the neox layout with full rotary (rot_dim == head_dim, even), and caches
-    [num_blocks, block_size, Hk, D] of x's dtype, contiguous in head_dim, on x's device."""
+    [num_blocks, block_size, Hk, D] of x's dtype, contiguous in head_dim, on x's device. An fp8 cache is not
+    supported (the epilogue has no scales): callers run the two kernels, which take one."""
     d = head_dim
     return (
         _gemv.gemv_supported(x, weight)
@@ -79,7 +80,7 @@ def gemv_rotary_kv_supported(
         and k_cache.dim() == 4
         and k_cache.shape == v_cache.shape
         and k_cache.shape[2:] == (num_kv_heads, d)
-        and k_cache.dtype == v_cache.dtype == x.dtype
+        and k_cache.dtype == v_cache.dtype == x.dtype  # so never an fp8 cache
         and k_cache.stride(3) == 1
         and v_cache.stride(3) == 1
         and all(t.device == x.device for t in (positions, cos_sin_cache, k_cache, v_cache, slot_mapping))

@@ -3,6 +3,11 @@
 Caches are [num_blocks, block_size, Hk, D]; slot = block * block_size + offset; slot -1 is skipped
 (its loads and stores are masked off, so padding tokens cost no memory traffic). k and v may be
 strided views of the fused qkv output. Grid: (token, head block).
+
+A cache may be fp8 (torch.float8_e4m3fn) while k and v keep the model's dtype: it stores
+round(x * (1 / scale)) with the reciprocal in fp32, saturated to +-448 (`k_scale`, `v_scale`: per tensor).
+The kernels get the reciprocals only then; for any other cache they get None (constexpr), so those
+compile exactly as without fp8 support.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import triton
 import triton.language as tl
 
 from dist_llm.kernels._rounding import round_to
+from dist_llm.kernels.reference import FP8_KV_DTYPE, check_kv_scales
 
 
 @triton.jit
@@ -21,17 +27,27 @@ def _cache_row(cache_ptr, slot, block_size, stride_c0, stride_c1):
 
 
 @triton.jit
+def _to_cache(x, cache_ptr, inv_scale):
+    """x as `cache_ptr`'s cache stores it: rounded to its dtype; an fp8 cache holds x * inv_scale (fp32)."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        return round_to(x.to(tl.float32) * inv_scale, tl.float8e4nv)
+    else:
+        return round_to(x, cache_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _copy_heads(
-    src_ptr, stride_src_h, dst_ptr, stride_dst_h, head_start, num_heads, num_d,
+    src_ptr, stride_src_h, dst_ptr, stride_dst_h, head_start, num_heads, num_d, inv_scale,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """dst[h, :num_d] = src[h, :num_d] for heads [head_start, head_start + BLOCK_H) below num_heads."""
+    """dst[h, :num_d] = src[h, :num_d] for heads [head_start, head_start + BLOCK_H) below num_heads (dst a
+    cache: `_to_cache(..., inv_scale)`)."""
     heads = head_start + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)[None, :]
     h = heads.to(tl.int64)[:, None]
     mask = (heads < num_heads)[:, None] & (d < num_d)
     x = tl.load(src_ptr + h * stride_src_h + d, mask=mask)
-    tl.store(dst_ptr + h * stride_dst_h + d, round_to(x, dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst_ptr + h * stride_dst_h + d, _to_cache(x, dst_ptr, inv_scale), mask=mask)
 
 
 @triton.jit
@@ -39,7 +55,7 @@ def _write_kv_cache_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_k0, stride_k1, stride_v0, stride_v1,
     stride_kc0, stride_kc1, stride_kc2, stride_vc0, stride_vc1, stride_vc2,
-    num_heads, head_dim, block_size,
+    num_heads, head_dim, block_size, inv_k_scale, inv_v_scale,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     tok = tl.program_id(0).to(tl.int64)
@@ -55,12 +71,13 @@ def _write_kv_cache_kernel(
     v = tl.load(v_ptr + tok * stride_v0 + h * stride_v1 + d[None, :], mask=mask)
     kc = _cache_row(k_cache_ptr, slot, block_size, stride_kc0, stride_kc1) + h * stride_kc2 + d[None, :]
     vc = _cache_row(v_cache_ptr, slot, block_size, stride_vc0, stride_vc1) + h * stride_vc2 + d[None, :]
-    tl.store(kc, round_to(k, k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc, round_to(v, v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(kc, _to_cache(k, k_cache_ptr, inv_k_scale), mask=mask)
+    tl.store(vc, _to_cache(v, v_cache_ptr, inv_v_scale), mask=mask)
 
 
 def _launch_config(num_heads: int, head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_D, num_warps): up to 2K elements of k (and as many of v) per program."""
+    """(BLOCK_H, BLOCK_D, num_warps): up to 2K elements of k (and as many of v) per program. An fp8 cache
+    takes the same tiles: the loads of k and v (16-bit) are the larger half of the traffic."""
     block_d = triton.next_power_of_2(head_dim)
     block_h = min(triton.next_power_of_2(num_heads), max(1, 2048 // block_d))
     num_warps = 4 if block_h * block_d >= 1024 else 2
@@ -78,11 +95,23 @@ def check_kv_args(k, v, k_cache, v_cache, slot_mapping) -> None:
         assert t.device == slot_mapping.device, f"{name} on {t.device}, slot_mapping on {slot_mapping.device}"
 
 
+def inv_cache_scales(k_cache, v_cache, k_scale: float, v_scale: float) -> tuple[float | None, float | None]:
+    """The kernels' (1 / k_scale, 1 / v_scale) for an fp8 cache; (None, None) for any other (scales 1)."""
+    assert k_cache.dtype == v_cache.dtype, f"k_cache {k_cache.dtype} vs v_cache {v_cache.dtype}"
+    check_kv_scales(k_cache.dtype, k_scale, v_scale)
+    if k_cache.dtype != FP8_KV_DTYPE:
+        return None, None
+    return 1.0 / k_scale, 1.0 / v_scale
+
+
 def write_kv_cache(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """k, v [T, Hk, D] -> k_cache, v_cache [num_blocks, block_size, Hk, D] at `slot_mapping` (int [T])."""
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
+) -> None:  # fmt: skip
+    """k, v [T, Hk, D] -> k_cache, v_cache [num_blocks, block_size, Hk, D] at `slot_mapping` (int [T]).
+    An fp8 cache stores k / k_scale and v / v_scale (other caches: scales 1)."""
     check_kv_args(k, v, k_cache, v_cache, slot_mapping)
+    inv_k_scale, inv_v_scale = inv_cache_scales(k_cache, v_cache, k_scale, v_scale)
     num_tokens, num_heads, head_dim = k.shape
     if num_tokens == 0:
         return
@@ -92,6 +121,6 @@ def write_kv_cache(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        num_heads, head_dim, k_cache.shape[1],
+        num_heads, head_dim, k_cache.shape[1], inv_k_scale, inv_v_scale,
         BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip

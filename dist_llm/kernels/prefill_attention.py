@@ -9,6 +9,10 @@ A program owns BLOCK_M queries of one sequence and one query head. It walks the 
 BLOCK_N tokens, gathering each tile's rows through the block table: first the tiles every query of
 the block may see (no masks), then the few tiles that cross the causal diagonal (masked). Tiles above
 the diagonal are never loaded. Query blocks are scheduled longest-first (reversed program id 0).
+
+An fp8 cache (torch.float8_e4m3fn) holds K / k_scale and V / v_scale: its tiles are converted to q's
+dtype as they load (exact), k_scale is folded into the score scale and v_scale multiplies the output
+once. Other caches pass v_scale None (constexpr), so their kernel compiles as without fp8.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import triton
 import triton.language as tl
 
 from dist_llm.kernels._attention_common import LOG2E, dot_precision
+from dist_llm.kernels.reference import FP8_KV_DTYPE, check_kv_scales
 
 
 @triton.jit
@@ -63,7 +68,7 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, lo, hi, seq_l
 @triton.jit
 def _context_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, out_ptr,
-    qk_scale,
+    qk_scale, v_scale,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -110,6 +115,8 @@ def _context_attention_kernel(
     acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, full, hi, seq_len,
                                   qk_scale, d_mask, stride_btm, stride_kb, stride_kt, stride_vb, stride_vt,
                                   BLOCK_SIZE, BLOCK_N, True, HEAD_DIM == BLOCK_D, PRECISION)
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        acc = acc * v_scale
 
     o_ptrs = out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od
     o_mask = m_mask[:, None] & d_mask[None, :]
@@ -119,7 +126,8 @@ def _context_attention_kernel(
 def _launch_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int):
     """64x64 tiles, 4 warps, 2 stages: on an H200 (Triton 3.6, 2026-11) causal 4k bf16 D=128 prefill
     ran at 312 TFLOP/s with them, 310 with 128x128 / 8 warps / 3 stages, 265 with 128x64 / 8 warps.
-    Short chunks (and decode rows) get a query block just large enough; fp32 halves the K/V tile."""
+    Short chunks (and decode rows) get a query block just large enough; fp32 halves the K/V tile.
+    `dtype` is q's; an fp8 cache takes the 16-bit tiles (not timed: its K/V tiles are half the bytes)."""
     block_d = triton.next_power_of_2(head_dim)
     if dtype == torch.float32:
         block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
@@ -129,16 +137,23 @@ def _launch_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int):
     return block_d, block_m, block_n, num_warps, num_stages
 
 
-def context_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, out):
-    """q, out [T, Hq, D] packed by `cu_seqlens_q` (int32 [B+1]); caches [num_blocks, block_size, Hk, D];
-    block_tables int32 [B, M]; seq_lens int32 [B]; `max_seqlen_q` (host int) bounds every q_len."""
+def context_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, out, k_scale: float = 1.0,
+    v_scale: float = 1.0,
+):  # fmt: skip
+    """q, out [T, Hq, D] packed by `cu_seqlens_q` (int32 [B+1]); caches [num_blocks, block_size, Hk, D] of
+    q's dtype, or fp8 holding K / k_scale and V / v_scale; block_tables int32 [B, M]; seq_lens int32 [B];
+    `max_seqlen_q` (host int) bounds every q_len."""
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     batch = seq_lens.shape[0]
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape)
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     assert out.shape == q.shape, (out.shape, q.shape)
-    assert q.dtype == k_cache.dtype == v_cache.dtype, (q.dtype, k_cache.dtype, v_cache.dtype)
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in (q.dtype, FP8_KV_DTYPE), (
+        f"caches must be q's dtype or {FP8_KV_DTYPE}: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}"
+    )
+    check_kv_scales(k_cache.dtype, float(k_scale), float(v_scale))
     assert block_tables.dtype == torch.int32 and block_tables.dim() == 2 and block_tables.shape[0] == batch
     assert seq_lens.dtype == torch.int32 and seq_lens.is_contiguous()
     assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_q.shape == (batch + 1,)
@@ -151,7 +166,7 @@ def context_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
     grid = (triton.cdiv(int(max_seqlen_q), block_m), num_heads, batch)
     _context_attention_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out,
-        float(scale) * LOG2E,
+        float(scale) * LOG2E * float(k_scale), float(v_scale) if k_cache.dtype == FP8_KV_DTYPE else None,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),

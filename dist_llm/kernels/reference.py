@@ -64,18 +64,51 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return out
 
 
-def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
+# ---- KV cache ------------------------------------------------------------------------------------------
+
+FP8_KV_DTYPE = torch.float8_e4m3fn  # an fp8 KV cache: e4m3fn, one per-tensor scale for K and one for V
+FP8_MAX = 448.0  # e4m3fn's largest finite value
+
+
+def check_kv_scales(cache_dtype: torch.dtype, k_scale: float, v_scale: float) -> None:
+    """An fp8 cache stores round(x / scale) and means stored * scale; other caches take no scales."""
+    if cache_dtype == FP8_KV_DTYPE:
+        assert all(0.0 < s < float("inf") for s in (k_scale, v_scale)), (
+            f"fp8 KV cache scales must be positive and finite, got k_scale {k_scale}, v_scale {v_scale}"
+        )
+    else:
+        assert k_scale == 1.0 and v_scale == 1.0, (
+            f"k_scale {k_scale} / v_scale {v_scale} given for a {cache_dtype} KV cache: "
+            f"scales apply to a {FP8_KV_DTYPE} cache only (pass 1.0)"
+        )
+
+
+def quantize_kv_ref(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x as a cache of `cache_dtype` stores it. fp8: x times the fp32 reciprocal of the scale (what the kernels
+    compute; x / scale itself when the scale is a power of two), saturated to +-448, nearest even."""
+    if cache_dtype != FP8_KV_DTYPE:
+        return x.to(cache_dtype)
+    inv_scale = torch.tensor(1.0 / scale, dtype=torch.float32, device=x.device)
+    return (x.float() * inv_scale).clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
+
+
+def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    assert k_cache.dtype == v_cache.dtype, (k_cache.dtype, v_cache.dtype)
+    check_kv_scales(k_cache.dtype, k_scale, v_scale)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
     block_size = k_cache.shape[1]
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k[valid].to(k_cache.dtype)
-    v_cache[blocks, offsets] = v[valid].to(v_cache.dtype)
+    k_cache[blocks, offsets] = quantize_kv_ref(k[valid], k_cache.dtype, k_scale)
+    v_cache[blocks, offsets] = quantize_kv_ref(v[valid], v_cache.dtype, v_scale)
 
 
-def rotary_and_write_kv_ref(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache, slot_mapping) -> None:
+def rotary_and_write_kv_ref(
+    positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache, slot_mapping, k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:  # fmt: skip
     rotary_embedding_ref(positions, q, k, cos_sin_cache, is_neox)
-    write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+    write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def gather_kv_ref(k_cache, v_cache, block_table, seq_len: int):
@@ -103,22 +136,33 @@ def _attend(q, k, v, scale: float, context_len: int):
     return torch.einsum("hqk,khd->qhd", probs, v.float())
 
 
-def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace=None):
+def _dequantized(k, v, k_scale: float, v_scale: float):
+    """Cached K/V as the values they stand for: stored * scale in fp32 (an exact no-op at scale 1)."""
+    return k.float() * k_scale, v.float() * v_scale
+
+
+def paged_decode_attention_ref(
+    q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace=None, k_scale: float = 1.0,
+    v_scale: float = 1.0,
+):  # fmt: skip
+    check_kv_scales(k_cache.dtype, k_scale, v_scale)
     for i, seq_len in enumerate(seq_lens.tolist()):
-        k, v = gather_kv_ref(k_cache, v_cache, block_tables[i], seq_len)
+        k, v = _dequantized(*gather_kv_ref(k_cache, v_cache, block_tables[i], seq_len), k_scale, v_scale)
         out[i] = _attend(q[i : i + 1], k, v, scale, seq_len - 1)[0].to(out.dtype)
     return out
 
 
 def context_attention_ref(
-    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, out
-):
+    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, out, k_scale: float = 1.0,
+    v_scale: float = 1.0,
+):  # fmt: skip
+    check_kv_scales(k_cache.dtype, k_scale, v_scale)
     cu = cu_seqlens_q.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):
         start, end = cu[i], cu[i + 1]
         if end == start:
             continue
-        k, v = gather_kv_ref(k_cache, v_cache, block_tables[i], seq_len)
+        k, v = _dequantized(*gather_kv_ref(k_cache, v_cache, block_tables[i], seq_len), k_scale, v_scale)
         out[start:end] = _attend(q[start:end], k, v, scale, seq_len - (end - start)).to(out.dtype)
     return out
 
