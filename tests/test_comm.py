@@ -122,7 +122,7 @@ def test_one_shot_all_reduce_is_refused_by_env_hosts_errors_and_shared_gpus():
 
     assert refusal(_facts()) is None
     assert refusal(_facts({"enabled": False})) == (
-        "switched off (DIST_LLM_CUSTOM_AR=0, or tp_size 2 without DIST_LLM_CUSTOM_AR=1)", False
+        "switched off (DIST_LLM_CUSTOM_AR=0)", False
     )
     assert refusal(_facts({"host": "other"})) == ("the tp ranks span several hosts", False)
     assert refusal(_facts({"error": "no symmetric memory"})) == ("rank 1: no symmetric memory", True)
@@ -137,8 +137,8 @@ def test_custom_ar_env_switch_and_non_nccl_backends_give_none(monkeypatch):
 
     cpu = torch.device("cpu")
     monkeypatch.delenv("DIST_LLM_CUSTOM_AR", raising=False)
-    assert car._local_facts(0, cpu, 2).enabled is True  # on by default where it has run: tp=2
-    assert car._local_facts(0, cpu, 4).enabled is False and car._local_facts(0, cpu, 8).enabled is False
+    assert car._local_facts(0, cpu, 2).enabled is True  # on by default where it has run: tp=2 and 4
+    assert car._local_facts(0, cpu, 4).enabled is True and car._local_facts(0, cpu, 8).enabled is False
     monkeypatch.setenv("DIST_LLM_CUSTOM_AR", "0")
     assert car._local_facts(0, cpu, 2).enabled is False
     monkeypatch.setenv("DIST_LLM_CUSTOM_AR", "1")

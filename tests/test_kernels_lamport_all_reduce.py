@@ -527,27 +527,28 @@ def test_fused_norm_simulated_ranks_on_one_gpu_and_in_a_graph(world_size):
         check(inputs, f"replay {it}")
 
 
-def test_one_shot_object_fuses_the_norm_only_with_lamport_and_when_switched_on(monkeypatch):
-    """DIST_LLM_AR_NORM=1 and the Lamport kernel: bit for bit the two launches; otherwise nothing is done."""
+def test_one_shot_object_fuses_the_norm_with_lamport_unless_switched_off(monkeypatch):
+    """The Lamport kernel and DIST_LLM_AR_NORM unset or 1: bit for bit the two launches; with =0, or the barrier
+    kernel, or fp32, nothing is done."""
     from dist_llm.parallel.custom_all_reduce import NORM_ENV
 
     rows, hidden, dtype = 2, 96, torch.bfloat16
     residual, weight = _norm_inputs(rows, hidden, dtype, seed=11)
     x = rand(rows * hidden, dtype, seed=12).view(rows, hidden)
     want_x, want_res = _unfused(expected([x.view(-1)]).view(rows, hidden), residual, weight)
-    monkeypatch.setenv(NORM_ENV, "1")
-    ar, _, _ = _one_rank_all_reduce()
-    got_x, got_res = x.clone(), residual.clone()
-    assert ar.add_rms_norm(got_x, got_res, weight, EPS)
-    assert torch.equal(got_x, want_x) and torch.equal(got_res, want_res)
-    assert ar.lamport_state.tolist() == [1, rows * hidden, 0]
-    assert not ar.add_rms_norm(x.float(), residual.float(), weight, EPS)  # fp32: not the Lamport kernel's
-    assert not _one_rank_all_reduce("barrier")[0].add_rms_norm(x.clone(), residual.clone(), weight, EPS)
-    for value in ("0", None):  # off unless asked for
+    for value in (None, "1"):  # on by default
         if value is None:
-            monkeypatch.delenv(NORM_ENV)
+            monkeypatch.delenv(NORM_ENV, raising=False)
         else:
             monkeypatch.setenv(NORM_ENV, value)
-        untouched = x.clone()
-        assert not _one_rank_all_reduce()[0].add_rms_norm(untouched, residual.clone(), weight, EPS)
-        assert torch.equal(untouched, x)
+        ar, _, _ = _one_rank_all_reduce()
+        got_x, got_res = x.clone(), residual.clone()
+        assert ar.add_rms_norm(got_x, got_res, weight, EPS)
+        assert torch.equal(got_x, want_x) and torch.equal(got_res, want_res)
+        assert ar.lamport_state.tolist() == [1, rows * hidden, 0]
+        assert not ar.add_rms_norm(x.float(), residual.float(), weight, EPS)  # fp32: not the Lamport kernel's
+    assert not _one_rank_all_reduce("barrier")[0].add_rms_norm(x.clone(), residual.clone(), weight, EPS)
+    monkeypatch.setenv(NORM_ENV, "0")
+    untouched = x.clone()
+    assert not _one_rank_all_reduce()[0].add_rms_norm(untouched, residual.clone(), weight, EPS)
+    assert torch.equal(untouched, x)
