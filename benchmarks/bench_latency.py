@@ -19,7 +19,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import copy_bandwidth_gbs, header, hf_generate_tok_s, profile_decode, write_json  # noqa: E402
 
 
-def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str, overlap: bool):
+def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str, overlap: bool, kv_cache_dtype: str):
     from dist_llm.checkpoint.builder import build_dummy
     from dist_llm.config import BuildConfig
     from dist_llm.runtime import ModelRunner
@@ -27,7 +27,8 @@ def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str, overlap
     engine = build_dummy(model, f"{tmp}/engine_{model}", BuildConfig(max_batch, 512, 1024, 8192, 64), 1, 1,
                          "bfloat16", overwrite=True)
     t0 = time.perf_counter()
-    runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs=cuda_graphs, overlap=overlap)
+    runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs=cuda_graphs, overlap=overlap,
+                                  kv_cache_dtype=kv_cache_dtype)
     return runner, time.perf_counter() - t0
 
 
@@ -72,6 +73,8 @@ def main():
     p.add_argument("--cuda_graphs", default="on", choices=["off", "on"])
     p.add_argument("--enforce_eager", action="store_true", help="the same as --cuda_graphs off")
     p.add_argument("--disable_overlap_scheduler", action="store_true")
+    p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp8"],
+                   help="fp8: the roofline counts its KV bytes (1 per element)")
     args = p.parse_args()
     if args.enforce_eager:
         args.cuda_graphs = "off"
@@ -81,12 +84,13 @@ def main():
     tag += "_sync" if args.disable_overlap_scheduler else ""
     pdl = os.environ.get("DIST_LLM_PDL", "1") != "0"
     tag += "" if pdl else "_nopdl"
+    tag += "_kvfp8" if args.kv_cache_dtype == "fp8" else ""
 
     info = header()
     bw = copy_bandwidth_gbs()
     hf = None if args.skip_hf else hf_generate_tok_s(args.model, 1, args.input_len, args.output_len)
     runner, startup_s = build_runner(args.model, max(args.batch_sizes), args.output_dir, args.cuda_graphs,
-                                     not args.disable_overlap_scheduler)
+                                     not args.disable_overlap_scheduler, args.kv_cache_dtype)
     wbytes = weight_bytes(runner)
     measure(runner, 1, args.input_len, 16)  # warm-up: Triton compiles
     rows = []

@@ -99,6 +99,7 @@ def main():
     p.add_argument("--profile", action="store_true", help="also profile decode steps at max_batch_size")
     p.add_argument("--capacity_scheduler_policy", default="max_utilization",
                    choices=["max_utilization", "guaranteed_no_evict"])
+    p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp8"])
     args = p.parse_args()
 
     from dist_llm.checkpoint.builder import build_dummy
@@ -112,7 +113,8 @@ def main():
                          BuildConfig(args.max_batch_size, 2048, 4096, args.max_num_tokens, 64), 1, 1, "bfloat16",
                          overwrite=True)
     runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs=args.cuda_graphs,
-                                  capacity_scheduler_policy=args.capacity_scheduler_policy)
+                                  capacity_scheduler_policy=args.capacity_scheduler_policy,
+                                  kv_cache_dtype=args.kv_cache_dtype)
     run_grid_point(runner, 8, 128, 8)  # warm-up: Triton compiles
     rows = []
     for point in args.grid:
@@ -121,7 +123,7 @@ def main():
     num_blocks = runner.executor.block_manager.num_blocks
     prof = profile_full_load(runner, args.max_batch_size) if args.profile else None
     runner.shutdown()
-    result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs,
+    result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs, "kv_cache_dtype": args.kv_cache_dtype,
               "copy_gb_s": bw, "hf_static_batch64_128_128_tok_s": hf,
               "kv_blocks": num_blocks, "max_batch_size": args.max_batch_size, "rows": rows, "profile_full_load": prof,
               "capacity_scheduler_policy": args.capacity_scheduler_policy,

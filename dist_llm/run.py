@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer_dir", help="tokenizer files (default: the engine directory)")
     p.add_argument("--kv_cache_free_gpu_mem_fraction", type=float, default=0.9)
     p.add_argument("--num_kv_blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
+    p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp8"],
+                   help="auto: the model's dtype; fp8: e4m3 with scales of 1.0, half the KV bytes (GPU: sm_89+)")
     p.add_argument("--cuda_graphs", default="auto", choices=["auto", "off", "on", "static"],
                    help="replay decode steps from CUDA graphs; auto: on with a GPU (and NCCL), off otherwise; "
                    "static: their static-buffer path run eagerly (testing)")
@@ -106,7 +108,7 @@ def main(argv=None):
         tokenizer_dir=args.tokenizer_dir, kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
         num_kv_blocks=args.num_kv_blocks,
         cuda_graphs="off" if args.enforce_eager else args.cuda_graphs, overlap=not args.disable_overlap_scheduler,
-        capacity_scheduler_policy=args.capacity_scheduler_policy,
+        capacity_scheduler_policy=args.capacity_scheduler_policy, kv_cache_dtype=args.kv_cache_dtype,
     )
     if not runner.is_leader:
         return

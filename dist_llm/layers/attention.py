@@ -25,9 +25,11 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.rotary_emb, self.ops = scale, rotary_emb, ops
-        # bound by the worker once the KV pool is allocated: [num_blocks, block_size, Hk, D] each
+        # bound by the worker once the KV pool is allocated: [num_blocks, block_size, Hk, D] each, of the
+        # model's dtype or fp8 (--kv_cache_dtype), which holds K / k_scale and V / v_scale
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.k_scale = self.v_scale = 1.0
 
     def project_rotate_and_cache(self, qkv_proj: nn.Module, positions: torch.Tensor, x: torch.Tensor):
         """qkv_proj(x) with q and k rotated and this step's K/V in the cache, in one kernel where the fused
@@ -50,18 +52,21 @@ class Attention(nn.Module):
         rotated_and_cached: `project_rotate_and_cache` made them, so the rotation and the KV write are done."""
         md = get_metadata()
         rope = self.rotary_emb
+        scales = {"k_scale": self.k_scale, "v_scale": self.v_scale}
         if not rotated_and_cached:
             self.ops.rotary_and_write_kv(
-                positions, q, k, v, rope.cos_sin_cache, rope.is_neox, self.k_cache, self.v_cache, md.slot_mapping
+                positions, q, k, v, rope.cos_sin_cache, rope.is_neox, self.k_cache, self.v_cache, md.slot_mapping,
+                **scales,
             )
         out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
         if md.is_decode:
             self.ops.paged_decode_attention(
-                q, self.k_cache, self.v_cache, md.block_tables, md.seq_lens, self.scale, out, md.decode_workspace
+                q, self.k_cache, self.v_cache, md.block_tables, md.seq_lens, self.scale, out, md.decode_workspace,
+                **scales,
             )
         else:
             self.ops.context_attention(
                 q, self.k_cache, self.v_cache, md.block_tables, md.seq_lens, md.cu_seqlens_q,
-                md.max_seqlen_q, self.scale, out,
+                md.max_seqlen_q, self.scale, out, **scales,
             )
         return out.view(q.shape[0], self.num_heads * self.head_dim)

@@ -81,12 +81,13 @@ class ModelRunner:
                  kernel_backend: str = "auto", tokenizer_dir: str | None = None,
                  kv_cache_free_gpu_mem_fraction: float = 0.9, num_kv_blocks: int | None = None,
                  cuda_graphs: str = "auto", overlap: bool = True,
-                 capacity_scheduler_policy: str = "max_utilization") -> ModelRunner:
+                 capacity_scheduler_policy: str = "max_utilization", kv_cache_dtype: str = "auto") -> ModelRunner:
         """`cuda_graphs`: "on" (decode steps replayed from CUDA graphs: GPU, one rank or NCCL), "off" (eager),
         "auto" (on where it can be, else off) or "static" (the graphs' static-buffer path run eagerly, for
         testing on the CPU). `overlap`: schedule step N+1 while step N runs (one pipeline stage).
         `capacity_scheduler_policy`: "max_utilization" (preempt when blocks run out) or
-        "guaranteed_no_evict" (admit only what can run to max_new_tokens; see runtime/scheduler.py)."""
+        "guaranteed_no_evict" (admit only what can run to max_new_tokens; see runtime/scheduler.py).
+        `kv_cache_dtype`: "auto" (the model's dtype) or "fp8" (e4m3, scales 1.0: half the KV bytes)."""
         if capacity_scheduler_policy not in POLICIES:
             raise DistLLMError(f"unknown --capacity_scheduler_policy {capacity_scheduler_policy!r}; "
                                f"choose one of {', '.join(POLICIES)}")
@@ -94,7 +95,7 @@ class ModelRunner:
         pstate = init_distributed(engine.mapping.tp_size, engine.mapping.pp_size, backend, device)
         if kernel_backend == "auto":
             kernel_backend = "triton" if pstate.device.type == "cuda" else "torch"
-        worker = Worker(engine_dir, engine, pstate, kernel_backend)
+        worker = Worker(engine_dir, engine, pstate, kernel_backend, kv_cache_dtype)
         num_blocks = decide_num_blocks(worker, kv_cache_free_gpu_mem_fraction, num_kv_blocks)
         worker.allocate_kv_cache(num_blocks)
         if cuda_graphs == "auto":
@@ -111,7 +112,8 @@ class ModelRunner:
         executor = Executor(worker, engine, num_blocks, tokenizer, overlap=overlap,
                             capacity_scheduler_policy=capacity_scheduler_policy)
         bs = engine.build.tokens_per_block
-        log.info("KV cache: %d blocks of %d tokens = %d tokens in flight at most", num_blocks, bs, num_blocks * bs)
+        log.info("KV cache: %d blocks of %d tokens = %d tokens in flight at most (%s)", num_blocks, bs,
+                 num_blocks * bs, str(worker.kv_dtype).removeprefix("torch."))
         runner = cls(engine, executor, tokenizer, is_leader=True)
         runner.tokenizer_dir = tokenizer_dir or engine_dir
         atexit.register(runner.shutdown)

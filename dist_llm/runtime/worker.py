@@ -18,6 +18,7 @@ from dist_llm.layers.rotary import RotaryEmbedding
 from dist_llm.models import get_model_class
 from dist_llm.parallel import comm
 from dist_llm.parallel.state import ParallelState
+from dist_llm.runtime.kv_sizing import kv_cache_dtype as resolve_kv_cache_dtype
 from dist_llm.runtime.plan import StepPlan, StepResult
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -94,10 +95,12 @@ def fill_pending(input_ids: torch.Tensor, prev_index: torch.Tensor, sampled: tor
 
 
 class Worker:
-    def __init__(self, engine_dir: str, engine: EngineConfig, pstate: ParallelState, kernel_backend: str):
+    def __init__(self, engine_dir: str, engine: EngineConfig, pstate: ParallelState, kernel_backend: str,
+                 kv_cache_dtype: str = "auto"):  # fmt: skip
         self.engine, self.pstate = engine, pstate
         self.mapping, self.device = pstate.mapping, pstate.device
         self.dtype = TORCH_DTYPES[engine.dtype]
+        self.kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device)
         self.ops = get_ops(kernel_backend)
         model_cls = get_model_class(engine.model.architecture)
         with torch.device("meta"):
@@ -145,7 +148,7 @@ class Worker:
         if not attn:
             return 0
         a = attn[0]
-        elem = torch.empty(0, dtype=self.dtype).element_size()
+        elem = torch.empty(0, dtype=self.kv_dtype).element_size()
         return 2 * len(attn) * self.engine.build.tokens_per_block * a.num_kv_heads * a.head_dim * elem
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -153,8 +156,8 @@ class Worker:
         bs = self.engine.build.tokens_per_block
         for a in self.model.attention_layers():
             shape = (num_blocks, bs, a.num_kv_heads, a.head_dim)
-            a.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            a.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            a.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            a.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
 
     def enable_decode_graphs(self, mode: str) -> None:
         """Decode steps from static buffers: "capture" (CUDA graphs) or "static" (the same path, eager).
