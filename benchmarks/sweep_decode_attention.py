@@ -27,11 +27,12 @@ H, D, BS = 32, 128, 64
 CASES = [(256, 192, 4096, 32), (64, 192, 4096, 32), (32, 2048, 4096, 32), (1, 256, 384, 32), (256, 192, 4096, 8)]
 
 
-def make_case(batch, ctx, width, hk):
+def make_case(batch, ctx, width, hk, kv_dtype=torch.bfloat16):
     nblk = width // BS
     used = -(-ctx // BS)
     kc = torch.randn(batch * used + 1, BS, hk, D, device="cuda", dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
+    kc, vc = kc.to(kv_dtype), vc.to(kv_dtype)
     bt = torch.zeros(batch, nblk, device="cuda", dtype=torch.int32)
     bt[:, :used] = torch.randperm(batch * used, device="cuda", dtype=torch.int32).view(batch, used)
     sl = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
@@ -42,6 +43,8 @@ def make_case(batch, ctx, width, hk):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp8"], help="fp8: e4m3 caches, scales 1")
+    p.add_argument("--configs", nargs="+", metavar="N,W,S", help="only these BLOCK_N,warps,stages (and the rule)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("sweep_decode_attention.py needs a CUDA GPU")
@@ -55,16 +58,19 @@ def main():
     copy_gb_s = 2 * src.nbytes / b.time_us(lambda: dst.copy_(src)) / 1e3
     print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}; copy {copy_gb_s:.0f} GB/s", flush=True)
     configs = [None] + list(itertools.product([16, 32, 64], [2, 4, 8], [1, 2, 3]))
+    if args.configs:
+        configs = [None] + [tuple(int(x) for x in c.split(",")) for c in args.configs]
+    kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
     base_rule = da._launch_config
     results = {}
     for case in CASES:
         batch, ctx, width, hk = case
-        q, kc, vc, bt, sl = make_case(*case)
+        q, kc, vc, bt, sl = make_case(*case, kv_dtype)
         ws = da.DecodeWorkspace.allocate(max(batch, 64), H, D, width, q.device)
         out = torch.empty_like(q)
         call = functools.partial(da.paged_decode_attention, q, kc, vc, bt, sl, D**-0.5, out, ws)
         ref = da.paged_decode_attention(q, kc, vc, bt, sl, D**-0.5, out, ws).clone()
-        kv_bytes = batch * ctx * hk * D * 2 * 2
+        kv_bytes = batch * ctx * hk * D * 2 * kc.element_size()
         for cfg in configs:
             if cfg is None:
                 da._launch_config = base_rule
@@ -95,7 +101,7 @@ def main():
     if ranked:  # "BLOCK_N,warps,stages" of the best, for DIST_LLM_DECODE_ATTN_CONFIG in A/B runs
         best = ranked[0][1] if ranked[0][1] != "None" else ranked[1][1]
         print("best:", best.strip("()").replace(" ", ""))
-    write_json(args.output_dir, "attn_sweep.json", {**info, "copy_gb_s": copy_gb_s, "cases": CASES,
+    write_json(args.output_dir, f"attn_sweep_{args.kv_cache_dtype}.json", {**info, "copy_gb_s": copy_gb_s, "cases": CASES,
                                                     "results": results})
 
 

@@ -38,6 +38,9 @@ from dist_llm.kernels.reference import FP8_KV_DTYPE, check_kv_scales
 DEFAULT_PARTITION_SIZE = 1024
 # "BLOCK_N,num_warps,num_stages" for the 16-bit launches, for sweeps (benchmarks/sweep_decode_attention.py)
 _CONFIG_OVERRIDE = os.environ.get("DIST_LLM_DECODE_ATTN_CONFIG", "")
+# an fp8 cache with 16-bit q: both products in fp16 ("f16": e4m3 -> f16 is one packed cvt, and q, p in [0, 1]
+# fit fp16), or in q's dtype ("q": bf16 costs a second cvt per element); for A/B runs
+_FP8_DOT = os.environ.get("DIST_LLM_FP8_ATTN_DOT", "f16")
 
 
 @triton.jit
@@ -53,7 +56,7 @@ def _decode_partition_kernel(
     stride_plb, stride_plh, stride_pls,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, DOT_F16: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
     kvh = tl.program_id(0)  # heads fastest: programs running together read whole token rows
@@ -75,6 +78,8 @@ def _decode_partition_kernel(
         q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
         if PRECISION == "ieee":
             q = q.to(tl.float32)
+        if DOT_F16:  # fp8 cache: the products in fp16
+            q = q.to(tl.float16)
         bt_row = block_tables_ptr + b * stride_btb
         k_base = k_cache_ptr + kvh * stride_kh + offs_d[None, :] * stride_kd
         v_base = v_cache_ptr + kvh * stride_vh + offs_d[None, :] * stride_vd
@@ -234,6 +239,12 @@ def _split_plan(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, works
     return triton.cdiv(max_ctx, partition), partition
 
 
+def _fp8_dot() -> str:
+    if _FP8_DOT not in ("f16", "q"):
+        raise ValueError(f"DIST_LLM_FP8_ATTN_DOT must be f16 or q, got {_FP8_DOT!r}")
+    return _FP8_DOT
+
+
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, k_scale, v_scale):
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
@@ -279,6 +290,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, 
         *po_strides, *pl_strides,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE=single, PRECISION=precision,
+        DOT_F16=fp8 and q.dtype == torch.bfloat16 and _fp8_dot() == "f16",
         num_warps=num_warps, num_stages=num_stages, **pdl,
     )  # fmt: skip
     if not single:
