@@ -101,8 +101,8 @@ def main():
     if ranked:  # "BLOCK_N,warps,stages" of the best, for DIST_LLM_DECODE_ATTN_CONFIG in A/B runs
         best = ranked[0][1] if ranked[0][1] != "None" else ranked[1][1]
         print("best:", best.strip("()").replace(" ", ""))
-    write_json(args.output_dir, f"attn_sweep_{args.kv_cache_dtype}.json", {**info, "copy_gb_s": copy_gb_s, "cases": CASES,
-                                                    "results": results})
+    write_json(args.output_dir, f"attn_sweep_{args.kv_cache_dtype}.json",
+               {**info, "copy_gb_s": copy_gb_s, "cases": CASES, "results": results})
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def test_kv_cache_dtype_is_checked(monkeypatch):
         kv_cache_dtype("int8", torch.bfloat16, cpu)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
-    with pytest.raises(DistLLMError, match=r"compute capability 8.9 or newer .* NVIDIA A100 is 8.0: use --kv_cache_dtype auto"):
+    want = r"compute capability 8.9 or newer .* NVIDIA A100 is 8.0: use --kv_cache_dtype auto"
+    with pytest.raises(DistLLMError, match=want):
         kv_cache_dtype("fp8", torch.bfloat16, gpu)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert kv_cache_dtype("fp8", torch.bfloat16, gpu) == torch.float8_e4m3fn
