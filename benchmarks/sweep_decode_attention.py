@@ -4,8 +4,10 @@ context, block tables 4,096 tokens wide, as bench_throughput builds them), a lon
 and batch 1. The config is picked from static shapes only, so one config must serve every context a
 block-table width allows: the summary ranks configs by the geometric mean over the cases against the
 current rule (`decode_attention._launch_config`). Prints GB/s of K/V read and the fraction of the copy rate.
+--cuda_cores times pass 1 on the CUDA cores where the KV group has <= 2 query heads (the MHA cases; the GQA 4
+case keeps tl.dot), as DIST_LLM_DECODE_ATTN_CUDA_CORES=1 does; run it without the flag for the tl.dot figures.
 
-    python benchmarks/sweep_decode_attention.py --output_dir bench_out/attn_sweep
+    python benchmarks/sweep_decode_attention.py --output_dir bench_out/attn_sweep [--cuda_cores]
 """
 
 from __future__ import annotations
@@ -40,23 +42,38 @@ def make_case(batch, ctx, width, hk, kv_dtype=torch.bfloat16):
     return q, kc, vc, bt, sl
 
 
+def fixed_config(rule, cfg):
+    """`rule` (a `_launch_config`) with BLOCK_N, warps and stages from cfg; BLOCK_D and BLOCK_G stay the rule's
+    (BLOCK_G is next_power_of_2(group) on the CUDA cores, at least 16 with tl.dot)."""
+
+    def config(*args):
+        block_d, _, block_g, _, _ = rule(*args)
+        return block_d, cfg[0], block_g, cfg[1], cfg[2]
+
+    return config
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp8"], help="fp8: e4m3 caches, scales 1")
     p.add_argument("--configs", nargs="+", metavar="N,W,S", help="only these BLOCK_N,warps,stages (and the rule)")
+    p.add_argument("--cuda_cores", action="store_true", help="pass 1 on the CUDA cores for groups <= 2 (untimed path)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("sweep_decode_attention.py needs a CUDA GPU")
     from dist_llm.kernels import decode_attention as da
 
+    if args.cuda_cores:
+        da._CUDA_CORES = "1"
     info = header()
     b = Bench("cuda", small=False)
     b.rep_s = 0.05
     src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     copy_gb_s = 2 * src.nbytes / b.time_us(lambda: dst.copy_(src)) / 1e3
-    print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}; copy {copy_gb_s:.0f} GB/s", flush=True)
+    print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}; copy {copy_gb_s:.0f} GB/s; pass 1 "
+          f"{'on the CUDA cores for groups <= 2' if args.cuda_cores else 'with tl.dot'}", flush=True)
     configs = [None] + list(itertools.product([16, 32, 64], [2, 4, 8], [1, 2, 3]))
     if args.configs:
         configs = [None] + [tuple(int(x) for x in c.split(",")) for c in args.configs]
@@ -75,7 +92,7 @@ def main():
             if cfg is None:
                 da._launch_config = base_rule
             else:
-                da._launch_config = lambda hd, bsz, g, dt, b, cfg=cfg: (128, cfg[0], max(16, g), cfg[1], cfg[2])
+                da._launch_config = fixed_config(base_rule, cfg)
             try:
                 us = graph_time_us(b, [call])
             except Exception as e:  # out of shared memory and the like
@@ -101,8 +118,9 @@ def main():
     if ranked:  # "BLOCK_N,warps,stages" of the best, for DIST_LLM_DECODE_ATTN_CONFIG in A/B runs
         best = ranked[0][1] if ranked[0][1] != "None" else ranked[1][1]
         print("best:", best.strip("()").replace(" ", ""))
-    write_json(args.output_dir, f"attn_sweep_{args.kv_cache_dtype}.json",
-               {**info, "copy_gb_s": copy_gb_s, "cases": CASES, "results": results})
+    name = f"attn_sweep_{args.kv_cache_dtype}{'_cuda_cores' if args.cuda_cores else ''}.json"
+    write_json(args.output_dir, name, {**info, "copy_gb_s": copy_gb_s, "cases": CASES, "cuda_cores": args.cuda_cores,
+                                       "results": results})
 
 
 if __name__ == "__main__":
