@@ -48,14 +48,19 @@ policy)  # about 6 minutes on an H200
         TAIL=6 step "grid_$P" 270 python3 benchmarks/bench_throughput.py --output_dir "$OUT/grid_$P" --skip_hf \
             --grid 1000/1000 128/2048 --num_requests 200 --capacity_scheduler_policy "$P"
     done ;;
-fp8)  # about 7 minutes on an H200
-    TAIL=3 step fp8_tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8_kv.py tests/test_kernels_attention.py
+fp8)  # about 8 minutes on an H200: the fp8 KV cache and the CUDA-core decode pass 1 (DIST_LLM_DECODE_ATTN_CUDA_CORES)
+    TAIL=3 step fp8_tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8_kv.py \
+        tests/test_kernels_attention.py tests/test_kernels_decode_cuda_cores.py
     grep -aE "^(FAILED|ERROR)" "$OUT/fp8_tests.log" | head -5
-    TAIL=14 step sweep_fp8 80 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep_fp8" --kv_cache_dtype fp8 \
-        --configs 32,2,2 16,2,2 32,4,2 64,4,2
+    for KV in auto fp8; do for CC in "" --cuda_cores; do
+        TAIL=12 step "sweep_${KV}${CC}" 60 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
+            --kv_cache_dtype "$KV" $CC --configs 32,2,2 16,2,2 32,4,2 64,4,2
+    done; done
+    for V in auto:0 fp8:0 fp8:1; do D=${V%:*}
+        TAIL=5 DIST_LLM_DECODE_ATTN_CUDA_CORES=${V#*:} step "tput_${D}_cc${V#*:}" 100 python3 benchmarks/bench_throughput.py \
+            --output_dir "$OUT/tput_${D}_cc${V#*:}" --skip_hf --grid 128/128 --num_requests 1000 --kv_cache_dtype "$D" --profile
+    done
     for D in auto fp8; do
-        TAIL=5 step "tput_$D" 100 python3 benchmarks/bench_throughput.py --output_dir "$OUT/tput_$D" --skip_hf \
-            --grid 128/128 --num_requests 1000 --kv_cache_dtype "$D" --profile
         TAIL=3 step "grid_$D" 115 python3 benchmarks/bench_throughput.py --output_dir "$OUT/grid_$D" --skip_hf \
             --grid 1000/1000 --num_requests 200 --kv_cache_dtype "$D"
     done ;;
