@@ -136,3 +136,20 @@ def launch_on_streams(call, xs, outs, streams, delay_rank: int | None = None) ->
             call(rank, xs[rank], outs[rank])
     for stream in streams:
         main.wait_stream(stream)
+
+
+def paged_layout(seq_lens, block_size: int, gen: torch.Generator, extra_cols: int = 2, poison_blocks: int = 3):
+    """A shuffled paged layout for len_i tokens per sequence, for the attention kernel tests: (num_blocks, block
+    table int64 [B, max blocks needed + extra_cols], each sequence's slots). The last `poison_blocks` physical
+    blocks hold no token; the table entries past a sequence's blocks point at them."""
+    need = [-(-n // block_size) for n in seq_lens]
+    used = sum(need)
+    perm = torch.randperm(used + poison_blocks, generator=gen)
+    table = perm[used:][torch.randint(0, poison_blocks, (len(seq_lens), max(need) + extra_cols), generator=gen)]
+    slots, pos = [], 0
+    for b, (n, nb) in enumerate(zip(seq_lens, need)):
+        ids = perm[pos : pos + nb]
+        pos += nb
+        table[b, :nb] = ids
+        slots.append((ids[:, None] * block_size + torch.arange(block_size)).flatten()[:n])
+    return used + poison_blocks, table, slots

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from conftest import paged_layout  # noqa: E402
 
 from dist_llm.kernels.decode_attention import DecodeWorkspace, paged_decode_attention  # noqa: E402
 from dist_llm.kernels.prefill_attention import context_attention  # noqa: E402
@@ -42,25 +43,14 @@ def paged_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype, gen, extra_
 
     Returns (k_cache, v_cache, block_tables int32 [B, M]) with M = max blocks needed + extra_cols; the
     table entries past a sequence's blocks point at NaN-only blocks."""
-    need = [-(-n // block_size) for n in seq_lens]
-    used = sum(need)
-    num_blocks = used + poison_blocks
-    perm = torch.randperm(num_blocks, generator=gen)
+    num_blocks, table, slots = paged_layout(seq_lens, block_size, gen, extra_cols, poison_blocks)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.full(shape, NAN, dtype=dtype)
     v_cache = torch.full(shape, NAN, dtype=dtype)
-    poison = perm[used:]
-    table = poison[torch.randint(0, poison_blocks, (len(seq_lens), max(need) + extra_cols), generator=gen)]
-    pos = 0
-    for b, (n, nb) in enumerate(zip(seq_lens, need)):
-        ids = perm[pos : pos + nb]
-        pos += nb
-        table[b, :nb] = ids
-        slots = (ids[:, None] * block_size + torch.arange(block_size)).flatten()[:n]
+    for s in slots:
         for cache in (k_cache, v_cache):
-            cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(
-                n, num_kv_heads, head_dim, generator=gen
-            ).to(dtype)
+            x = torch.randn(len(s), num_kv_heads, head_dim, generator=gen)
+            cache.view(-1, num_kv_heads, head_dim)[s] = x.to(dtype)
     return k_cache.to(DEVICE), v_cache.to(DEVICE), table.to(torch.int32).to(DEVICE)
 
 

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import triton  # noqa: E402
+from conftest import paged_layout  # noqa: E402
 
 from dist_llm.kernels import decode_attention as dec  # noqa: E402
 from dist_llm.kernels import reference as ref  # noqa: E402
@@ -54,21 +55,13 @@ def paged_kv(seq_lens, block_size, num_kv_heads, head_dim, kv_dtype, scales, gen
     """K/V caches of `kv_dtype` holding len_i tokens per sequence in shuffled blocks (K ~ N(0, 1), V ~ N(0, 2),
     stored as quantize_kv_ref(x, kv_dtype, scale)), NaN elsewhere; table entries past a sequence's blocks
     point at NaN blocks. Built in fp32, where every stored value is exact, and converted once."""
-    need = [-(-n // block_size) for n in seq_lens]
-    used, poison = sum(need), 3
-    perm = torch.randperm(used + poison, generator=gen)
-    shape = (used + poison, block_size, num_kv_heads, head_dim)
+    num_blocks, table, slots = paged_layout(seq_lens, block_size, gen, extra_cols)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
     caches = [torch.full(shape, NAN), torch.full(shape, NAN)]
-    table = perm[used:][torch.randint(0, poison, (len(seq_lens), max(need) + extra_cols), generator=gen)]
-    pos = 0
-    for b, (n, nb) in enumerate(zip(seq_lens, need)):
-        ids = perm[pos : pos + nb]
-        pos += nb
-        table[b, :nb] = ids
-        slots = (ids[:, None] * block_size + torch.arange(block_size)).flatten()[:n]
+    for s in slots:
         for cache, sd, scale in zip(caches, (1.0, 2.0), scales):
-            x = torch.randn(n, num_kv_heads, head_dim, generator=gen) * sd
-            cache.view(-1, num_kv_heads, head_dim)[slots] = ref.quantize_kv_ref(x, kv_dtype, scale).float()
+            x = torch.randn(len(s), num_kv_heads, head_dim, generator=gen) * sd
+            cache.view(-1, num_kv_heads, head_dim)[s] = ref.quantize_kv_ref(x, kv_dtype, scale).float()
     k_cache, v_cache = (c.to(kv_dtype).to(DEVICE) for c in caches)
     return k_cache, v_cache, table.to(torch.int32).to(DEVICE)
 

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from conftest import paged_layout  # noqa: E402
 
 from dist_llm.kernels import decode_attention as dec  # noqa: E402
 from dist_llm.kernels import reference as ref  # noqa: E402
@@ -222,21 +223,13 @@ def test_rotary_and_write_kv_fp8(case, is_neox):
 def fp8_paged_cache(seq_lens, block_size, num_kv_heads, head_dim, k_scale, v_scale, gen, extra_cols=2):
     """fp8 caches of len_i tokens per sequence (K ~ N(0, 1), V ~ N(0, 2) before scaling) in shuffled
     blocks, NaN codes elsewhere; the block table entries past a sequence's blocks point at NaN blocks."""
-    need = [-(-n // block_size) for n in seq_lens]
-    used, poison = sum(need), 3
-    perm = torch.randperm(used + poison, generator=gen)
-    shape = (used + poison, block_size, num_kv_heads, head_dim)
+    num_blocks, table, slots = paged_layout(seq_lens, block_size, gen, extra_cols)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache, v_cache = fp8_full(shape, NAN_CODE).cpu(), fp8_full(shape, NAN_CODE).cpu()
-    table = perm[used:][torch.randint(0, poison, (len(seq_lens), max(need) + extra_cols), generator=gen)]
-    pos = 0
-    for b, (n, nb) in enumerate(zip(seq_lens, need)):
-        ids = perm[pos : pos + nb]
-        pos += nb
-        table[b, :nb] = ids
-        slots = (ids[:, None] * block_size + torch.arange(block_size)).flatten()[:n]
+    for s in slots:
         for cache, sd, scale in ((k_cache, 1.0, k_scale), (v_cache, 2.0, v_scale)):
-            x = torch.randn(n, num_kv_heads, head_dim, generator=gen) * sd
-            bits(cache.view(-1, num_kv_heads, head_dim))[slots] = bits(ref.quantize_kv_ref(x, FP8, scale))
+            x = torch.randn(len(s), num_kv_heads, head_dim, generator=gen) * sd
+            bits(cache.view(-1, num_kv_heads, head_dim))[s] = bits(ref.quantize_kv_ref(x, FP8, scale))
     return k_cache.to(DEVICE), v_cache.to(DEVICE), table.to(torch.int32).to(DEVICE)
 
 
