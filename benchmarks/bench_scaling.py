@@ -46,6 +46,7 @@ def parse_args():
     p.add_argument("--profile_steps", type=int, default=0, help="also profile this many batch-1 decode steps on "
                    "rank 0 of each layout, and print wall, kernel and host time per step and the top kernels")
     p.add_argument("--timeout_s", type=int, help="per launch (default 600 on GPU, 300 on CPU)")
+    p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp8"], help="fp8: an e4m3 KV pool")
     args = p.parse_args()
     gpu = args.device == "cuda"
     args.input_len = args.input_len or (128 if gpu else 16)
@@ -104,7 +105,7 @@ def launch(args, tp: int, pp: int, engine: str, name: str) -> dict:
                                 "--backend", args.backend, "--input_len", str(args.input_len),
                                 "--output_len", str(args.output_len),
                                 "--batch_sizes", *map(str, args.batch_sizes),
-                                "--profile_steps", str(args.profile_steps)]
+                                "--profile_steps", str(args.profile_steps), "--kv_cache_dtype", args.kv_cache_dtype]
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
@@ -303,7 +304,8 @@ def main():
     build = BuildConfig(max_batch_size=max_batch, max_input_len=args.input_len,
                         max_seq_len=args.input_len + args.output_len,
                         max_num_tokens=max(8192 if gpu else 1024, args.input_len), tokens_per_block=64 if gpu else 16)
-    result = {**info, "device": device_name, "model": args.model, "dtype": args.dtype, "copy_gb_s": copy_gb_s,
+    result = {**info, "device": device_name, "model": args.model, "dtype": args.dtype,
+              "kv_cache_dtype": args.kv_cache_dtype, "copy_gb_s": copy_gb_s,
               "input_len": args.input_len, "output_len": args.output_len, "batch_sizes": args.batch_sizes,
               "command": "python " + " ".join(sys.argv), "configs": [], "rows": [], "latency": []}
     print(f"# {device_name}  torch {info['torch']}  triton {info['triton']}  {info['date']}")

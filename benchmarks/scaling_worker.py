@@ -52,10 +52,12 @@ def main():
     p.add_argument("--output_len", type=int, required=True)
     p.add_argument("--profile_steps", type=int, default=0, help="also profile this many batch-1 decode steps on "
                    "rank 0: its kernels, and wall and host time per step")
+    p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp8"])
     args = p.parse_args()
 
     t0 = time.perf_counter()
-    runner = ModelRunner.from_dir(args.engine_dir, device=args.device, backend=args.backend)
+    runner = ModelRunner.from_dir(args.engine_dir, device=args.device, backend=args.backend,
+                                  kv_cache_dtype=args.kv_cache_dtype)
     if not runner.is_leader:
         return  # served rank 0's steps until it shut down
     startup_s = time.perf_counter() - t0
@@ -69,6 +71,7 @@ def main():
             for b in args.batch_sizes]
     result = {"startup_s": startup_s, "rank0_weight_bytes": rank0_weight_bytes,
               "num_kv_blocks": runner.executor.block_manager.num_blocks,
+              "kv_dtype": str(runner.executor.worker.kv_dtype).removeprefix("torch."),
               "latency": {"decode_ms_per_token": latency["decode_ms_per_token"],
                           "decode_tok_s": 1e3 / latency["decode_ms_per_token"],
                           "ttft_ms": latency["ttft_ms_max"]},

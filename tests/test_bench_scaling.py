@@ -1,5 +1,5 @@
 """benchmarks/bench_scaling.py end to end on the CPU: a tiny dummy-weight model at 1×1, 2×1 and 1×2 under
-mpirun (gloo), two batch sizes; the JSON has every row with positive tok/s and efficiencies, and both
+mpirun (gloo), two batch sizes, an fp8 KV pool; the JSON has every row with positive tok/s and efficiencies, and both
 plots are real images."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("scaling")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_scaling.py"), "--model", "tiny", "--device", "cpu",
            "--configs", *CONFIGS, "--batch_sizes", *map(str, BATCHES), "--input_len", "8", "--output_len", "8",
-           "--output_dir", str(out)]
+           "--output_dir", str(out), "--kv_cache_dtype", "fp8"]  # fp8: its pool under tp and pp too
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "DIST_LLM_GEMV_PREFETCH": "2"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -48,6 +48,8 @@ def test_json_has_every_row(sweep):
         assert r["decode_tok_s"] == pytest.approx(1e3 / r["decode_ms_per_token"])
     assert "bench_scaling.py" in data["command"] and data["model"] == "tiny"
     assert data["switches"]["DIST_LLM_GEMV_PREFETCH"] == "2"  # the knobs of an A/B run are on record
+    assert data["kv_cache_dtype"] == "fp8"
+    assert [c["kv_dtype"] for c in data["configs"]] == ["float8_e4m3fn"] * len(CONFIGS)  # what rank 0 ran on
     for c in CONFIGS:  # the Markdown table
         assert f"| {c} |" in stdout
 
