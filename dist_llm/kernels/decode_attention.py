@@ -36,9 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dist_llm.kernels._attention_common import LOG2E, dot_precision
+from dist_llm.kernels._attention_common import LOG2E, check_attention_caches, dot_precision
 from dist_llm.kernels._pdl import pdl_launch_kwargs, pdl_wait
-from dist_llm.kernels.reference import FP8_KV_DTYPE, check_kv_scales
 
 DEFAULT_PARTITION_SIZE = 1024
 # "BLOCK_N,num_warps,num_stages" for the 16-bit launches, for sweeps (benchmarks/sweep_decode_attention.py)
@@ -307,10 +306,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, 
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape)
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     assert out.shape == q.shape, (out.shape, q.shape)
-    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in (q.dtype, FP8_KV_DTYPE), (
-        f"caches must be q's dtype or {FP8_KV_DTYPE}: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}"
-    )
-    check_kv_scales(k_cache.dtype, k_scale, v_scale)
+    fp8 = check_attention_caches(q, k_cache, v_cache, k_scale, v_scale)
     assert block_tables.dtype == torch.int32 and block_tables.dim() == 2 and block_tables.shape[0] == batch
     assert seq_lens.dtype == torch.int32 and seq_lens.shape == (batch,) and seq_lens.is_contiguous()
     for t in (q, k_cache, v_cache, out):
@@ -337,7 +333,6 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, 
         po_strides, pl_strides = part_out.stride(), part_lse.stride()
 
     qk_scale = scale * LOG2E * k_scale  # k_scale is 1.0 unless the cache is fp8
-    fp8 = k_cache.dtype == FP8_KV_DTYPE
     pdl = pdl_launch_kwargs(q.device)
     precision = dot_precision(q.dtype)
     _decode_partition_kernel[(num_kv_heads, batch, num_splits)](

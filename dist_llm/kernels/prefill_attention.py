@@ -21,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dist_llm.kernels._attention_common import LOG2E, dot_precision
-from dist_llm.kernels.reference import FP8_KV_DTYPE, check_kv_scales
+from dist_llm.kernels._attention_common import LOG2E, check_attention_caches, dot_precision
 
 
 @triton.jit
@@ -150,10 +149,7 @@ def context_attention(
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim, (q.shape, k_cache.shape)
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     assert out.shape == q.shape, (out.shape, q.shape)
-    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in (q.dtype, FP8_KV_DTYPE), (
-        f"caches must be q's dtype or {FP8_KV_DTYPE}: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}"
-    )
-    check_kv_scales(k_cache.dtype, float(k_scale), float(v_scale))
+    fp8 = check_attention_caches(q, k_cache, v_cache, float(k_scale), float(v_scale))
     assert block_tables.dtype == torch.int32 and block_tables.dim() == 2 and block_tables.shape[0] == batch
     assert seq_lens.dtype == torch.int32 and seq_lens.is_contiguous()
     assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_q.shape == (batch + 1,)
@@ -166,7 +162,7 @@ def context_attention(
     grid = (triton.cdiv(int(max_seqlen_q), block_m), num_heads, batch)
     _context_attention_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out,
-        float(scale) * LOG2E * float(k_scale), float(v_scale) if k_cache.dtype == FP8_KV_DTYPE else None,
+        float(scale) * LOG2E * float(k_scale), float(v_scale) if fp8 else None,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
