@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from dist_llm.kernels._rounding import round_to
+from dist_llm.kernels.kv_cache import _to_cache
 
 
 @triton.jit
@@ -33,13 +34,14 @@ def _load_cos_sin(pos_ptr, tok, cache_ptr, stride_cache0, HALF: tl.constexpr, BL
 @triton.jit
 def _rotate_heads(
     base_ptr, stride_h, head_start, num_heads, cos, sin,
-    copy_ptr, stride_copy_h, num_copy_heads,
+    copy_ptr, stride_copy_h, num_copy_heads, copy_inv_scale,
     HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
     COPY: tl.constexpr,
 ):  # fmt: skip
     """Rotates heads [head_start, head_start + BLOCK_H) below num_heads in place. With COPY, the rotated
-    dims of the heads below num_copy_heads are also stored at copy_ptr (rounded to base_ptr's dtype first,
-    so the copy is bit-identical to copying the rotated heads afterwards)."""
+    dims of the heads below num_copy_heads are also stored at copy_ptr, a KV cache (rounded to base_ptr's
+    dtype first, so the copy is bit-identical to copying the rotated heads afterwards; an fp8 cache gets
+    them times copy_inv_scale, see `kv_cache._to_cache`)."""
     heads = head_start + tl.arange(0, BLOCK_H)
     rows = base_ptr + heads.to(tl.int64)[:, None] * stride_h
     copy_rows = copy_ptr + heads.to(tl.int64)[:, None] * stride_copy_h
@@ -56,8 +58,8 @@ def _rotate_heads(
         tl.store(rows + HALF + d, o2, mask=mask)
         if COPY:
             copy_mask = copy_hmask & (d < HALF)
-            tl.store(copy_rows + d, round_to(o1, copy_ptr.dtype.element_ty), mask=copy_mask)
-            tl.store(copy_rows + HALF + d, round_to(o2, copy_ptr.dtype.element_ty), mask=copy_mask)
+            tl.store(copy_rows + d, _to_cache(o1, copy_ptr, copy_inv_scale), mask=copy_mask)
+            tl.store(copy_rows + HALF + d, _to_cache(o2, copy_ptr, copy_inv_scale), mask=copy_mask)
     else:
         d = tl.arange(0, 2 * BLOCK_HALF)[None, :]
         mask = hmask & (d < 2 * HALF)
@@ -68,7 +70,7 @@ def _rotate_heads(
         o = round_to(tl.reshape(tl.join(o1, o2), (BLOCK_H, 2 * BLOCK_HALF)), base_ptr.dtype.element_ty)
         tl.store(rows + d, o, mask=mask)
         if COPY:
-            tl.store(copy_rows + d, round_to(o, copy_ptr.dtype.element_ty), mask=copy_hmask & (d < 2 * HALF))
+            tl.store(copy_rows + d, _to_cache(o, copy_ptr, copy_inv_scale), mask=copy_hmask & (d < 2 * HALF))
 
 
 @triton.jit
@@ -86,13 +88,13 @@ def _rotary_kernel(
     if head_block < num_q_blocks:
         q_row = q_ptr + tok * stride_q0
         _rotate_heads(
-            q_row, stride_q1, head_block * BLOCK_H, num_q_heads, cos, sin, q_row, 0, 0,
+            q_row, stride_q1, head_block * BLOCK_H, num_q_heads, cos, sin, q_row, 0, 0, None,
             HALF, IS_NEOX, BLOCK_H, BLOCK_HALF, COPY=False,
         )  # fmt: skip
     else:
         k_row = k_ptr + tok * stride_k0
         _rotate_heads(
-            k_row, stride_k1, (head_block - num_q_blocks) * BLOCK_H, num_k_heads, cos, sin, k_row, 0, 0,
+            k_row, stride_k1, (head_block - num_q_blocks) * BLOCK_H, num_k_heads, cos, sin, k_row, 0, 0, None,
             HALF, IS_NEOX, BLOCK_H, BLOCK_HALF, COPY=False,
         )  # fmt: skip
 

@@ -9,9 +9,8 @@ Same jit helpers and the same rounding as the two kernels, so q, k and both cach
 the unfused pair. A padding token (slot -1) still rotates its q and k; only its cache stores are masked
 off. At decode the pair is launch-bound (about 1.5 us each on an H100), so one launch saves one per layer.
 
-An fp8 cache (see `kv_cache`) stores x / scale: `_rotate_heads` can copy its rounded k only as it is, so
-there the k blocks rotate k in place and, after a barrier, copy the whole heads to the cache with the
-scale (`_copy_heads`), re-reading from L1/L2 what the program has just stored. k itself is as without fp8.
+An fp8 cache (see `kv_cache`) stores x / scale: `_rotate_heads` and `_copy_heads` store to the cache through
+`kv_cache._to_cache` with the reciprocal of the scale, so k itself is as without fp8.
 """
 
 from __future__ import annotations
@@ -50,33 +49,22 @@ def _rotary_kv_kernel(
         if head_block < num_q_blocks:
             q_row = q_ptr + tok * stride_q0
             _rotate_heads(
-                q_row, stride_q1, head_block * BLOCK_H, num_q_heads, cos, sin, q_row, 0, 0,
+                q_row, stride_q1, head_block * BLOCK_H, num_q_heads, cos, sin, q_row, 0, 0, None,
                 HALF, IS_NEOX, BLOCK_H, BLOCK_HALF, COPY=False,
             )  # fmt: skip
         else:
             head_start = (head_block - num_q_blocks) * BLOCK_H
             k_row = k_ptr + tok * stride_k0
             kc_row = _cache_row(k_cache_ptr, slot, block_size, stride_kc0, stride_kc1)
-            if k_cache_ptr.dtype.element_ty == tl.float8e4nv:  # scaled: rotate in place, then copy k
-                _rotate_heads(
-                    k_row, stride_k1, head_start, num_kv_heads, cos, sin, k_row, 0, 0,
-                    HALF, IS_NEOX, BLOCK_H, BLOCK_HALF, COPY=False,
-                )  # fmt: skip
-                tl.debug_barrier()  # the copy reads elements other threads of this program stored
+            _rotate_heads(
+                k_row, stride_k1, head_start, num_kv_heads, cos, sin, kc_row, stride_kc2, heads_to_write,
+                inv_k_scale, HALF, IS_NEOX, BLOCK_H, BLOCK_HALF, COPY=True,
+            )  # fmt: skip
+            if 2 * HALF < HEAD_DIM:  # partial rotary: the tail goes to the cache as it is
                 _copy_heads(
-                    k_row, stride_k1, kc_row, stride_kc2, head_start, heads_to_write, HEAD_DIM, inv_k_scale,
-                    BLOCK_H, BLOCK_D,
+                    k_row + 2 * HALF, stride_k1, kc_row + 2 * HALF, stride_kc2, head_start, heads_to_write,
+                    HEAD_DIM - 2 * HALF, inv_k_scale, BLOCK_H, BLOCK_TAIL,
                 )  # fmt: skip
-            else:
-                _rotate_heads(
-                    k_row, stride_k1, head_start, num_kv_heads, cos, sin, kc_row, stride_kc2, heads_to_write,
-                    HALF, IS_NEOX, BLOCK_H, BLOCK_HALF, COPY=True,
-                )  # fmt: skip
-                if 2 * HALF < HEAD_DIM:  # partial rotary: the tail goes to the cache as it is
-                    _copy_heads(
-                        k_row + 2 * HALF, stride_k1, kc_row + 2 * HALF, stride_kc2, head_start, heads_to_write,
-                        HEAD_DIM - 2 * HALF, None, BLOCK_H, BLOCK_TAIL,
-                    )  # fmt: skip
     else:
         vc_row = _cache_row(v_cache_ptr, slot, block_size, stride_vc0, stride_vc1)
         _copy_heads(
