@@ -25,6 +25,27 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
+def step_breakdown(log: list[tuple[float, int, int]], t0: float) -> dict:
+    """Where a run's wall time went, from the executor's step log [(completion time, prefill tokens, decode
+    rows)]: each step is charged the time since the previous completion (with overlap the host waits on the
+    GPU, so that is the GPU's time for the step). Steps that carry prefill tokens against decode-only ones."""
+    mixed = dict(steps=0, seconds=0.0, prefill_tokens=0, decode_rows=0)
+    decode = dict(steps=0, seconds=0.0, decode_rows=0)
+    prev = t0
+    for t, prefill, rows in log:
+        part = mixed if prefill else decode
+        part["steps"] += 1
+        part["seconds"] += t - prev
+        part["decode_rows"] += rows
+        if prefill:
+            part["prefill_tokens"] += prefill
+        prev = t
+    for part in (mixed, decode):
+        part["ms_per_step"] = 1e3 * part["seconds"] / part["steps"] if part["steps"] else float("nan")
+        part["rows_per_step"] = part["decode_rows"] / part["steps"] if part["steps"] else float("nan")
+    return {"mixed": mixed, "decode_only": decode}
+
+
 def run_grid_point(runner, n: int, in_len: int, out_len: int) -> dict:
     from dist_llm.runtime.sequence import SamplingParams, Sequence
 
@@ -33,6 +54,7 @@ def run_grid_point(runner, n: int, in_len: int, out_len: int) -> dict:
     gen = torch.Generator().manual_seed(in_len * 7 + out_len)
     seqs = [Sequence(torch.randint(3, vocab, (in_len,), generator=gen).tolist(),
                      SamplingParams(max_new_tokens=out_len, ignore_eos=True)) for _ in range(n)]
+    ex.step_log = []
     t0 = time.perf_counter()
     for s in seqs:
         s.arrival_time = t0
@@ -48,13 +70,15 @@ def run_grid_point(runner, n: int, in_len: int, out_len: int) -> dict:
     ttft = [s.first_token_time - s.arrival_time for s in seqs]
     tpot = [(s.token_times[-1] - s.first_token_time) / max(1, len(s.token_times) - 1) for s in seqs]
     itl = [b - a for s in seqs for a, b in zip(s.token_times, s.token_times[1:])]
+    steps = step_breakdown(ex.step_log, t0)
+    ex.step_log = None
     return {
         "input_len": in_len, "output_len": out_len, "num_requests": n, "elapsed_s": elapsed,
         "output_tok_s": n * out_len / elapsed, "req_s": n / elapsed,
         "ttft_ms_p50": 1e3 * percentile(ttft, 50), "ttft_ms_p99": 1e3 * percentile(ttft, 99),
         "tpot_ms_p50": 1e3 * percentile(tpot, 50), "tpot_ms_p99": 1e3 * percentile(tpot, 99),
         "itl_ms_mean": 1e3 * statistics.fmean(itl) if itl else float("nan"),
-        "preemptions": ex.scheduler.num_preemptions,
+        "preemptions": ex.scheduler.num_preemptions, "steps": steps,
     }
 
 
@@ -137,6 +161,12 @@ def main():
         print(f"| {r['input_len']}/{r['output_len']} | {r['num_requests']} | {r['output_tok_s']:.0f} | "
               f"{r['req_s']:.2f} | {r['ttft_ms_p50']:.0f}/{r['ttft_ms_p99']:.0f} | "
               f"{r['tpot_ms_p50']:.1f}/{r['tpot_ms_p99']:.1f} | {r['itl_ms_mean']:.1f} | {r['preemptions']} |")
+    for r in rows:
+        m, d = r["steps"]["mixed"], r["steps"]["decode_only"]
+        print(f"{r['input_len']}/{r['output_len']}: {m['steps']} steps with prefill, {m['seconds']:.2f} s "
+              f"({m['ms_per_step']:.1f} ms each, {m['prefill_tokens'] / max(m['seconds'], 1e-9):.0f} prefill tok/s, "
+              f"{m['rows_per_step']:.0f} decode rows); {d['steps']} decode-only steps, {d['seconds']:.2f} s "
+              f"({d['ms_per_step']:.2f} ms each at {d['rows_per_step']:.0f} rows)")
     if prof:
         gpu_ms, wall_ms, host_ms, top = prof
         print(f"\ndecode at batch {args.max_batch_size}: GPU kernels {gpu_ms:.1f} ms per step, wall {wall_ms:.1f} ms; "

@@ -26,7 +26,8 @@ from common import header, write_json  # noqa: E402
 
 H, D, BS = 32, 128, 64
 # (batch, context, block-table width in tokens, KV heads)
-CASES = [(256, 192, 4096, 32), (64, 192, 4096, 32), (32, 2048, 4096, 32), (1, 256, 384, 32), (256, 192, 4096, 8)]
+CASES = [(256, 192, 4096, 32), (64, 192, 4096, 32), (32, 2048, 4096, 32), (1, 256, 384, 32), (256, 192, 4096, 8),
+         (1, 256, 1024, 32)]  # the last: bench_latency's batch 1 (max_seq_len 1024)
 
 
 def make_case(batch, ctx, width, hk, kv_dtype=torch.bfloat16):
@@ -59,6 +60,9 @@ def main():
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp8"], help="fp8: e4m3 caches, scales 1")
     p.add_argument("--configs", nargs="+", metavar="N,W,S", help="only these BLOCK_N,warps,stages (and the rule)")
     p.add_argument("--cuda_cores", action="store_true", help="pass 1 on the CUDA cores for groups <= 2 (untimed path)")
+    p.add_argument("--programs", type=int, nargs="+", default=[],
+                   help="also time the rule's config with these pass-1 program targets (decode_attention's "
+                        "TARGET_PROGRAMS, 1024; 32 gives batch 1 a single pass)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("sweep_decode_attention.py needs a CUDA GPU")
@@ -77,8 +81,9 @@ def main():
     configs = [None] + list(itertools.product([16, 32, 64], [2, 4, 8], [1, 2, 3]))
     if args.configs:
         configs = [None] + [tuple(int(x) for x in c.split(",")) for c in args.configs]
+    configs += [f"programs={n}" for n in args.programs]  # the rule's config, another partition count
     kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
-    base_rule = da._launch_config
+    base_rule, base_programs = da._launch_config, da.TARGET_PROGRAMS
     results = {}
     for case in CASES:
         batch, ctx, width, hk = case
@@ -89,8 +94,12 @@ def main():
         ref = da.paged_decode_attention(q, kc, vc, bt, sl, D**-0.5, out, ws).clone()
         kv_bytes = batch * ctx * hk * D * 2 * kc.element_size()
         for cfg in configs:
+            da.TARGET_PROGRAMS = base_programs
             if cfg is None:
                 da._launch_config = base_rule
+            elif isinstance(cfg, str):
+                da._launch_config = base_rule
+                da.TARGET_PROGRAMS = int(cfg.split("=")[1])
             else:
                 da._launch_config = fixed_config(base_rule, cfg)
             try:
@@ -100,7 +109,7 @@ def main():
                 continue
             diff = (out.float() - ref.float()).abs().max().item()
             results.setdefault(str(cfg), {})[str(case)] = {"us": us, "gb_s": kv_bytes / us / 1e3, "max_diff": diff}
-        da._launch_config = base_rule
+        da._launch_config, da.TARGET_PROGRAMS = base_rule, base_programs
         cur = results["None"][str(case)]
         best = min((per[str(case)]["us"], cfg) for cfg, per in results.items() if str(case) in per)
         print(f"batch {batch} ctx {ctx} table {width} Hk {hk}: current {cur['us']:.1f} us ({cur['gb_s']:.0f} GB/s, "

@@ -271,7 +271,17 @@ def _launch_config(head_dim: int, block_size: int, group: int, dtype: torch.dtyp
     return block_d, max(block_n, block_size), block_g, num_warps, num_stages
 
 
-TARGET_PROGRAMS = 1024  # pass-1 programs to aim for: several per SM, so a small batch still fills the GPU
+def _target_programs() -> int:
+    """Pass-1 programs to aim for: several per SM, so a small batch still fills the GPU (1024).
+    DIST_LLM_DECODE_ATTN_PROGRAMS overrides it, for A/B runs: at or below the KV heads of a batch-1 step it
+    asks for one partition, i.e. a single pass with no reduction."""
+    raw = os.environ.get("DIST_LLM_DECODE_ATTN_PROGRAMS", "1024")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"DIST_LLM_DECODE_ATTN_PROGRAMS must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+TARGET_PROGRAMS = _target_programs()
 
 
 def _split_plan(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, workspace) -> tuple[int, int]:

@@ -73,6 +73,9 @@ class Executor:
         self.max_inflight_seen = 0
         # the coordinator's own seconds, by phase (benchmarks read them: is the host hidden behind the GPU?)
         self.host_seconds = dict(schedule=0.0, launch=0.0, wait=0.0, complete=0.0)
+        # set to a list to record (completion time, prefill tokens, decode rows) per completed step: benchmarks
+        # split a run's time between prefill-carrying and decode-only steps with it
+        self.step_log: list[tuple[float, int, int]] | None = None
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -211,6 +214,9 @@ class Executor:
         result.wait()
         t1 = clock()
         self.steps += 1
+        if self.step_log is not None:
+            decode_rows = done.batch.num_new_tokens.count(1)  # a one-token prefill chunk costs what a decode row does
+            self.step_log.append((t1, sum(done.batch.num_new_tokens) - decode_rows, decode_rows))
         events = self._complete(done, result)
         t["wait"] += t1 - t0
         t["complete"] += clock() - t1

@@ -1,0 +1,60 @@
+"""The executor's step log and bench_throughput's split of a run's time between prefill-carrying and
+decode-only steps (one rank, on the CPU)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import convert_and_build
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_throughput import step_breakdown  # noqa: E402
+
+
+def test_step_breakdown_charges_each_step_the_time_since_the_last():
+    log = [(1.5, 40, 0), (1.75, 10, 3), (2.0, 0, 4), (2.5, 0, 4)]
+    b = step_breakdown(log, t0=1.0)
+    m, d = b["mixed"], b["decode_only"]
+    assert (m["steps"], m["prefill_tokens"], m["decode_rows"]) == (2, 50, 3)
+    assert m["seconds"] == pytest.approx(0.75) and m["ms_per_step"] == pytest.approx(375.0)
+    assert (d["steps"], d["decode_rows"]) == (2, 8)
+    assert d["seconds"] == pytest.approx(0.75) and d["rows_per_step"] == pytest.approx(4.0)
+    empty = step_breakdown([], t0=0.0)
+    assert empty["mixed"]["steps"] == 0 and empty["mixed"]["seconds"] == 0.0
+
+
+def test_executor_logs_every_completed_step(tiny_models, tmp_path):
+    from dist_llm.runtime import ModelRunner
+    from dist_llm.runtime.sequence import SamplingParams, Sequence
+
+    engine = convert_and_build(tiny_models["llama"], tmp_path, 1, 1, max_num_tokens=48)
+    runner = ModelRunner.from_dir(engine, device="cpu", num_kv_blocks=64)
+    try:
+        ex = runner.executor
+        ex.step_log = []
+        gen = torch.Generator().manual_seed(0)
+        vocab = runner.engine.model.vocab_size
+        seqs = [Sequence(torch.randint(3, vocab, (30,), generator=gen).tolist(),
+                         SamplingParams(max_new_tokens=5, ignore_eos=True)) for _ in range(4)]
+        t0 = time.perf_counter()
+        for s in seqs:
+            ex.enqueue(s)
+        while ex.has_unfinished():
+            ex.step()
+        log = ex.step_log
+        assert len(log) == ex.steps
+        assert [t for t, _, _ in log] == sorted(t for t, _, _ in log)
+        # 120 prompt tokens through a 48-token budget: chunked, so prefill spans several steps
+        assert sum(p for _, p, _ in log) == 4 * 30
+        assert sum(1 for _, p, _ in log if p) >= 3
+        # 4 more tokens each after the first; overlap may compute one extra per request, dropped
+        assert 4 * 4 <= sum(r for _, _, r in log) <= 4 * 5
+        b = step_breakdown(log, t0)
+        total = b["mixed"]["seconds"] + b["decode_only"]["seconds"]
+        assert total == pytest.approx(log[-1][0] - t0)
+    finally:
+        runner.shutdown()
