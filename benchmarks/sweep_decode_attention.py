@@ -30,12 +30,14 @@ CASES = [(256, 192, 4096, 32), (64, 192, 4096, 32), (32, 2048, 4096, 32), (1, 25
          (1, 256, 1024, 32)]  # the last: bench_latency's batch 1 (max_seq_len 1024)
 
 
-def make_case(batch, ctx, width, hk, kv_dtype=torch.bfloat16):
+def make_case(batch, ctx, width, hk, kv_dtype=torch.bfloat16, layout="nhd"):
+    from dist_llm.kernels.kv_cache import empty_kv_cache
+
     nblk = width // BS
     used = -(-ctx // BS)
-    kc = torch.randn(batch * used + 1, BS, hk, D, device="cuda", dtype=torch.bfloat16)
-    vc = torch.randn_like(kc)
-    kc, vc = kc.to(kv_dtype), vc.to(kv_dtype)
+    kc, vc = (empty_kv_cache(batch * used + 1, BS, hk, D, kv_dtype, "cuda", layout) for _ in range(2))
+    kc.copy_(torch.randn(kc.shape, device="cuda", dtype=torch.bfloat16))
+    vc.copy_(torch.randn(vc.shape, device="cuda", dtype=torch.bfloat16))
     bt = torch.zeros(batch, nblk, device="cuda", dtype=torch.int32)
     bt[:, :used] = torch.randperm(batch * used, device="cuda", dtype=torch.int32).view(batch, used)
     sl = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
@@ -59,6 +61,8 @@ def main():
     p.add_argument("--output_dir", required=True)
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp8"], help="fp8: e4m3 caches, scales 1")
     p.add_argument("--configs", nargs="+", metavar="N,W,S", help="only these BLOCK_N,warps,stages (and the rule)")
+    p.add_argument("--kv_layout", default="nhd", choices=["nhd", "hnd"],
+                   help="the caches' order in memory (kernels/kv_cache.empty_kv_cache)")
     p.add_argument("--cuda_cores", action="store_true", help="pass 1 on the CUDA cores for groups <= 2 (untimed path)")
     p.add_argument("--programs", type=int, nargs="+", default=[],
                    help="also time the rule's config with these pass-1 program targets (decode_attention's "
@@ -77,7 +81,8 @@ def main():
     dst = torch.empty_like(src)
     copy_gb_s = 2 * src.nbytes / b.time_us(lambda: dst.copy_(src)) / 1e3
     print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}; copy {copy_gb_s:.0f} GB/s; pass 1 "
-          f"{'on the CUDA cores for groups <= 2' if args.cuda_cores else 'with tl.dot'}", flush=True)
+          f"{'on the CUDA cores for groups <= 2' if args.cuda_cores else 'with tl.dot'}; KV layout {args.kv_layout}",
+          flush=True)
     configs = [None] + list(itertools.product([16, 32, 64], [2, 4, 8], [1, 2, 3]))
     if args.configs:
         configs = [None] + [tuple(int(x) for x in c.split(",")) for c in args.configs]
@@ -87,7 +92,7 @@ def main():
     results = {}
     for case in CASES:
         batch, ctx, width, hk = case
-        q, kc, vc, bt, sl = make_case(*case, kv_dtype)
+        q, kc, vc, bt, sl = make_case(*case, kv_dtype, args.kv_layout)
         ws = da.DecodeWorkspace.allocate(max(batch, 64), H, D, width, q.device)
         out = torch.empty_like(q)
         call = functools.partial(da.paged_decode_attention, q, kc, vc, bt, sl, D**-0.5, out, ws)
@@ -127,7 +132,7 @@ def main():
     if ranked:  # "BLOCK_N,warps,stages" of the best, for DIST_LLM_DECODE_ATTN_CONFIG in A/B runs
         best = ranked[0][1] if ranked[0][1] != "None" else ranked[1][1]
         print("best:", best.strip("()").replace(" ", ""))
-    name = f"attn_sweep_{args.kv_cache_dtype}{'_cuda_cores' if args.cuda_cores else ''}.json"
+    name = f"attn_sweep_{args.kv_cache_dtype}_{args.kv_layout}{'_cuda_cores' if args.cuda_cores else ''}.json"
     write_json(args.output_dir, name, {**info, "copy_gb_s": copy_gb_s, "cases": CASES, "cuda_cores": args.cuda_cores,
                                        "results": results})
 

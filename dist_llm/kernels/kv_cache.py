@@ -19,6 +19,22 @@ import triton.language as tl
 from dist_llm.kernels._rounding import round_to
 from dist_llm.kernels.reference import FP8_KV_DTYPE, check_kv_scales
 
+KV_LAYOUTS = ("nhd", "hnd")
+
+
+def empty_kv_cache(num_blocks: int, block_size: int, num_heads: int, head_dim: int, dtype: torch.dtype,
+                   device, layout: str = "nhd") -> torch.Tensor:  # fmt: skip
+    """A zeroed cache, always seen as [num_blocks, block_size, Hk, D]; `layout` is its order in memory.
+    "nhd": tokens then heads (a token's heads are adjacent: one decode step's write is one run). "hnd": heads
+    then tokens within each block (a [Hk, block_size, D] slab per block, as vLLM and TensorRT-LLM keep it): a
+    head's tile of a block's tokens is one contiguous run, what attention reads. Every kernel here takes the
+    cache's strides, so both work everywhere; "hnd" is the transposed view of the second."""
+    if layout not in KV_LAYOUTS:
+        raise ValueError(f"KV cache layout must be one of {KV_LAYOUTS}, got {layout!r}")
+    if layout == "nhd":
+        return torch.zeros(num_blocks, block_size, num_heads, head_dim, dtype=dtype, device=device)
+    return torch.zeros(num_blocks, num_heads, block_size, head_dim, dtype=dtype, device=device).transpose(1, 2)
+
 
 @triton.jit
 def _cache_row(cache_ptr, slot, block_size, stride_c0, stride_c1):

@@ -4,6 +4,7 @@ the count, so the smallest wins."""
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -31,6 +32,17 @@ def kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) ->
                 f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --kv_cache_dtype auto"
             )
     return torch.float8_e4m3fn
+
+
+def kv_cache_layout() -> str:
+    """The pool's order in memory (kernels/kv_cache.empty_kv_cache): DIST_LLM_KV_LAYOUT=nhd (the default:
+    tokens, then heads) or hnd (heads, then tokens, per block), for A/B runs."""
+    from dist_llm.kernels.kv_cache import KV_LAYOUTS
+
+    layout = os.environ.get("DIST_LLM_KV_LAYOUT", "nhd")
+    if layout not in KV_LAYOUTS:
+        raise DistLLMError(f"DIST_LLM_KV_LAYOUT must be one of {', '.join(KV_LAYOUTS)}, got {layout!r}")
+    return layout
 
 
 def default_cpu_blocks(worker) -> int:

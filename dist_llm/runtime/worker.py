@@ -19,6 +19,7 @@ from dist_llm.models import get_model_class
 from dist_llm.parallel import comm
 from dist_llm.parallel.state import ParallelState
 from dist_llm.runtime.kv_sizing import kv_cache_dtype as resolve_kv_cache_dtype
+from dist_llm.runtime.kv_sizing import kv_cache_layout
 from dist_llm.runtime.plan import StepPlan, StepResult
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -152,12 +153,14 @@ class Worker:
         return 2 * len(attn) * self.engine.build.tokens_per_block * a.num_kv_heads * a.head_dim * elem
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        from dist_llm.kernels.kv_cache import empty_kv_cache
+
         self.num_blocks = num_blocks
-        bs = self.engine.build.tokens_per_block
+        bs, layout = self.engine.build.tokens_per_block, kv_cache_layout()
         for a in self.model.attention_layers():
             shape = (num_blocks, bs, a.num_kv_heads, a.head_dim)
-            a.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-            a.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            a.k_cache = empty_kv_cache(*shape, self.kv_dtype, self.device, layout)
+            a.v_cache = empty_kv_cache(*shape, self.kv_dtype, self.device, layout)
 
     def enable_decode_graphs(self, mode: str) -> None:
         """Decode steps from static buffers: "capture" (CUDA graphs) or "static" (the same path, eager).
