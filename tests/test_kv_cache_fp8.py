@@ -22,7 +22,9 @@ def _run(engine: str, kernels: str, kv_cache_dtype: str, max_new_tokens: int = 2
     from dist_llm.parallel.state import destroy
     from dist_llm.runtime import ModelRunner
 
-    runner = ModelRunner.from_dir(engine, device="cpu", kernel_backend=kernels, kv_cache_dtype=kv_cache_dtype,
+    # Triton runs on the GPU where there is one (its interpreter only without CUDA); the reference on the CPU
+    device = "cuda" if kernels == "triton" and torch.cuda.is_available() else "cpu"
+    runner = ModelRunner.from_dir(engine, device=device, kernel_backend=kernels, kv_cache_dtype=kv_cache_dtype,
                                   num_kv_blocks=32)
     try:
         worker = runner.executor.worker
@@ -32,7 +34,7 @@ def _run(engine: str, kernels: str, kv_cache_dtype: str, max_new_tokens: int = 2
     finally:
         runner.shutdown()
         destroy()
-    return info, torch.stack([o.first_logits.float() for o in outs]), [o.output_token_ids for o in outs]
+    return info, torch.stack([o.first_logits.float().cpu() for o in outs]), [o.output_token_ids for o in outs]
 
 
 def test_fp8_kv_cache_is_used_and_the_kernels_match_the_dequantising_reference(engine_bf16):

@@ -108,7 +108,7 @@ def test_model_generates_the_same_tokens_in_both_layouts(tiny_models, tmp_path, 
     tokens = {}
     for layout in ("nhd", "hnd"):
         monkeypatch.setenv("DIST_LLM_KV_LAYOUT", layout)
-        runner = ModelRunner.from_dir(engine, device="cpu", kernel_backend="triton", num_kv_blocks=32)
+        runner = ModelRunner.from_dir(engine, device=DEVICE, kernel_backend="triton", num_kv_blocks=32)
         try:
             caches = runner.executor.worker.model.attention_layers()[0].k_cache
             assert caches.transpose(1, 2).is_contiguous() == (layout == "hnd")
