@@ -85,8 +85,12 @@ tput_ab)  # about 7 minutes on an H200: 128/128 with the step breakdown (bf16, f
         TAIL=9 DIST_LLM_KV_LAYOUT=$L step "tput_${D}_$L" 110 python3 benchmarks/bench_throughput.py \
             --output_dir "$OUT/tput_${D}_$L" --skip_hf --grid 128/128 --num_requests 1000 --kv_cache_dtype "$D" --profile
     done
-    TAIL=8 step latency 90 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency" --batch_sizes 1 \
-        --skip_hf --repeats 5 ;;
+    for E in 1 0; do  # decode attention's dead partitions exit before (1, the default) or after (0) the PDL wait
+        TAIL=4 DIST_LLM_DECODE_ATTN_EARLY_EXIT=$E step "sweep_exit$E" 40 python3 benchmarks/sweep_decode_attention.py \
+            --output_dir "$OUT/sweep_exit$E" --configs 32,2,2
+        TAIL=8 DIST_LLM_DECODE_ATTN_EARLY_EXIT=$E step "latency_exit$E" 90 python3 benchmarks/bench_latency.py \
+            --output_dir "$OUT/latency_exit$E" --batch_sizes 1 --skip_hf --repeats 5
+    done ;;
 *) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab"; exit 2 ;;
 esac
 find "$OUT" -mindepth 2 -path "*engine_*" -delete 2>/dev/null; rm -rf "$OUT"/*/engine_* 2>/dev/null

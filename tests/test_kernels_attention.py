@@ -150,6 +150,26 @@ def test_decode_workspace_smaller_than_table():
     _decode_case(64, [300, 17], 16, (2, 2), F32, ws, gen, extra_cols=4)
 
 
+def test_decode_early_exit_both_ways(monkeypatch):
+    """Pass-1 programs past the context read seq_lens before the PDL wait (DIST_LLM_DECODE_ATTN_EARLY_EXIT=1, the
+    default) or after it (0): the same bits either way, and the switch takes 0 or 1 only."""
+    import dist_llm.kernels.decode_attention as dec
+
+    outs = []
+    for switch in ("0", "1"):
+        monkeypatch.setattr(dec, "_EARLY_EXIT", switch)
+        gen = torch.Generator().manual_seed(5)
+        k_cache, v_cache, table = paged_cache(MIXED7, 16, 2, 64, BF16, gen, extra_cols=6)
+        q = randn(len(MIXED7), 4, 64, dtype=BF16, gen=gen)
+        ws = DecodeWorkspace.allocate(len(MIXED7), 4, 64, table.shape[1] * 16, DEVICE, partition_size=32)
+        lens = torch.tensor(MIXED7, dtype=torch.int32, device=DEVICE)
+        outs.append(paged_decode_attention(q, k_cache, v_cache, table, lens, 0.125, torch.empty_like(q), ws))
+    assert torch.equal(outs[0], outs[1])
+    monkeypatch.setattr(dec, "_EARLY_EXIT", "yes")
+    with pytest.raises(ValueError, match="DIST_LLM_DECODE_ATTN_EARLY_EXIT must be 0 or 1"):
+        paged_decode_attention(q, k_cache, v_cache, table, lens, 0.125, torch.empty_like(q), ws)
+
+
 # ---- context (prefill) --------------------------------------------------------------------------------
 
 # (head_dim, [(seq_len, q_len)], block_size, (Hq, Hk), dtype)

@@ -40,6 +40,8 @@ _CONFIG_OVERRIDE = os.environ.get("DIST_LLM_DECODE_ATTN_CONFIG", "")
 # an fp8 cache with 16-bit q: both products in fp16 ("f16": e4m3 -> f16 is one packed cvt, and q, p in [0, 1]
 # fit fp16), or in q's dtype ("q": bf16 costs a second cvt per element); for A/B runs
 _FP8_DOT = os.environ.get("DIST_LLM_FP8_ATTN_DOT", "f16")
+# "1" (default): pass-1 programs of partitions past the context exit before the PDL wait; "0": after it (A/B runs)
+_EARLY_EXIT = os.environ.get("DIST_LLM_DECODE_ATTN_EARLY_EXIT", "1")
 
 
 @triton.jit
@@ -55,13 +57,21 @@ def _decode_partition_kernel(
     stride_plb, stride_plh, stride_pls,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr, DOT_F16: tl.constexpr,
+    USE_PDL: tl.constexpr, DOT_F16: tl.constexpr, EARLY_EXIT: tl.constexpr,
 ):
-    pdl_wait(USE_PDL)
     kvh = tl.program_id(0)  # heads fastest: programs running together read whole token rows
     b = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + b)
+    if EARLY_EXIT:
+        # seq_lens is an input of the step that none of its kernels writes (PDL's contract allows such loads
+        # before the wait): the programs of partitions past the context exit at once, while the previous kernel
+        # still runs, instead of holding a slot until it is done
+        seq_len = tl.load(seq_lens_ptr + b)
+        if split * partition_size < seq_len:
+            pdl_wait(USE_PDL)
+    else:
+        pdl_wait(USE_PDL)
+        seq_len = tl.load(seq_lens_ptr + b)
     start = split * partition_size
     end = tl.minimum(start + partition_size, seq_len)
 
@@ -250,6 +260,12 @@ def _split_plan(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, works
     return triton.cdiv(max_ctx, partition), partition
 
 
+def _early_exit() -> bool:
+    if _EARLY_EXIT not in ("0", "1"):
+        raise ValueError(f"DIST_LLM_DECODE_ATTN_EARLY_EXIT must be 0 or 1, got {_EARLY_EXIT!r}")
+    return _EARLY_EXIT == "1"
+
+
 def _fp8_dot() -> str:
     if _FP8_DOT not in ("f16", "q"):
         raise ValueError(f"DIST_LLM_FP8_ATTN_DOT must be f16 or q, got {_FP8_DOT!r}")
@@ -297,7 +313,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, 
         *po_strides, *pl_strides,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE=single, PRECISION=precision,
-        DOT_F16=fp8 and q.dtype == torch.bfloat16 and _fp8_dot() == "f16",
+        DOT_F16=fp8 and q.dtype == torch.bfloat16 and _fp8_dot() == "f16", EARLY_EXIT=_early_exit(),
         num_warps=num_warps, num_stages=num_stages, **pdl,
     )  # fmt: skip
     if not single:
@@ -316,6 +332,7 @@ def paged_decode_attention(
 ):  # fmt: skip
     """q, out [B, Hq, D]; caches [num_blocks, block_size, Hk, D] of q's dtype, or fp8 holding K / k_scale and
     V / v_scale; block_tables int32 [B, M]; seq_lens int32 [B] (>= 1). With `workspace` (DecodeWorkspace)
-    nothing is allocated."""
+    nothing is allocated. seq_lens is read before the PDL wait (DIST_LLM_DECODE_ATTN_EARLY_EXIT): it must be an
+    input of the step, not the output of a kernel launched just before this call."""
     return _launch(q, k_cache, v_cache, block_tables, seq_lens, float(scale), out, workspace, float(k_scale),
                    float(v_scale))  # fmt: skip
