@@ -75,22 +75,26 @@ decode_ab)  # about 6 minutes on an H200: decode attention's partition counts an
         TAIL=8 DIST_LLM_DECODE_ATTN_PROGRAMS=$P step "latency_p$P" 90 python3 benchmarks/bench_latency.py \
             --output_dir "$OUT/latency_p$P" --batch_sizes 1 --skip_hf --repeats 5
     done ;;
-tput_ab)  # about 7 minutes on an H200: 128/128 with the step breakdown (bf16, fp8, fp8 head-major), then batch 1
-    TAIL=3 step layout_tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_kv_layout.py tests/test_kv_cache_fp8.py
-    for L in nhd hnd; do  # fp8 tiles with as many bytes as the 16-bit ones: 64 tokens
-        TAIL=12 step "sweep_fp8_$L" 60 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
-            --kv_cache_dtype fp8 --kv_layout "$L" --configs 64,2,1 64,2,2 64,2,3 128,4,2 128,2,2 32,1,2
+tput_ab)  # about 8 minutes on an H200: batch 1 (median of 5) with and without the early exit, 128/128 with the step
+    # breakdown (bf16, fp8, fp8 head-major), fp8 tiles of 64 tokens, the layout tests
+    for E in 1 0; do  # decode attention's dead partitions exit before (1, the default) or after (0) the PDL wait
+        TAIL=8 DIST_LLM_DECODE_ATTN_EARLY_EXIT=$E step "latency_exit$E" 90 python3 benchmarks/bench_latency.py \
+            --output_dir "$OUT/latency_exit$E" --batch_sizes 1 --skip_hf --repeats 5
     done
     for V in auto:nhd fp8:nhd fp8:hnd; do D=${V%:*} L=${V#*:}
         TAIL=9 DIST_LLM_KV_LAYOUT=$L step "tput_${D}_$L" 110 python3 benchmarks/bench_throughput.py \
             --output_dir "$OUT/tput_${D}_$L" --skip_hf --grid 128/128 --num_requests 1000 --kv_cache_dtype "$D" --profile
     done
-    for E in 1 0; do  # decode attention's dead partitions exit before (1, the default) or after (0) the PDL wait
+    for L in nhd hnd; do  # fp8 tiles with as many bytes as the 16-bit ones: 64 tokens
+        TAIL=12 step "sweep_fp8_$L" 50 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
+            --kv_cache_dtype fp8 --kv_layout "$L" --configs 64,2,1 64,2,2 64,2,3 128,4,2 32,1,2
+    done
+    for E in 1 0; do
         TAIL=4 DIST_LLM_DECODE_ATTN_EARLY_EXIT=$E step "sweep_exit$E" 40 python3 benchmarks/sweep_decode_attention.py \
             --output_dir "$OUT/sweep_exit$E" --configs 32,2,2
-        TAIL=8 DIST_LLM_DECODE_ATTN_EARLY_EXIT=$E step "latency_exit$E" 90 python3 benchmarks/bench_latency.py \
-            --output_dir "$OUT/latency_exit$E" --batch_sizes 1 --skip_hf --repeats 5
-    done ;;
+    done
+    TAIL=3 step layout_tests 80 python3 -m pytest -q -p no:cacheprovider tests/test_kv_layout.py tests/test_kv_cache_fp8.py \
+        tests/test_kernels_attention.py -k "layout or fp8 or early_exit" ;;
 *) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab"; exit 2 ;;
 esac
 find "$OUT" -mindepth 2 -path "*engine_*" -delete 2>/dev/null; rm -rf "$OUT"/*/engine_* 2>/dev/null
