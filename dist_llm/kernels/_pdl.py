@@ -7,7 +7,8 @@ writes are visible, so the launch latency is hidden (also inside CUDA graphs, wh
 the programmatic edge).
 
 The contract every kernel here keeps: **no global memory access before `pdl_wait`**, except loads of
-data that no kernel in the step writes (weights, in the GEMV's prefetch). `pdl_wait` also lets the next
+data that no kernel in the step writes (weights, in the GEMV's prefetch; the step's seq_lens, in decode
+attention's early exit). `pdl_wait` also lets the next
 kernel launch early. A kernel launched without PDL, or a non-PDL kernel (cuBLAS, NCCL, torch) on either
 side, keeps ordinary stream order: the wait returns at once and the trigger is a no-op.
 
