@@ -111,23 +111,24 @@ h100)  # about 9 minutes on an H100: the issue targets' card: batch 1 (early exi
         TAIL=9 DIST_LLM_KV_LAYOUT=$L step "tput_fp8_$L" 110 python3 benchmarks/bench_throughput.py \
             --output_dir "$OUT/tput_fp8_$L" --skip_hf --grid 128/128 --num_requests 1000 --kv_cache_dtype fp8 --profile
     done ;;
-h100b)  # about 7 minutes on an H100: fp8 decode attention configs swept; 128/128 with the best, and at batch 384/512
-    for L in hnd nhd; do
-        TAIL=14 step "sweep_fp8_$L" 90 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
-            --kv_cache_dtype fp8 --kv_layout "$L" --configs 16,2,2 16,4,2 32,1,2 32,2,2 32,4,2 32,4,3 64,2,2 64,4,2 \
-            64,4,3 64,8,2 128,4,2 128,8,2 128,8,3
-    done
-    TAIL=8 step sweep_auto_nhd 40 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" --configs 32,2,2
+h100b)  # about 6 minutes on an H100: fp8 attention configs swept, gather A/B; 128/128 fp8 with the best, at 512, bf16
+    SWEEP="python3 benchmarks/sweep_decode_attention.py --output_dir"
+    TAIL=14 DIST_LLM_KV_LAYOUT=hnd step sweep_fp8_hnd 90 $SWEEP "$OUT/sweep" --kv_cache_dtype fp8 --kv_layout hnd \
+        --configs 16,2,2 32,1,2 32,2,2 32,4,2 64,4,2 64,8,2 128,8,2
+    for G in token tile; do for KV in fp8:hnd auto:nhd; do D=${KV%:*} L=${KV#*:}
+        TAIL=8 DIST_LLM_DECODE_ATTN_GATHER=$G step "sweep_${D}_${L}_$G" 40 $SWEEP "$OUT/sweep_$G" \
+            --kv_cache_dtype "$D" --kv_layout "$L" --configs 32,2,2
+    done; done
     BEST=$(python3 -c "import json; r=json.load(open('$OUT/sweep/attn_sweep_fp8_hnd.json'))['results']
 c='(256, 192, 4096, 32)'; print(min((v[c]['us'], k) for k, v in r.items() if c in v and k[0] == '(')[1].strip('()').replace(' ', ''))")
     echo "fp8 best at 256 x 192: $BEST" | tee "$OUT/best.txt"
-    TPUT="python3 benchmarks/bench_throughput.py --skip_hf --grid 128/128 --num_requests 1000 --profile"
-    TAIL=9 DIST_LLM_KV_LAYOUT=hnd step tput_fp8_hnd 70 $TPUT --output_dir "$OUT/tput_fp8_hnd" --kv_cache_dtype fp8
+    TPUT="python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 --profile"
+    TAIL=9 DIST_LLM_KV_LAYOUT=hnd step tput_fp8_hnd 70 $TPUT --output_dir "$OUT/tput_fp8_hnd" --kv_cache_dtype fp8 --skip_hf
     TAIL=9 DIST_LLM_KV_LAYOUT=hnd DIST_LLM_DECODE_ATTN_CONFIG=$BEST step tput_fp8_hnd_best 70 $TPUT \
-        --output_dir "$OUT/tput_fp8_hnd_best" --kv_cache_dtype fp8
-    TAIL=9 DIST_LLM_KV_LAYOUT=hnd step tput_fp8_hnd_b512 90 $TPUT --output_dir "$OUT/tput_fp8_hnd_b512" \
-        --kv_cache_dtype fp8 --max_batch_size 512
-    TAIL=9 step tput_auto_b384 90 $TPUT --output_dir "$OUT/tput_auto_b384" --max_batch_size 384 ;;
+        --output_dir "$OUT/tput_fp8_hnd_best" --kv_cache_dtype fp8 --skip_hf
+    TAIL=9 DIST_LLM_KV_LAYOUT=hnd DIST_LLM_DECODE_ATTN_CONFIG=$BEST step tput_fp8_hnd_best_b512 90 $TPUT \
+        --output_dir "$OUT/tput_fp8_hnd_best_b512" --kv_cache_dtype fp8 --max_batch_size 512 --skip_hf
+    TAIL=9 step tput_auto_nhd 120 $TPUT --output_dir "$OUT/tput_auto_nhd" ;;
 *) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b"; exit 2 ;;
 esac
 pack

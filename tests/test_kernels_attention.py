@@ -170,6 +170,33 @@ def test_decode_early_exit_both_ways(monkeypatch):
         paged_decode_attention(q, k_cache, v_cache, table, lens, 0.125, torch.empty_like(q), ws)
 
 
+
+@pytest.mark.parametrize("kv_dtype", [BF16, torch.float8_e4m3fn])
+def test_decode_tile_gather_both_ways(monkeypatch, kv_dtype):
+    """A tile inside one KV block takes one block-table entry (DIST_LLM_DECODE_ATTN_GATHER=tile, the default) or
+    one per token (token): the same bits either way, with 64-token blocks (tiles inside) and 16-token ones (tiles
+    spanning blocks take the per-token path whatever the switch); the switch takes tile or token only."""
+    import dist_llm.kernels.decode_attention as dec
+
+    for block_size in (64, 16):
+        outs = []
+        for switch in ("token", "tile"):
+            monkeypatch.setattr(dec, "_GATHER", switch)
+            gen = torch.Generator().manual_seed(7)
+            k_cache, v_cache, table = paged_cache(MIXED7, block_size, 2, 64, BF16, gen, extra_cols=3)
+            k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
+            q = randn(len(MIXED7), 4, 64, dtype=BF16, gen=gen)
+            ws = DecodeWorkspace.allocate(len(MIXED7), 4, 64, table.shape[1] * block_size, DEVICE,
+                                          partition_size=64)
+            lens = torch.tensor(MIXED7, dtype=torch.int32, device=DEVICE)
+            outs.append(paged_decode_attention(q, k_cache, v_cache, table, lens, 0.125, torch.empty_like(q), ws))
+        assert torch.equal(outs[0], outs[1]), block_size
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, table, lens, 0.125, torch.empty_like(q))
+        torch.testing.assert_close(outs[1].float(), ref.float(), atol=2e-2, rtol=2e-2)
+    monkeypatch.setattr(dec, "_GATHER", "rows")
+    with pytest.raises(ValueError, match="DIST_LLM_DECODE_ATTN_GATHER must be tile or token"):
+        paged_decode_attention(q, k_cache, v_cache, table, lens, 0.125, torch.empty_like(q), ws)
+
 # ---- context (prefill) --------------------------------------------------------------------------------
 
 # (head_dim, [(seq_len, q_len)], block_size, (Hq, Hk), dtype)

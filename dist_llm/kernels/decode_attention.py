@@ -42,6 +42,9 @@ _CONFIG_OVERRIDE = os.environ.get("DIST_LLM_DECODE_ATTN_CONFIG", "")
 _FP8_DOT = os.environ.get("DIST_LLM_FP8_ATTN_DOT", "f16")
 # "1" (default): pass-1 programs of partitions past the context exit before the PDL wait; "0": after it (A/B runs)
 _EARLY_EXIT = os.environ.get("DIST_LLM_DECODE_ATTN_EARLY_EXIT", "1")
+# "tile" (default): a K/V tile inside one block takes one block-table entry; "token": every token looks up its own
+# block, as a tile spanning blocks must (A/B runs)
+_GATHER = os.environ.get("DIST_LLM_DECODE_ATTN_GATHER", "tile")
 
 
 @triton.jit
@@ -57,7 +60,7 @@ def _decode_partition_kernel(
     stride_plb, stride_plh, stride_pls,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr, DOT_F16: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    USE_PDL: tl.constexpr, DOT_F16: tl.constexpr, EARLY_EXIT: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
 ):
     kvh = tl.program_id(0)  # heads fastest: programs running together read whole token rows
     b = tl.program_id(1)
@@ -100,16 +103,26 @@ def _decode_partition_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             valid = offs_n < end
             kv_mask = valid[:, None] & d_mask[None, :]
-            phys = tl.load(bt_row + (offs_n // BLOCK_SIZE) * stride_btm, mask=valid, other=0).to(tl.int64)
-            slot = offs_n % BLOCK_SIZE
-            k = tl.load(k_base + (phys * stride_kb + slot * stride_kt)[:, None], mask=kv_mask, other=0.0)
+            if TILE_IN_BLOCK:  # BLOCK_N divides the block size, so the tile lies in one block (tiles start at
+                # multiples of BLOCK_N):
+                # one block-table entry and affine row offsets, instead of a gather address per token
+                phys = tl.load(bt_row + (n0 // BLOCK_SIZE) * stride_btm).to(tl.int64)
+                slot = n0 % BLOCK_SIZE + tl.arange(0, BLOCK_N)
+                k_off = phys * stride_kb + slot * stride_kt
+                v_off = phys * stride_vb + slot * stride_vt
+            else:  # a tile spans blocks: each token finds its own
+                phys = tl.load(bt_row + (offs_n // BLOCK_SIZE) * stride_btm, mask=valid, other=0).to(tl.int64)
+                slot = offs_n % BLOCK_SIZE
+                k_off = phys * stride_kb + slot * stride_kt
+                v_off = phys * stride_vb + slot * stride_vt
+            k = tl.load(k_base + k_off[:, None], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
             s = tl.where(valid[None, :], s, float("-inf"))  # not a multiply: 0 * NaN would poison the row
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s * qk_scale - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + (phys * stride_vb + slot * stride_vt)[:, None], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + v_off[:, None], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
             m_i = m_new
         if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
@@ -266,6 +279,12 @@ def _early_exit() -> bool:
     return _EARLY_EXIT == "1"
 
 
+def _tile_gather() -> bool:
+    if _GATHER not in ("tile", "token"):
+        raise ValueError(f"DIST_LLM_DECODE_ATTN_GATHER must be tile or token, got {_GATHER!r}")
+    return _GATHER == "tile"
+
+
 def _fp8_dot() -> str:
     if _FP8_DOT not in ("f16", "q"):
         raise ValueError(f"DIST_LLM_FP8_ATTN_DOT must be f16 or q, got {_FP8_DOT!r}")
@@ -314,7 +333,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, 
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE=single, PRECISION=precision,
         DOT_F16=fp8 and q.dtype == torch.bfloat16 and _fp8_dot() == "f16", EARLY_EXIT=_early_exit(),
-        num_warps=num_warps, num_stages=num_stages, **pdl,
+        TILE_IN_BLOCK=_tile_gather() and block_size % block_n == 0, num_warps=num_warps, num_stages=num_stages, **pdl,
     )  # fmt: skip
     if not single:
         _decode_reduce_kernel[(num_heads, batch)](
