@@ -122,6 +122,7 @@ h100b)  # about 6 minutes on an H100: fp8 attention configs swept, gather A/B; 1
     BEST=$(python3 -c "import json; r=json.load(open('$OUT/sweep/attn_sweep_fp8_hnd.json'))['results']
 c='(256, 192, 4096, 32)'; print(min((v[c]['us'], k) for k, v in r.items() if c in v and k[0] == '(')[1].strip('()').replace(' ', ''))")
     echo "fp8 best at 256 x 192: $BEST" | tee "$OUT/best.txt"
+    TAIL=8 step latency 80 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency" --batch_sizes 1 --skip_hf
     TPUT="python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 --profile"
     TAIL=9 DIST_LLM_KV_LAYOUT=hnd step tput_fp8_hnd 70 $TPUT --output_dir "$OUT/tput_fp8_hnd" --kv_cache_dtype fp8 --skip_hf
     TAIL=9 DIST_LLM_KV_LAYOUT=hnd DIST_LLM_DECODE_ATTN_CONFIG=$BEST step tput_fp8_hnd_best 70 $TPUT \
