@@ -120,3 +120,21 @@ def test_model_generates_the_same_tokens_in_both_layouts(tiny_models, tmp_path, 
     monkeypatch.setenv("DIST_LLM_KV_LAYOUT", "blocks")
     with pytest.raises(DistLLMError, match="DIST_LLM_KV_LAYOUT"):
         ModelRunner.from_dir(engine, device="cpu", num_kv_blocks=32)
+
+
+def test_auto_layout_by_cache_dtype(monkeypatch):
+    """DIST_LLM_KV_LAYOUT unset or auto: head-major for an fp8 pool, token-major for a 16-bit or fp32 one; an explicit
+    order wins over the dtype."""
+    from dist_llm.runtime.kv_sizing import kv_cache_layout
+
+    for value in (None, "auto"):
+        if value is None:
+            monkeypatch.delenv("DIST_LLM_KV_LAYOUT", raising=False)
+        else:
+            monkeypatch.setenv("DIST_LLM_KV_LAYOUT", value)
+        assert kv_cache_layout(torch.float8_e4m3fn) == "hnd"
+        assert [kv_cache_layout(d) for d in (torch.bfloat16, torch.float16, torch.float32)] == ["nhd"] * 3
+    monkeypatch.setenv("DIST_LLM_KV_LAYOUT", "nhd")
+    assert kv_cache_layout(torch.float8_e4m3fn) == "nhd"
+    monkeypatch.setenv("DIST_LLM_KV_LAYOUT", "hnd")
+    assert kv_cache_layout(torch.bfloat16) == "hnd"

@@ -156,7 +156,7 @@ class Worker:
         from dist_llm.kernels.kv_cache import empty_kv_cache
 
         self.num_blocks = num_blocks
-        bs, layout = self.engine.build.tokens_per_block, kv_cache_layout()
+        bs, layout = self.engine.build.tokens_per_block, kv_cache_layout(self.kv_dtype)
         for a in self.model.attention_layers():
             shape = (num_blocks, bs, a.num_kv_heads, a.head_dim)
             a.k_cache = empty_kv_cache(*shape, self.kv_dtype, self.device, layout)
