@@ -26,6 +26,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.
 step() { local name=$1 limit=$2; shift 2; echo "=== $name"; local t0=$SECONDS
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
     echo "rc=$rc in $((SECONDS - t0)) s"; tail -n "${TAIL:-25}" "$OUT/$name.log"; pack; }
+# the fastest fp8 config at full load (batch 256 x context 192) in the head-major sweep, as BLOCK_N,warps,stages for
+# DIST_LLM_DECODE_ATTN_CONFIG; empty when the launch rule itself was fastest
+best_fp8_config() { python3 -c "import json; r=json.load(open('$OUT/sweep/attn_sweep_fp8_hnd.json'))['results']
+c='(256, 192, 4096, 32)'; k=min((v[c]['us'], k) for k, v in r.items() if c in v and k[0] in '(N')[1]
+print('' if k == 'None' else k.strip('()').replace(' ', ''))" | tee "$OUT/best.txt"; }
 case "$MODE" in
 bench)  # about 6 minutes on an H200
     TAIL=30 step latency 220 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency"
@@ -121,9 +126,7 @@ h100b)  # about 6 minutes on an H100: fp8 attention configs swept, gather A/B; 1
         TAIL=8 DIST_LLM_DECODE_ATTN_GATHER=$G step "sweep_${D}_${L}_$G" 40 $SWEEP "$OUT/sweep_$G" \
             --kv_cache_dtype "$D" --kv_layout "$L" --configs 32,2,2
     done; done
-    BEST=$(python3 -c "import json; r=json.load(open('$OUT/sweep/attn_sweep_fp8_hnd.json'))['results']
-c='(256, 192, 4096, 32)'; print(min((v[c]['us'], k) for k, v in r.items() if c in v and k[0] == '(')[1].strip('()').replace(' ', ''))")
-    echo "fp8 best at 256 x 192: $BEST" | tee "$OUT/best.txt"
+    BEST=$(best_fp8_config)
     TAIL=8 step latency 80 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency" --batch_sizes 1 --skip_hf
     TPUT="python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 --profile"
     TAIL=9 DIST_LLM_KV_LAYOUT=hnd step tput_fp8_hnd 70 $TPUT --output_dir "$OUT/tput_fp8_hnd" --kv_cache_dtype fp8 --skip_hf
@@ -140,10 +143,7 @@ h100c)  # about 4 minutes: the lean form of h100b (fp8 configs, the gather A/B, 
         TAIL=8 DIST_LLM_DECODE_ATTN_GATHER=$G step "sweep_${D}_${L}_$G" 30 $SWEEP "$OUT/sweep_$G" \
             --kv_cache_dtype "$D" --kv_layout "$L" --configs 32,2,2
     done; done
-    BEST=$(python3 -c "import json; r=json.load(open('$OUT/sweep/attn_sweep_fp8_hnd.json'))['results']
-c='(256, 192, 4096, 32)'; print(min((v[c]['us'], k) for k, v in r.items() if c in v)[1].strip('()').replace(' ', ''))")
-    echo "fp8 best at 256 x 192: $BEST" | tee "$OUT/best.txt"
-    [ "$BEST" = None ] && BEST=""
+    BEST=$(best_fp8_config)
     TPUT="python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 --profile --skip_hf --kv_cache_dtype fp8"
     TAIL=9 step tput_fp8 60 $TPUT --output_dir "$OUT/tput_fp8"
     if [ -n "$BEST" ]; then

@@ -170,7 +170,6 @@ def test_decode_early_exit_both_ways(monkeypatch):
         paged_decode_attention(q, k_cache, v_cache, table, lens, 0.125, torch.empty_like(q), ws)
 
 
-
 @pytest.mark.parametrize("kv_dtype", [BF16, torch.float8_e4m3fn])
 def test_decode_tile_gather_both_ways(monkeypatch, kv_dtype):
     """A tile inside one KV block takes one block-table entry (DIST_LLM_DECODE_ATTN_GATHER=tile, the default) or
@@ -196,6 +195,7 @@ def test_decode_tile_gather_both_ways(monkeypatch, kv_dtype):
     monkeypatch.setattr(dec, "_GATHER", "rows")
     with pytest.raises(ValueError, match="DIST_LLM_DECODE_ATTN_GATHER must be tile or token"):
         paged_decode_attention(q, k_cache, v_cache, table, lens, 0.125, torch.empty_like(q), ws)
+
 
 # ---- context (prefill) --------------------------------------------------------------------------------
 

@@ -103,26 +103,21 @@ def _decode_partition_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             valid = offs_n < end
             kv_mask = valid[:, None] & d_mask[None, :]
-            if TILE_IN_BLOCK:  # BLOCK_N divides the block size, so the tile lies in one block (tiles start at
-                # multiples of BLOCK_N):
-                # one block-table entry and affine row offsets, instead of a gather address per token
+            if TILE_IN_BLOCK:  # BLOCK_N divides the block size and tiles start at multiples of BLOCK_N, so the
+                # tile lies in one block: one block-table entry and affine row offsets, not a gather per token
                 phys = tl.load(bt_row + (n0 // BLOCK_SIZE) * stride_btm).to(tl.int64)
                 slot = n0 % BLOCK_SIZE + tl.arange(0, BLOCK_N)
-                k_off = phys * stride_kb + slot * stride_kt
-                v_off = phys * stride_vb + slot * stride_vt
             else:  # a tile spans blocks: each token finds its own
                 phys = tl.load(bt_row + (offs_n // BLOCK_SIZE) * stride_btm, mask=valid, other=0).to(tl.int64)
                 slot = offs_n % BLOCK_SIZE
-                k_off = phys * stride_kb + slot * stride_kt
-                v_off = phys * stride_vb + slot * stride_vt
-            k = tl.load(k_base + k_off[:, None], mask=kv_mask, other=0.0)
+            k = tl.load(k_base + (phys * stride_kb + slot * stride_kt)[:, None], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
             s = tl.where(valid[None, :], s, float("-inf"))  # not a multiply: 0 * NaN would poison the row
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s * qk_scale - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + v_off[:, None], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + (phys * stride_vb + slot * stride_vt)[:, None], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
             m_i = m_new
         if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
@@ -273,22 +268,23 @@ def _split_plan(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, works
     return triton.cdiv(max_ctx, partition), partition
 
 
+def _env_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """An A/B knob's value, checked: a typo must fail loudly, not fall back to a default."""
+    if value not in choices:
+        raise ValueError(f"{name} must be {' or '.join(choices)}, got {value!r}")
+    return value
+
+
 def _early_exit() -> bool:
-    if _EARLY_EXIT not in ("0", "1"):
-        raise ValueError(f"DIST_LLM_DECODE_ATTN_EARLY_EXIT must be 0 or 1, got {_EARLY_EXIT!r}")
-    return _EARLY_EXIT == "1"
+    return _env_choice("DIST_LLM_DECODE_ATTN_EARLY_EXIT", _EARLY_EXIT, ("0", "1")) == "1"
 
 
 def _tile_gather() -> bool:
-    if _GATHER not in ("tile", "token"):
-        raise ValueError(f"DIST_LLM_DECODE_ATTN_GATHER must be tile or token, got {_GATHER!r}")
-    return _GATHER == "tile"
+    return _env_choice("DIST_LLM_DECODE_ATTN_GATHER", _GATHER, ("tile", "token")) == "tile"
 
 
 def _fp8_dot() -> str:
-    if _FP8_DOT not in ("f16", "q"):
-        raise ValueError(f"DIST_LLM_FP8_ATTN_DOT must be f16 or q, got {_FP8_DOT!r}")
-    return _FP8_DOT
+    return _env_choice("DIST_LLM_FP8_ATTN_DOT", _FP8_DOT, ("f16", "q"))
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, k_scale, v_scale):
