@@ -31,7 +31,8 @@ def compile_config(kv: str, block_n: int, warps: int, stages: int, tile_gather: 
     names = KERNEL.arg_names
     ptrs = {"q_ptr": "*bf16", "k_cache_ptr": f"*{kv}", "v_cache_ptr": f"*{kv}", "block_tables_ptr": "*i32",
             "seq_lens_ptr": "*i32", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
-    consts = dict(GROUP=1, BLOCK_G=16 if mma else 1, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=block_n, SINGLE=True,
+    consts = dict(GROUP=1, BLOCK_G=16 if mma else 1, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=block_n,
+                  SINGLE=True,
                   PRECISION="tf32", USE_PDL=True, DOT_F16=kv == "fp8e4nv", EARLY_EXIT=True,
                   TILE_IN_BLOCK=tile_gather and BLOCK_SIZE % block_n == 0, MMA=mma, **{n: 1 for n in UNIT_STRIDES})
     sig = {n: ptrs.get(n) or ("constexpr" if n in consts else "fp32" if n in ("qk_scale", "v_scale") else "i32")

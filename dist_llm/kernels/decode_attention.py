@@ -225,7 +225,8 @@ def parse_config(text: str, group: int) -> tuple[int, int, int, int]:
     """'BLOCK_N,warps,stages[,mma]' (DIST_LLM_DECODE_ATTN_CONFIG, sweeps) as (BLOCK_N, BLOCK_G, warps, stages);
     mma 1 (the default): tensor-core products, the group padded to 16 rows; 0: broadcast multiplies and sums."""
     fields = text.split(",")
-    if len(fields) not in (3, 4) or not all(f.strip().isdigit() for f in fields) or fields[3:] not in ([], ["0"], ["1"]):
+    digits = all(f.strip().isdigit() for f in fields)
+    if len(fields) not in (3, 4) or not digits or fields[3:] not in ([], ["0"], ["1"]):
         raise ValueError(f"decode attention config must be 'BLOCK_N,warps,stages[,mma 0|1]', e.g. '32,2,2' or "
                          f"'64,4,2,0', got {text!r}")
     block_n, num_warps, num_stages = (int(f) for f in fields[:3])
