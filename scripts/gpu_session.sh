@@ -135,8 +135,12 @@ h100b)  # about 6 minutes on an H100: fp8 attention configs swept, gather A/B; 1
     TAIL=9 DIST_LLM_KV_LAYOUT=hnd DIST_LLM_DECODE_ATTN_CONFIG=$BEST step tput_fp8_hnd_best_b512 90 $TPUT \
         --output_dir "$OUT/tput_fp8_hnd_best_b512" --kv_cache_dtype fp8 --max_batch_size 512 --skip_hf
     TAIL=9 step tput_auto_nhd 120 $TPUT --output_dir "$OUT/tput_auto_nhd" ;;
-h100c)  # about 6 minutes: fp8 and bf16 configs swept (tensor-core and CUDA-core products), the gather A/B, 128/128
+h100c)  # on an H200 first batch 1, median of 5 (its 90% target); then, about 6 minutes: fp8 and bf16 configs swept (tensor-core and CUDA-core products), the gather A/B, 128/128
         # fp8 with the rule, with the best config, and at batch 512
+    if grep -q H200 "$OUT/gpus.txt"; then
+        TAIL=8 step latency_b1 100 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency_b1" --batch_sizes 1 \
+            --skip_hf --repeats 5
+    fi
     SWEEP="python3 benchmarks/sweep_decode_attention.py --output_dir"
     TAIL=20 step sweep_fp8_hnd 150 $SWEEP "$OUT/sweep" --kv_cache_dtype fp8 --kv_layout hnd --configs 16,2,2 64,4,2 \
         64,8,2 16,2,2,0 32,2,2,0 32,4,2,0 64,8,2,0 16,1,2,0 32,4,3,0
