@@ -3,7 +3,7 @@ nvdisasm), with the runtime's specialisations (unit strides as constants, pointe
 registers, shared memory and the SASS instruction mix per config. A static check for when no GPU is at hand: it
 says what a change does to the code, not how fast it runs.
 
-    python benchmarks/sass_decode_attention.py [--kv_dtype fp8] [--configs 32,2,2 64,4,2 64,4,2,0] [--gather token]
+    python benchmarks/sass_decode_attention.py [--kv_dtype fp8] [--configs 32,2,2 64,4,2] [--gather token]
 """
 
 from __future__ import annotations
@@ -24,17 +24,16 @@ from dist_llm.kernels.decode_attention import _decode_partition_kernel as KERNEL
 
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_pod", "stride_btm", "stride_pls")
 BLOCK_SIZE = 64  # tokens per KV block, as the benchmarks build engines
-SHOWN = ("IMAD", "LEA", "LDG", "LDGSTS", "LDS", "LDSM", "F2FP", "HMMA", "FFMA", "SHFL", "STL")
+SHOWN = ("IMAD", "LEA", "LDG", "LDGSTS", "LDS", "LDSM", "F2FP", "HMMA", "STL")
 
 
-def compile_config(kv: str, block_n: int, warps: int, stages: int, tile_gather: bool, arch: int, mma: bool = True):
+def compile_config(kv: str, block_n: int, warps: int, stages: int, tile_gather: bool, arch: int):
     names = KERNEL.arg_names
     ptrs = {"q_ptr": "*bf16", "k_cache_ptr": f"*{kv}", "v_cache_ptr": f"*{kv}", "block_tables_ptr": "*i32",
             "seq_lens_ptr": "*i32", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
-    consts = dict(GROUP=1, BLOCK_G=16 if mma else 1, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=block_n,
-                  SINGLE=True,
+    consts = dict(GROUP=1, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=block_n, SINGLE=True,
                   PRECISION="tf32", USE_PDL=True, DOT_F16=kv == "fp8e4nv", EARLY_EXIT=True,
-                  TILE_IN_BLOCK=tile_gather and BLOCK_SIZE % block_n == 0, MMA=mma, **{n: 1 for n in UNIT_STRIDES})
+                  TILE_IN_BLOCK=tile_gather and BLOCK_SIZE % block_n == 0, **{n: 1 for n in UNIT_STRIDES})
     sig = {n: ptrs.get(n) or ("constexpr" if n in consts else "fp32" if n in ("qk_scale", "v_scale") else "i32")
            for n in names}
     div16 = [n for n in names if n in ptrs or (n.startswith("stride") and n not in UNIT_STRIDES and n != "stride_btb")]
@@ -67,8 +66,7 @@ def inspect(compiled) -> tuple[int | None, collections.Counter]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kv_dtype", default="bf16", choices=["bf16", "fp8"])
-    p.add_argument("--configs", nargs="+", default=["32,2,2", "64,4,2"], metavar="N,W,S[,MMA]",
-                   help="a 4th field 0: the CUDA-core products (an MHA group of one row, no tensor cores)")
+    p.add_argument("--configs", nargs="+", default=["32,2,2", "64,4,2"], metavar="N,W,S")
     p.add_argument("--gather", nargs="+", default=["tile", "token"], choices=["tile", "token"])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     args = p.parse_args()
@@ -77,9 +75,9 @@ def main():
           + " | ".join(SHOWN) + " |")
     print("| --- " * (5 + len(SHOWN)) + "|")
     for cfg in args.configs:
-        n, w, s, *mma = (int(x) for x in cfg.split(","))
+        n, w, s = (int(x) for x in cfg.split(","))
         for gather in args.gather:
-            c = compile_config(kv, n, w, s, gather == "tile", args.arch, mma != [0])
+            c = compile_config(kv, n, w, s, gather == "tile", args.arch)
             regs, ops = inspect(c)
             print(f"| {cfg} | {gather} | {regs} | {c.metadata.shared} | {sum(ops.values())} | "
                   + " | ".join(str(ops[k]) for k in SHOWN) + " |")

@@ -44,15 +44,11 @@ def make_case(batch, ctx, width, hk, kv_dtype=torch.bfloat16, layout="nhd"):
 
 
 def fixed_config(rule, cfg):
-    """`rule` (a `_launch_config`) with BLOCK_N, warps, stages (and tensor cores or not: a 4th field, 0 or 1)
-    from cfg; BLOCK_D stays the rule's. fp32 q keeps the rule's tiles, as the runtime's override does."""
-    from dist_llm.kernels.decode_attention import parse_config
+    """`rule` (a `_launch_config`) with BLOCK_N, warps and stages from cfg; BLOCK_D and BLOCK_G stay the rule's."""
 
-    def config(head_dim, block_size, group, dtype, batch):
-        block_d, *rest = rule(head_dim, block_size, group, dtype, batch)
-        if dtype == torch.float32:
-            return (block_d, *rest)
-        return (block_d, *parse_config(",".join(map(str, cfg)), group))
+    def config(*args):
+        block_d, _, block_g, _, _ = rule(*args)
+        return block_d, cfg[0], block_g, cfg[1], cfg[2]
 
     return config
 
@@ -61,8 +57,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp8"], help="fp8: e4m3 caches, scales 1")
-    p.add_argument("--configs", nargs="+", metavar="N,W,S[,MMA]",
-                   help="only these BLOCK_N,warps,stages (and the rule); a 4th field 0 takes CUDA-core products")
+    p.add_argument("--configs", nargs="+", metavar="N,W,S", help="only these BLOCK_N,warps,stages (and the rule)")
     p.add_argument("--kv_layout", default="nhd", choices=["nhd", "hnd"],
                    help="the caches' order in memory (kernels/kv_cache.empty_kv_cache)")
     p.add_argument("--programs", type=int, nargs="+", default=[],
@@ -124,7 +119,7 @@ def main():
         ratios = [results["None"][c]["us"] / per[c]["us"] for c in per]
         ranked.append((math.exp(sum(map(math.log, ratios)) / len(ratios)), cfg, ratios))
     ranked.sort(reverse=True)
-    print("\nconfig (BLOCK_N, warps, stages[, mma]): geometric-mean speed-up over the current rule, then per case")
+    print("\nconfig (BLOCK_N, warps, stages): geometric-mean speed-up over the current rule, then per case")
     for gm, cfg, ratios in ranked[:12]:
         print(f"  {cfg:>14}: {gm:.3f}  " + " ".join(f"{r:.2f}" for r in ratios))
     if ranked:  # "BLOCK_N,warps,stages" of the best, for DIST_LLM_DECODE_ATTN_CONFIG in A/B runs

@@ -197,44 +197,17 @@ def test_decode_tile_gather_both_ways(monkeypatch, kv_dtype):
         paged_decode_attention(q, k_cache, v_cache, table, lens, 0.125, torch.empty_like(q), ws)
 
 
-@pytest.mark.parametrize("config", ["32,2,2,0", "16,4,1,0", "64,4,2,1"])
-def test_decode_config_override_and_cuda_core_products(monkeypatch, config):
-    """DIST_LLM_DECODE_ATTN_CONFIG 'BLOCK_N,warps,stages[,mma]': a 4th field 0 takes the CUDA-core products (the
-    query group as BLOCK_G = next_pow2(group) rows, no padding to 16), which must match the reference for MHA, GQA,
-    a group of 3, tiles inside or across blocks, split or single partitions, and an fp8 cache."""
-    import dist_llm.kernels.decode_attention as dec
-
-    monkeypatch.setattr(dec, "_CONFIG_OVERRIDE", config)
-    gen = torch.Generator().manual_seed(11)
-    for head_dim, seq_lens, block_size, heads, dtype, partition in [
-        (128, [1, 17, 300], 64, (2, 2), BF16, 64),
-        (80, MIXED7, 16, (4, 1), F16, None),
-        (64, [45, 2], 32, (6, 2), BF16, 128),
-    ]:
-        ws = None
-        if partition is not None:
-            max_len = (max(seq_lens) // block_size + 3) * block_size
-            ws = DecodeWorkspace.allocate(len(seq_lens), heads[0], head_dim, max_len, DEVICE, partition)
-        _decode_case(head_dim, seq_lens, block_size, heads, dtype, ws, gen)
-    k_cache, v_cache, table = paged_cache([33, 5], 64, 2, 64, BF16, gen)
-    k8, v8 = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
-    q = randn(2, 2, 64, dtype=BF16, gen=gen)
-    lens = torch.tensor([33, 5], dtype=torch.int32, device=DEVICE)
-    out = paged_decode_attention(q, k8, v8, table, lens, 0.125, torch.full_like(q, NAN), k_scale=0.5, v_scale=2.0)
-    ref = paged_decode_attention_ref(q, k8, v8, table, lens, 0.125, torch.empty_like(q), k_scale=0.5, v_scale=2.0)
-    close(out, ref, BF16)
-
-
-@pytest.mark.parametrize("bad", ["32,2", "32,2,2,2", "a,2,2", "32,2,2,0,1"])
+@pytest.mark.parametrize("bad", ["32,2", "32,2,2,0", "a,2,2", "32,0,2"])
 def test_decode_config_override_rejects_bad_text(monkeypatch, bad):
     import dist_llm.kernels.decode_attention as dec
 
     monkeypatch.setattr(dec, "_CONFIG_OVERRIDE", bad)
     q = torch.zeros(1, 2, 64, dtype=BF16, device=DEVICE)
     cache = torch.zeros(1, 16, 2, 64, dtype=BF16, device=DEVICE)
-    one = torch.ones(1, 1, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="decode attention config must be 'BLOCK_N,warps,stages"):
-        paged_decode_attention(q, cache, cache, one.clone() * 0, one[0], 0.125, torch.empty_like(q))
+    table = torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
+    lens = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="DIST_LLM_DECODE_ATTN_CONFIG must be 'BLOCK_N,warps,stages'"):
+        paged_decode_attention(q, cache, cache, table, lens, 0.125, torch.empty_like(q))
 
 
 # ---- context (prefill) --------------------------------------------------------------------------------

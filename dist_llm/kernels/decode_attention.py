@@ -61,7 +61,6 @@ def _decode_partition_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr, DOT_F16: tl.constexpr, EARLY_EXIT: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
-    MMA: tl.constexpr,
 ):
     kvh = tl.program_id(0)  # heads fastest: programs running together read whole token rows
     b = tl.program_id(1)
@@ -80,9 +79,8 @@ def _decode_partition_kernel(
     end = tl.minimum(start + partition_size, seq_len)
 
     if start < seq_len:  # partitions past the context write nothing: the reduction reads only the live ones
-        # The query heads of this KV group are the rows of a [BLOCK_G, D] tile, so each K/V tile is loaded once
-        # for the whole group. MMA: BLOCK_G >= 16 (padded with zero rows) and both products on the tensor cores;
-        # otherwise BLOCK_G = next_pow2(GROUP) and the products are broadcast multiplies and sums.
+        # The query heads of this KV group are the rows of a [BLOCK_G >= 16, D] tile, padded with zeros,
+        # so both products run on the tensor cores and each K/V tile is loaded once for the whole group.
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         heads = kvh * GROUP + offs_g
@@ -90,9 +88,9 @@ def _decode_partition_kernel(
         d_mask = offs_d < HEAD_DIM
         q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-        if PRECISION == "ieee" or not MMA:
+        if PRECISION == "ieee":
             q = q.to(tl.float32)
-        if DOT_F16 and MMA:  # fp8 cache: the products in fp16
+        if DOT_F16:  # fp8 cache: the products in fp16
             q = q.to(tl.float16)
         bt_row = block_tables_ptr + b * stride_btb
         k_base = k_cache_ptr + kvh * stride_kh + offs_d[None, :] * stride_kd
@@ -113,20 +111,14 @@ def _decode_partition_kernel(
                 phys = tl.load(bt_row + (offs_n // BLOCK_SIZE) * stride_btm, mask=valid, other=0).to(tl.int64)
                 slot = offs_n % BLOCK_SIZE
             k = tl.load(k_base + (phys * stride_kb + slot * stride_kt)[:, None], mask=kv_mask, other=0.0)
-            if MMA:
-                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
-            else:  # CUDA-core products: no rows of padding, fp32 throughout
-                s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
             s = tl.where(valid[None, :], s, float("-inf"))  # not a multiply: 0 * NaN would poison the row
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s * qk_scale - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + (phys * stride_vb + slot * stride_vt)[:, None], mask=kv_mask, other=0.0)
-            if MMA:
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-            else:
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
             m_i = m_new
         if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
             acc = acc * v_scale
@@ -221,18 +213,13 @@ class DecodeWorkspace:
         return out, lse
 
 
-def parse_config(text: str, group: int) -> tuple[int, int, int, int]:
-    """'BLOCK_N,warps,stages[,mma]' (DIST_LLM_DECODE_ATTN_CONFIG, sweeps) as (BLOCK_N, BLOCK_G, warps, stages);
-    mma 1 (the default): tensor-core products, the group padded to 16 rows; 0: broadcast multiplies and sums."""
+def parse_config(text: str) -> tuple[int, int, int]:
+    """'BLOCK_N,warps,stages' (DIST_LLM_DECODE_ATTN_CONFIG) as integers, or a ValueError that says the form."""
     fields = text.split(",")
-    digits = all(f.strip().isdigit() for f in fields)
-    if len(fields) not in (3, 4) or not digits or fields[3:] not in ([], ["0"], ["1"]):
-        raise ValueError(f"decode attention config must be 'BLOCK_N,warps,stages[,mma 0|1]', e.g. '32,2,2' or "
-                         f"'64,4,2,0', got {text!r}")
-    block_n, num_warps, num_stages = (int(f) for f in fields[:3])
-    mma = fields[3:] != ["0"]
-    block_g = max(16, triton.next_power_of_2(group)) if mma else triton.next_power_of_2(group)
-    return block_n, block_g, num_warps, num_stages
+    if len(fields) != 3 or not all(f.strip().isdigit() and int(f) > 0 for f in fields):
+        raise ValueError(f"DIST_LLM_DECODE_ATTN_CONFIG must be 'BLOCK_N,warps,stages', e.g. '32,2,2', got {text!r}")
+    block_n, num_warps, num_stages = (int(f) for f in fields)
+    return block_n, num_warps, num_stages
 
 
 def _launch_config(head_dim: int, block_size: int, group: int, dtype: torch.dtype, batch: int):
@@ -254,7 +241,8 @@ def _launch_config(head_dim: int, block_size: int, group: int, dtype: torch.dtyp
     block_d = triton.next_power_of_2(head_dim)
     block_g = max(16, triton.next_power_of_2(group))
     if _CONFIG_OVERRIDE and dtype != torch.float32:  # sweeps and A/B runs only
-        return block_d, *parse_config(_CONFIG_OVERRIDE, group)
+        block_n, num_warps, num_stages = parse_config(_CONFIG_OVERRIDE)
+        return block_d, block_n, block_g, num_warps, num_stages
     if dtype == torch.float32:  # keep the pipelined fp32 tiles within shared memory
         block_n, num_warps, num_stages = 32, 4, 2
     elif batch >= 32:  # a tile may span blocks: each token finds its own block
@@ -350,8 +338,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, 
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE=single, PRECISION=precision,
         DOT_F16=fp8 and q.dtype == torch.bfloat16 and _fp8_dot() == "f16", EARLY_EXIT=_early_exit(),
-        TILE_IN_BLOCK=_tile_gather() and block_size % block_n == 0, MMA=block_g >= 16, num_warps=num_warps,
-        num_stages=num_stages, **pdl,
+        TILE_IN_BLOCK=_tile_gather() and block_size % block_n == 0, num_warps=num_warps, num_stages=num_stages, **pdl,
     )  # fmt: skip
     if not single:
         _decode_reduce_kernel[(num_heads, batch)](
