@@ -210,39 +210,6 @@ def test_decode_config_override_rejects_bad_text(monkeypatch, bad):
         paged_decode_attention(q, cache, cache, table, lens, 0.125, torch.empty_like(q))
 
 
-@pytest.mark.parametrize("kv_dtype", [BF16, torch.float8_e4m3fn])
-def test_mixed_step_serves_one_token_rows_with_the_decode_kernel(kv_dtype):
-    """Attention in a mixed step: the leading rows of one query token (metadata.num_decode_rows) take the decode
-    kernel, the prompt chunks after them the context kernel, into one output; the same as the context kernel
-    over every row, and as the reference."""
-    from dist_llm.kernels import get_ops
-    from dist_llm.layers.attention import Attention
-    from dist_llm.layers.context import AttentionMetadata, set_metadata
-
-    gen = torch.Generator().manual_seed(5)
-    seq_lens, q_lens = [5, 40, 17, 70, 33], [1, 1, 1, 9, 33]
-    k_cache, v_cache, table = paged_cache(seq_lens, 16, 2, 64, BF16, gen)
-    k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
-    cu = torch.tensor([0, 1, 2, 3, 12, 45], dtype=torch.int32, device=DEVICE)
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    q = randn(45, 4, 64, dtype=BF16, gen=gen)
-    attn = Attention(4, 2, 64, 0.125, None, get_ops("triton"))
-    attn.k_cache, attn.v_cache = k_cache, v_cache
-    ws = DecodeWorkspace.allocate(8, 4, 64, table.shape[1] * 16, DEVICE, partition_size=64)
-    outs = []
-    for nd in (3, 0):
-        set_metadata(AttentionMetadata(slot_mapping=torch.empty(0), block_tables=table, seq_lens=lens,
-                                       cu_seqlens_q=cu, max_seqlen_q=max(q_lens), is_decode=False,
-                                       decode_workspace=ws, num_decode_rows=nd))
-        try:
-            outs.append(attn(None, q, None, None, rotated_and_cached=True).view(45, 4, 64))
-        finally:
-            set_metadata(None)
-    expected = context_attention_ref(q, k_cache, v_cache, table, lens, cu, max(q_lens), 0.125, torch.empty_like(q))
-    close(outs[0], expected, BF16)
-    close(outs[1], expected, BF16)
-
-
 # ---- context (prefill) --------------------------------------------------------------------------------
 
 # (head_dim, [(seq_len, q_len)], block_size, (Hq, Hk), dtype)

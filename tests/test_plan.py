@@ -20,7 +20,7 @@ def _plan(batch: int, prev: bool) -> StepPlan:
         cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32), max_seqlen_q=1, is_decode=True,
         temperature=r(torch.float32) / 7, top_k=r(torch.int32), top_p=r(torch.float32) / 9, seeds=r(torch.int64),
         offsets=r(torch.int64), sampling_mode="plain", return_logprobs=True,
-        prev_index=r(torch.int64) if prev else None, num_decode_rows=batch - 1,
+        prev_index=r(torch.int64) if prev else None,
     )  # fmt: skip
 
 

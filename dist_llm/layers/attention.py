@@ -59,16 +59,14 @@ class Attention(nn.Module):
                 **scales,
             )
         out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
-        batch = md.seq_lens.shape[0]
-        nd = batch if md.is_decode else md.num_decode_rows
-        if nd:  # one query token per row: rows and tokens coincide
+        if md.is_decode:
             self.ops.paged_decode_attention(
-                q[:nd], self.k_cache, self.v_cache, md.block_tables[:nd], md.seq_lens[:nd], self.scale, out[:nd],
-                md.decode_workspace, **scales,
+                q, self.k_cache, self.v_cache, md.block_tables, md.seq_lens, self.scale, out, md.decode_workspace,
+                **scales,
             )
-        if nd < batch:  # the context kernel indexes q and out by cu_seqlens_q, so they are passed whole
+        else:
             self.ops.context_attention(
-                q, self.k_cache, self.v_cache, md.block_tables[nd:], md.seq_lens[nd:], md.cu_seqlens_q[nd:],
+                q, self.k_cache, self.v_cache, md.block_tables, md.seq_lens, md.cu_seqlens_q,
                 md.max_seqlen_q, self.scale, out, **scales,
             )
         return out.view(q.shape[0], self.num_heads * self.head_dim)

@@ -170,7 +170,6 @@ class Executor:
             return_logits=any(p.return_first_logits and s.num_sampled == 0 for p, s in zip(params, batch.seqs)),
             return_logprobs=any(p.return_logprobs for p in params),
             prev_index=None if prev is None else torch.tensor(prev, dtype=torch.int64),
-            num_decode_rows=next((i for i, n in enumerate(batch.num_new_tokens) if n != 1), len(batch)),
         )
 
     def _launch(self, batch: ScheduledBatch) -> None:

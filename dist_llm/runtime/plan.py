@@ -50,9 +50,6 @@ class StepPlan:
     # overlap scheduling: for each token, the row of the previous step's sampled ids that holds it (the
     # host has not seen that token yet), or -1 where input_ids has it; None when every id is known
     prev_index: torch.Tensor | None = None  # int64 [T]
-    # rows 0..num_decode_rows-1 have one query token each (the scheduler puts them first): in a mixed step they
-    # take the decode attention kernel, the rest the context kernel
-    num_decode_rows: int = 0
 
     def __reduce__(self):  # rank 0 pickles a plan per step for every rank (see _to_arrays)
         return _from_arrays, (StepPlan, _to_arrays(self))

@@ -212,7 +212,6 @@ class Worker:
             max_seqlen_q=plan.max_seqlen_q,
             is_decode=plan.is_decode,
             decode_workspace=self.decode_workspace,
-            num_decode_rows=plan.num_decode_rows,
         ))
         m = self.mapping
         if m.is_first_stage:
@@ -229,10 +228,10 @@ class Worker:
             return None
         last = (plan.cu_seqlens_q[1:] - 1).to(dev, non_blocking=True).long()
         logits = self.model.compute_logits(out[last]).float()
-        # non_blocking: a blocking copy would wait for the whole forward, and the host would then launch the
-        # next step only after this one is done (a gap on the GPU after every eager step)
-        params = (plan.temperature, plan.top_k, plan.top_p, plan.seeds, plan.offsets)
-        tokens = self.ops.sample(logits, *(t.to(dev, non_blocking=True) for t in params), mode=plan.sampling_mode)
+        tokens = self.ops.sample(
+            logits, plan.temperature.to(dev), plan.top_k.to(dev), plan.top_p.to(dev),
+            plan.seeds.to(dev), plan.offsets.to(dev), mode=plan.sampling_mode,
+        )
         self.sampled[: tokens.shape[0]].copy_(tokens)
         result = self.return_tokens(tokens)
         if plan.return_logprobs:
