@@ -159,10 +159,11 @@ h100c)  # on an H200 first batch 1, median of 5 (its 90% target); then, about 5 
     fi
     TAIL=9 DIST_LLM_DECODE_ATTN_CONFIG=$BEST step tput_fp8_b512 80 $TPUT --output_dir "$OUT/tput_fp8_b512" \
         --max_batch_size 512 ;;
-mixed)  # about 3 minutes: 128/128 fp8 at batch 256, 384 and 512, each with a decode and a mixed step profiled
-    for B in 256 512 384; do
-        TAIL=40 step "tput_fp8_b$B" 90 python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 \
-            --profile --skip_hf --kv_cache_dtype fp8 --max_batch_size $B --output_dir "$OUT/tput_fp8_b$B"
+mixed)  # about 4 minutes: 128/128 at the batch sizes and KV dtypes of $MIXED_RUNS (default fp8:384 fp8:256 auto:384
+        # fp8:512), each with a decode step and a mixed step profiled
+    for R in ${MIXED_RUNS:-fp8:384 fp8:256 auto:384 fp8:512}; do D=${R%:*} B=${R#*:}
+        TAIL=40 step "tput_${D}_b$B" 90 python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 \
+            --profile --skip_hf --kv_cache_dtype "$D" --max_batch_size "$B" --output_dir "$OUT/tput_${D}_b$B"
     done ;;
 mini)  # about 2 minutes: the gather A/B (fp8 and bf16), fp8 tiles of 64 tokens, 128/128 with the fp8 cache
     for G in tile token; do for KV in fp8:hnd auto:nhd; do D=${KV%:*} L=${KV#*:}
