@@ -16,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import copy_bandwidth_gbs, header, hf_generate_tok_s, profile_decode, write_json  # noqa: E402
+from common import copy_bandwidth_gbs, header, hf_generate_tok_s, print_kernels, profile_decode, write_json  # noqa: E402
 
 
 def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str, overlap: bool, kv_cache_dtype: str):
@@ -140,8 +140,7 @@ def main():
     step_us = 1e6 / rows[0]["decode_tok_s_per_seq"] if rows[0]["batch"] == 1 else float("nan")
     caveat = " (with PDL a kernel's time includes its wait for the one before: times overlap)" if pdl else ""
     print(f"\nbatch 1: GPU kernel time {gpu_us:.0f} us per step of {step_us:.0f} us{caveat}; top kernels:")
-    for k in prof[:15]:
-        print(f"  {k['us_per_step']:8.1f} us  x{k['calls_per_step']:.0f}  {k['kernel']}")
+    print_kernels(prof[:15])
 
 
 if __name__ == "__main__":

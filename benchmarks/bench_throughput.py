@@ -9,6 +9,7 @@ HF transformers static batching (batch 64, 128/128) runs in the same process as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -17,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import copy_bandwidth_gbs, header, hf_generate_tok_s, kernel_table, write_json  # noqa: E402
+from common import copy_bandwidth_gbs, header, hf_generate_tok_s, kernel_table, print_kernels, write_json  # noqa: E402
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -144,15 +145,12 @@ def profile_mixed_step(runner, batch: int, max_num_tokens: int, in_len: int = 12
         # (the CPU tests profile CPU ops: there is no CUDA activity to record there)
         activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
         prof = profile(activities=[activity]) if trial == "profile" else None
-        if prof:
-            prof.__enter__()
-        for s in fresh:
-            ex.enqueue(s)
-        while any(s.num_generated < 1 for s in fresh):
-            ex.step()
-        _sync()
-        if prof:
-            prof.__exit__(None, None, None)
+        with prof if prof is not None else contextlib.nullcontext():
+            for s in fresh:
+                ex.enqueue(s)
+            while any(s.num_generated < 1 for s in fresh):
+                ex.step()
+            _sync()
         log, ex.step_log = ex.step_log, None
         mixed = [(b - a) * 1e3 for (a, _, _), (b, p, _) in zip(log, log[1:]) if p]
         out[f"{trial}_steps"] = [(p, r) for _, p, r in log]
@@ -231,15 +229,13 @@ def main():
         print(f"\ndecode at batch {args.max_batch_size}, context ~192: GPU kernels {gpu_ms:.1f} ms per step, "
               f"wall {wall_ms:.1f} ms (unprofiled); "
               "coordinator ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in host_ms.items()))
-        for k in top:
-            print(f"  {k['us_per_step']:8.1f} us  x{k['calls_per_step']:.0f}  {k['kernel']}")
+        print_kernels(top)
     if mixed:
         print(f"\na step with {mixed['prefill_tokens']} prefill tokens beside {mixed['decode_rows']} decode rows: "
               f"wall {', '.join(f'{t:.1f}' for t in mixed['wall_mixed_ms'])} ms (unprofiled; steps (prefill, rows): "
               f"{mixed['wall_steps']}); profiled window: GPU kernels {mixed['window_kernels_ms']:.1f} ms, "
               f"mixed steps {', '.join(f'{t:.1f}' for t in mixed['profile_mixed_ms'])} ms")
-        for k in mixed["top"]:
-            print(f"  {k['us_per_step']:8.1f} us  x{k['calls_per_step']:.0f}  {k['kernel']}")
+        print_kernels(mixed["top"])
 
 
 if __name__ == "__main__":

@@ -109,6 +109,12 @@ def profile_decode(runner, steps: int = 8) -> dict:
             "kernel_us_per_step": sum(k["us_per_step"] for k in table), "host_us_per_step": host}
 
 
+def print_kernels(rows: list[dict], indent: str = "  ") -> None:
+    """kernel_table's rows, one line each: time per step, calls per step, name."""
+    for k in rows:
+        print(f"{indent}{k['us_per_step']:8.1f} us  x{k['calls_per_step']:.0f}  {k['kernel']}")
+
+
 def kernel_table(prof, steps: int) -> list[dict]:
     """A torch.profiler run's GPU kernels, as time and calls per step, longest first."""
     rows = []

@@ -32,6 +32,13 @@ step() { local name=$1 limit=$2; shift 2; echo "=== $name"; local t0=$SECONDS
 best_fp8_config() { python3 -c "import json; r=json.load(open('$OUT/sweep/attn_sweep_fp8_hnd.json'))['results']
 c='(256, 192, 4096, 32)'; k=min((v[c]['us'], k) for k, v in r.items() if c in v and k[0] in '(N')[1]
 print('' if k == 'None' else k.strip('()').replace(' ', ''))" | tee "$OUT/best.txt"; }
+# decode attention's per-tile against per-token block lookup (DIST_LLM_DECODE_ATTN_GATHER), fp8 head-major and 16-bit
+# token-major, swept at one config: gather_ab CONFIG LIMIT_S [skip: leave out tile+fp8, which another sweep has]
+gather_ab() { local G KV D L; for G in token tile; do for KV in fp8:hnd auto:nhd; do D=${KV%:*} L=${KV#*:}
+    [ "${3:-}" = skip ] && [ "$G$D" = tilefp8 ] && continue
+    TAIL=8 DIST_LLM_DECODE_ATTN_GATHER=$G step "sweep_${D}_${L}_$G" "$2" python3 benchmarks/sweep_decode_attention.py \
+        --output_dir "$OUT/sweep_$G" --kv_cache_dtype "$D" --kv_layout "$L" --configs "$1"
+done; done; }
 case "$MODE" in
 bench)  # about 6 minutes on an H200
     TAIL=30 step latency 220 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency"
@@ -123,10 +130,7 @@ h100b)  # about 6 minutes on an H100: fp8 attention configs swept, gather A/B; 1
     SWEEP="python3 benchmarks/sweep_decode_attention.py --output_dir"
     TAIL=14 DIST_LLM_KV_LAYOUT=hnd step sweep_fp8_hnd 90 $SWEEP "$OUT/sweep" --kv_cache_dtype fp8 --kv_layout hnd \
         --configs 16,2,2 32,1,2 32,2,2 32,4,2 64,4,2 64,8,2 128,8,2
-    for G in token tile; do for KV in fp8:hnd auto:nhd; do D=${KV%:*} L=${KV#*:}
-        TAIL=8 DIST_LLM_DECODE_ATTN_GATHER=$G step "sweep_${D}_${L}_$G" 40 $SWEEP "$OUT/sweep_$G" \
-            --kv_cache_dtype "$D" --kv_layout "$L" --configs 32,2,2
-    done; done
+    gather_ab 32,2,2 40
     BEST=$(best_fp8_config)
     TAIL=8 step latency 80 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency" --batch_sizes 1 --skip_hf
     TPUT="python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 --profile"
@@ -146,11 +150,7 @@ h100c)  # on an H200 first batch 1, median of 5 (its 90% target); then, about 5 
     SWEEP="python3 benchmarks/sweep_decode_attention.py --output_dir"
     TAIL=20 step sweep_fp8_hnd 90 $SWEEP "$OUT/sweep" --kv_cache_dtype fp8 --kv_layout hnd --configs 16,2,2 64,4,2 \
         64,8,2
-    for G in token tile; do for KV in fp8:hnd auto:nhd; do D=${KV%:*} L=${KV#*:}
-        [ "$G$D" = tilefp8 ] && continue  # the first sweep has it
-        TAIL=8 DIST_LLM_DECODE_ATTN_GATHER=$G step "sweep_${D}_${L}_$G" 30 $SWEEP "$OUT/sweep_$G" \
-            --kv_cache_dtype "$D" --kv_layout "$L" --configs 32,2,2
-    done; done
+    gather_ab 32,2,2 30 skip  # the first sweep has tile + fp8
     BEST=$(best_fp8_config)
     TPUT="python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 --profile --skip_hf --kv_cache_dtype fp8"
     TAIL=9 step tput_fp8 60 $TPUT --output_dir "$OUT/tput_fp8"
@@ -166,10 +166,7 @@ mixed)  # about 4 minutes: 128/128 at the batch sizes and KV dtypes of $MIXED_RU
             --profile --skip_hf --kv_cache_dtype "$D" --max_batch_size "$B" --output_dir "$OUT/tput_${D}_b$B"
     done ;;
 mini)  # about 2 minutes: the gather A/B (fp8 and bf16), fp8 tiles of 64 tokens, 128/128 with the fp8 cache
-    for G in tile token; do for KV in fp8:hnd auto:nhd; do D=${KV%:*} L=${KV#*:}
-        TAIL=8 DIST_LLM_DECODE_ATTN_GATHER=$G step "sweep_${D}_${L}_$G" 30 python3 benchmarks/sweep_decode_attention.py \
-            --output_dir "$OUT/sweep_$G" --kv_cache_dtype "$D" --kv_layout "$L" --configs 64,4,2
-    done; done
+    gather_ab 64,4,2 30
     TAIL=9 step tput_fp8 60 python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 --profile \
         --skip_hf --kv_cache_dtype fp8 --output_dir "$OUT/tput_fp8" ;;
 *) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini"; exit 2 ;;
