@@ -18,7 +18,15 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import copy_bandwidth_gbs, header, hf_generate_tok_s, kernel_table, print_kernels, write_json  # noqa: E402
+from common import (  # noqa: E402
+    copy_bandwidth_gbs,
+    header,
+    hf_generate_tok_s,
+    kernel_table,
+    print_kernels,
+    triton_compiles,
+    write_json,
+)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -47,15 +55,39 @@ def step_breakdown(log: list[tuple[float, int, int]], t0: float) -> dict:
     return {"mixed": mixed, "decode_only": decode}
 
 
+def gpu_timeline(steps: list[tuple[float, float, bool]]) -> dict:
+    """Where the GPU's time went, from the worker's per-step events as [(gap ms, span ms, is_decode)]: the gap
+    is the GPU's idle time before the step (the host launched it late), the span the time from the step's first
+    work to its last (for an eager step it includes waits for the host's launches). Summed by kind of step."""
+    out = {}
+    for kind, decode in (("mixed", False), ("decode_only", True)):
+        mine = [(g, s) for g, s, d in steps if d == decode]
+        out[kind] = {"steps": len(mine), "idle_s": sum(g for g, _ in mine) / 1e3,
+                     "busy_s": sum(s for _, s in mine) / 1e3}
+    return out
+
+
+def _timeline_ms(events: list) -> list[tuple[float, float, bool]]:
+    torch.cuda.synchronize()
+    out, prev = [], None
+    for start, end, decode in events:
+        out.append((prev.elapsed_time(start) if prev is not None else 0.0, start.elapsed_time(end), decode))
+        prev = end
+    return out
+
+
 def run_grid_point(runner, n: int, in_len: int, out_len: int) -> dict:
     ex = runner.executor
     seqs = random_requests(runner, n, in_len, out_len, seed=in_len * 7 + out_len)
     ex.step_log = []
+    cuda = torch.cuda.is_available() and ex.worker.device.type == "cuda"
+    ex.worker.timeline = [] if cuda else None
     t0 = time.perf_counter()
     for s in seqs:
         s.arrival_time = t0
         ex.enqueue(s)
-    with tqdm(total=n * out_len, desc=f"{in_len}/{out_len}", unit="tok", mininterval=2) as bar:
+    with tqdm(total=n * out_len, desc=f"{in_len}/{out_len}", unit="tok", mininterval=2) as bar, \
+            triton_compiles() as compiled:
         done = 0
         while ex.has_unfinished():
             ex.step()
@@ -63,6 +95,8 @@ def run_grid_point(runner, n: int, in_len: int, out_len: int) -> dict:
             bar.update(now - done)
             done = now
     elapsed = time.perf_counter() - t0
+    timeline = gpu_timeline(_timeline_ms(ex.worker.timeline)) if cuda else None
+    ex.worker.timeline = None
     ttft = [s.first_token_time - s.arrival_time for s in seqs]
     tpot = [(s.token_times[-1] - s.first_token_time) / max(1, len(s.token_times) - 1) for s in seqs]
     itl = [b - a for s in seqs for a, b in zip(s.token_times, s.token_times[1:])]
@@ -74,7 +108,10 @@ def run_grid_point(runner, n: int, in_len: int, out_len: int) -> dict:
         "ttft_ms_p50": 1e3 * percentile(ttft, 50), "ttft_ms_p99": 1e3 * percentile(ttft, 99),
         "tpot_ms_p50": 1e3 * percentile(tpot, 50), "tpot_ms_p99": 1e3 * percentile(tpot, 99),
         "itl_ms_mean": 1e3 * statistics.fmean(itl) if itl else float("nan"),
-        "preemptions": ex.scheduler.num_preemptions, "steps": steps,
+        "preemptions": ex.scheduler.num_preemptions, "steps": steps, "gpu_timeline": timeline,
+        # kernels compiled (or loaded from Triton's disk cache) inside the timed run: the warm-up should have
+        # done them all, else the figure carries compile time
+        "triton_compiles": compiled,
     }
 
 
@@ -193,7 +230,9 @@ def main():
     runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs=args.cuda_graphs,
                                   capacity_scheduler_policy=args.capacity_scheduler_policy,
                                   kv_cache_dtype=args.kv_cache_dtype)
-    run_grid_point(runner, 8, 128, 8)  # warm-up: Triton compiles
+    # warm-up: Triton compiles, the first steps' allocations; more prompts than one step's token budget holds,
+    # so that it also runs mixed steps (prompt chunks beside decode rows)
+    run_grid_point(runner, args.max_num_tokens // 128 + 8, 128, 8)
     rows = []
     for point in args.grid:
         in_len, out_len = map(int, point.split("/"))
@@ -224,6 +263,12 @@ def main():
               f"({m['ms_per_step']:.1f} ms each, {m['prefill_tokens'] / max(m['seconds'], 1e-9):.0f} prefill tok/s, "
               f"{m['rows_per_step']:.0f} decode rows); {d['steps']} decode-only steps, {d['seconds']:.2f} s "
               f"({d['ms_per_step']:.2f} ms each at {d['rows_per_step']:.0f} rows)")
+        if r["gpu_timeline"]:
+            print("  GPU timeline: " + "; ".join(f"{k} steps busy {v['busy_s']:.2f} s, idle before them "
+                                                 f"{v['idle_s']:.2f} s" for k, v in r["gpu_timeline"].items()))
+        if r["triton_compiles"]:
+            print(f"  Triton compiled {len(r['triton_compiles'])} kernels during the timed run: "
+                  f"{sorted(set(r['triton_compiles']))}")
     if prof:
         gpu_ms, wall_ms, host_ms, top = prof
         print(f"\ndecode at batch {args.max_batch_size}, context ~192: GPU kernels {gpu_ms:.1f} ms per step, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -41,6 +42,31 @@ def header() -> dict:
         # dist_llm's own switches (DIST_LLM_GEMV_PREFETCH, DIST_LLM_AR_NORM, ...): what an A/B run changed
         "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DIST_LLM_")},
     }
+
+
+@contextlib.contextmanager
+def triton_compiles():
+    """The names of the Triton kernels compiled (or loaded from the disk cache) inside the block, as a list
+    filled in as they happen: a timed run should see none (each costs the host ~1 s, which the GPU idles
+    through). Through Triton's jit_post_compile_hook; where this Triton has none, the list stays empty."""
+    import triton
+
+    names: list[str] = []
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None or not hasattr(runtime, "jit_post_compile_hook"):
+        yield names
+        return
+    previous = runtime.jit_post_compile_hook
+
+    def hook(**kwargs):
+        names.append(kwargs["fn"].name)
+        return previous(**kwargs) if previous is not None else None
+
+    runtime.jit_post_compile_hook = hook
+    try:
+        yield names
+    finally:
+        runtime.jit_post_compile_hook = previous
 
 
 def write_json(output_dir: str, name: str, data) -> str:

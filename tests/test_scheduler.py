@@ -92,3 +92,25 @@ def test_unknown_policy_is_refused():
 
     with pytest.raises(ValueError, match="guaranteed_no_evict"):
         Scheduler(BlockManager(4, 4), 8, 64, policy="fifo")
+
+
+def test_one_token_rows_come_first_in_a_mixed_batch():
+    """A mixed batch lists its rows of one query token first (a stable partition), so that the step's attention
+    serves rows [0, n) with the decode kernel. Running requests are scheduled oldest first, so a newer decoder
+    follows an older request still prefilling when, as under pipeline parallelism, the older one was busy
+    (in flight) at the step that admitted the newer one."""
+    bm = BlockManager(64, 4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_batch_size=8, max_num_tokens=12)
+    a = Sequence(list(range(1, 21)), SamplingParams(max_new_tokens=4))
+    sched.add(a)
+    assert sched.schedule().num_new_tokens == [12]
+    a.num_computed_tokens = 12
+    b = Sequence([1, 2, 3], SamplingParams(max_new_tokens=4))
+    c = Sequence([4, 5, 6], SamplingParams(max_new_tokens=4))
+    sched.add(b)
+    assert sched.schedule(busy={a.request_id}).seqs == [b]  # a is in flight: b is admitted beside it
+    b.num_computed_tokens = 3
+    b.token_ids.append(7)
+    sched.add(c)
+    batch = sched.schedule()  # a: its last 8 prompt tokens; b: one decode token; c: the 3 left in the budget
+    assert batch.seqs == [b, a, c] and batch.num_new_tokens == [1, 8, 3]

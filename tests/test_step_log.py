@@ -12,7 +12,7 @@ import torch
 from conftest import convert_and_build
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_throughput import profile_mixed_step, random_requests, step_breakdown  # noqa: E402
+from bench_throughput import profile_mixed_step, random_requests, run_grid_point, step_breakdown  # noqa: E402
 
 
 def test_step_breakdown_charges_each_step_the_time_since_the_last():
@@ -56,6 +56,10 @@ def test_executor_logs_every_completed_step(tiny_models, tmp_path):
         b = step_breakdown(log, t0)
         total = b["mixed"]["seconds"] + b["decode_only"]["seconds"]
         assert total == pytest.approx(log[-1][0] - t0)
+        # the benchmark's own loop over the same engine: no GPU timeline on the CPU, the log reset afterwards
+        row = run_grid_point(runner, 3, 30, 4)
+        assert row["output_tok_s"] > 0 and row["gpu_timeline"] is None and isinstance(row["triton_compiles"], list)
+        assert row["steps"]["mixed"]["prefill_tokens"] == 3 * 30 and ex.step_log is None
     finally:
         runner.shutdown()
 
@@ -81,3 +85,31 @@ def test_mixed_step_profile_finds_the_step_with_the_new_prompts(tiny_models, tmp
         assert runner.executor.block_manager.num_free_blocks == runner.executor.block_manager.num_blocks
     finally:
         runner.shutdown()
+
+
+def test_gpu_timeline_sums_idle_and_busy_by_kind_of_step():
+    from bench_throughput import gpu_timeline
+
+    t = gpu_timeline([(0.0, 150.0, False), (4.0, 16.0, True), (0.5, 17.0, True), (6.0, 20.0, False)])
+    assert t["mixed"] == {"steps": 2, "idle_s": pytest.approx(0.006), "busy_s": pytest.approx(0.170)}
+    assert t["decode_only"] == {"steps": 2, "idle_s": pytest.approx(0.0045), "busy_s": pytest.approx(0.033)}
+    assert gpu_timeline([])["mixed"] == {"steps": 0, "idle_s": 0.0, "busy_s": 0.0}
+
+
+def test_triton_compiles_records_the_hook_and_restores_it():
+    """The benchmark's compile watch chains to a hook already installed and puts it back afterwards."""
+    import triton
+    from common import triton_compiles
+
+    runtime = triton.knobs.runtime
+    seen = []
+    outer = lambda **kw: seen.append(kw["fn"].name)  # noqa: E731
+    runtime.jit_post_compile_hook = outer
+    try:
+        fn = type("Info", (), {"name": "_some_kernel"})()
+        with triton_compiles() as names:
+            runtime.jit_post_compile_hook(fn=fn, key=None)
+        assert names == ["_some_kernel"] and seen == ["_some_kernel"]
+        assert runtime.jit_post_compile_hook is outer
+    finally:
+        runtime.jit_post_compile_hook = None

@@ -64,10 +64,10 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, lo, hi, seq_l
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_row"])  # a value that changes every step: no recompiles for it
 def _context_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, out_ptr,
-    qk_scale, v_scale,
+    qk_scale, v_scale, first_row,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -78,7 +78,7 @@ def _context_attention_kernel(
 ):
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (latest) query blocks first
     h = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2) + first_row
     q_start = tl.load(cu_seqlens_q_ptr + b)
     q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
     if m_block * BLOCK_M >= q_len:
@@ -138,11 +138,14 @@ def _launch_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int):
 
 def context_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, out, k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    v_scale: float = 1.0, first_row: int = 0,
 ):  # fmt: skip
     """q, out [T, Hq, D] packed by `cu_seqlens_q` (int32 [B+1]); caches [num_blocks, block_size, Hk, D] of
     q's dtype, or fp8 holding K / k_scale and V / v_scale; block_tables int32 [B, M]; seq_lens int32 [B];
-    `max_seqlen_q` (host int) bounds every q_len."""
+    `max_seqlen_q` (host int) bounds every q_len of the rows served. Rows below `first_row` are left alone
+    (a mixed step's decode rows, which the decode kernel serves): a scalar, not sliced tensors, because Triton
+    specialises pointers on their 16-byte alignment and a slice at a row that changes every step would compile
+    new variants mid-run."""
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     batch = seq_lens.shape[0]
@@ -156,13 +159,15 @@ def context_attention(
     assert cu_seqlens_q.is_contiguous()
     for t in (q, k_cache, v_cache, out):
         assert t.stride(-1) == 1, "head_dim must be contiguous"
-    if num_tokens == 0 or batch == 0 or max_seqlen_q <= 0:
+    if not 0 <= first_row <= batch:
+        raise ValueError(f"first_row {first_row} is outside the batch of {batch} rows")
+    if num_tokens == 0 or batch == first_row or max_seqlen_q <= 0:
         return out
     block_d, block_m, block_n, num_warps, num_stages = _launch_config(head_dim, q.dtype, int(max_seqlen_q))
-    grid = (triton.cdiv(int(max_seqlen_q), block_m), num_heads, batch)
+    grid = (triton.cdiv(int(max_seqlen_q), block_m), num_heads, batch - first_row)
     _context_attention_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out,
-        float(scale) * LOG2E * float(k_scale), float(v_scale) if fp8 else None,
+        float(scale) * LOG2E * float(k_scale), float(v_scale) if fp8 else None, int(first_row),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),

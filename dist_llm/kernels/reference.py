@@ -154,11 +154,13 @@ def paged_decode_attention_ref(
 
 def context_attention_ref(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, out, k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    v_scale: float = 1.0, first_row: int = 0,
 ):  # fmt: skip
     check_kv_scales(k_cache.dtype, k_scale, v_scale)
     cu = cu_seqlens_q.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):
+        if i < first_row:  # served by the decode kernel
+            continue
         start, end = cu[i], cu[i + 1]
         if end == start:
             continue

@@ -59,14 +59,16 @@ class Attention(nn.Module):
                 **scales,
             )
         out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
-        if md.is_decode:
+        batch = md.seq_lens.shape[0]
+        nd = batch if md.is_decode else md.num_decode_rows
+        if nd:  # one query token per row: rows and tokens coincide, so the leading rows are q[:nd]
             self.ops.paged_decode_attention(
-                q, self.k_cache, self.v_cache, md.block_tables, md.seq_lens, self.scale, out, md.decode_workspace,
-                **scales,
+                q[:nd], self.k_cache, self.v_cache, md.block_tables[:nd], md.seq_lens[:nd], self.scale, out[:nd],
+                md.decode_workspace, **scales,
             )
-        else:
+        if nd < batch:  # the prompt chunks: the context kernel reads the whole tensors from row nd on
             self.ops.context_attention(
                 q, self.k_cache, self.v_cache, md.block_tables, md.seq_lens, md.cu_seqlens_q,
-                md.max_seqlen_q, self.scale, out, **scales,
+                md.max_seqlen_q, self.scale, out, **scales, first_row=nd,
             )
         return out.view(q.shape[0], self.num_heads * self.head_dim)

@@ -19,6 +19,9 @@ class AttentionMetadata:
     max_seqlen_q: int
     is_decode: bool  # every sequence has exactly one query token
     decode_workspace: object = None
+    # a mixed step's leading rows of one query token each (decode rows, or a prompt's last token alone): the
+    # decode kernel serves them; the context kernel, whose query tiles would be 1/64 full, the others
+    num_decode_rows: int = 0
 
 
 _metadata: AttentionMetadata | None = None

@@ -29,7 +29,7 @@ from dist_llm.config import EngineConfig
 from dist_llm.errors import DistLLMError
 from dist_llm.parallel import comm
 from dist_llm.runtime.block_manager import BlockManager
-from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult
+from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult, mixed_decode_split
 from dist_llm.runtime.scheduler import ScheduledBatch, Scheduler
 from dist_llm.runtime.sequence import PENDING, Sequence
 from dist_llm.runtime.worker import Worker
@@ -63,6 +63,7 @@ class Executor:
                                    capacity_scheduler_policy, b.max_seq_len)
         self.requests: dict[int, Sequence] = {}  # unfinished requests only
         self.eos_ids = set(engine.model.eos_token_ids)
+        self.decode_split = mixed_decode_split()
         self.mapping = worker.mapping
         self.steps = 0
         # overlap: the next step of the same requests is launched before this one comes back
@@ -170,6 +171,9 @@ class Executor:
             return_logits=any(p.return_first_logits and s.num_sampled == 0 for p, s in zip(params, batch.seqs)),
             return_logprobs=any(p.return_logprobs for p in params),
             prev_index=None if prev is None else torch.tensor(prev, dtype=torch.int64),
+            # the scheduler lists rows of one query token first
+            num_decode_rows=next((i for i, n in enumerate(batch.num_new_tokens) if n != 1), len(batch))
+            if self.decode_split else 0,
         )
 
     def _launch(self, batch: ScheduledBatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, fields
 
@@ -29,6 +30,15 @@ def _from_arrays(cls, values: dict):
     return cls(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in values.items()})
 
 
+def mixed_decode_split() -> bool:
+    """Whether a mixed step's rows of one query token take the decode attention kernel (the default) or, with
+    DIST_LLM_MIXED_DECODE_SPLIT=0, the context kernel with the prompt chunks (A/B runs)."""
+    value = os.environ.get("DIST_LLM_MIXED_DECODE_SPLIT", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"DIST_LLM_MIXED_DECODE_SPLIT must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 @dataclass
 class StepPlan:
     input_ids: torch.Tensor  # int64 [T]
@@ -50,6 +60,9 @@ class StepPlan:
     # overlap scheduling: for each token, the row of the previous step's sampled ids that holds it (the
     # host has not seen that token yet), or -1 where input_ids has it; None when every id is known
     prev_index: torch.Tensor | None = None  # int64 [T]
+    # rows 0..num_decode_rows-1 have one query token each (the scheduler puts them first): in a mixed step they
+    # take the decode attention kernel, the rest the context kernel
+    num_decode_rows: int = 0
 
     def __reduce__(self):  # rank 0 pickles a plan per step for every rank (see _to_arrays)
         return _from_arrays, (StepPlan, _to_arrays(self))

@@ -141,7 +141,10 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
-        return ScheduledBatch(seqs, counts, preempted)
+        # rows of one query token first (a stable partition): a mixed step's attention serves them with the decode
+        # kernel and the prompt chunks after them with the context kernel
+        order = sorted(range(len(seqs)), key=lambda i: counts[i] != 1)
+        return ScheduledBatch([seqs[i] for i in order], [counts[i] for i in order], preempted)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove a request at once and free its blocks (finished or cancelled)."""

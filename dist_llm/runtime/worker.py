@@ -130,6 +130,9 @@ class Worker:
         # the last step's sampled ids stay on the device: an overlapped next step reads its inputs here
         self.sampled = torch.zeros(engine.build.max_batch_size, dtype=torch.int64, device=self.device)
         self.token_return = TokenReturn(engine.build.max_batch_size, self.device)
+        # benchmarks set it to [] on a CUDA device: each step then appends (start event, end event, is_decode),
+        # recorded on the stream around the step, which shows the GPU's idle gaps between steps
+        self.timeline: list | None = None
 
     def _decode_workspace(self):
         """Split-KV partials for decode attention, allocated once (the torch reference needs none)."""
@@ -198,8 +201,18 @@ class Worker:
         self.wait_sends()
         self._pending_send = comm.pp_send(packed, self.mapping.pp_rank + 1)
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
+        if self.timeline is None:
+            return self._execute(plan)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = self._execute(plan)
+        end.record()
+        self.timeline.append((start, end, plan.is_decode))
+        return result
+
+    @torch.inference_mode()
+    def _execute(self, plan: StepPlan) -> StepResult | None:
         if self.graph_runner is not None and self.graph_runner.can_run(plan):
             return self.graph_runner.run(plan)
         dev = self.device
@@ -212,6 +225,7 @@ class Worker:
             max_seqlen_q=plan.max_seqlen_q,
             is_decode=plan.is_decode,
             decode_workspace=self.decode_workspace,
+            num_decode_rows=plan.num_decode_rows,
         ))
         m = self.mapping
         if m.is_first_stage:
@@ -228,10 +242,10 @@ class Worker:
             return None
         last = (plan.cu_seqlens_q[1:] - 1).to(dev, non_blocking=True).long()
         logits = self.model.compute_logits(out[last]).float()
-        tokens = self.ops.sample(
-            logits, plan.temperature.to(dev), plan.top_k.to(dev), plan.top_p.to(dev),
-            plan.seeds.to(dev), plan.offsets.to(dev), mode=plan.sampling_mode,
-        )
+        # non_blocking: a blocking copy would wait for the whole forward, and the host would then launch the
+        # next step only after this one is done (a gap on the GPU after every eager step)
+        params = (plan.temperature, plan.top_k, plan.top_p, plan.seeds, plan.offsets)
+        tokens = self.ops.sample(logits, *(t.to(dev, non_blocking=True) for t in params), mode=plan.sampling_mode)
         self.sampled[: tokens.shape[0]].copy_(tokens)
         result = self.return_tokens(tokens)
         if plan.return_logprobs:
