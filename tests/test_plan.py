@@ -20,7 +20,7 @@ def _plan(batch: int, prev: bool) -> StepPlan:
         cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32), max_seqlen_q=1, is_decode=True,
         temperature=r(torch.float32) / 7, top_k=r(torch.int32), top_p=r(torch.float32) / 9, seeds=r(torch.int64),
         offsets=r(torch.int64), sampling_mode="plain", return_logprobs=True,
-        prev_index=r(torch.int64) if prev else None,
+        prev_index=r(torch.int64) if prev else None, num_decode_rows=batch - 1,
     )  # fmt: skip
 
 
@@ -71,3 +71,53 @@ def test_a_step_that_never_finishes_raises_instead_of_hanging():
     result = StepResult(token_ids=torch.tensor([5]), ready=_Event(polls=None))
     with pytest.raises(DistLLMError, match="DIST_LLM_TIMEOUT_S=0.2.*a rank is stuck"):
         result.wait(timeout_s=0.2)
+
+
+def test_warmup_plans_reach_each_eager_variant(monkeypatch):
+    """The start-up mixed steps (runtime/profile.py): query tiles of 16, 32 and 64 rows for the context kernel,
+    the decode kernel at one row over one and two blocks and at 32 rows, every sampling mode; each plan is a
+    consistent step whose every read slot is written in the step itself."""
+    from dist_llm.runtime.profile import warmup_plans
+
+    plans = warmup_plans(block_size=64, num_blocks=100, max_batch_size=256, max_num_tokens=8192, max_seq_len=2048)
+    assert [p.max_seqlen_q for p in plans] == [16, 32, 64]
+    assert [p.num_decode_rows for p in plans] == [1, 1, 32]
+    assert [p.block_tables.shape[1] for p in plans] == [1, 2, 1]
+    assert [p.sampling_mode for p in plans] == ["greedy", "plain", "full"]
+    for p in plans:
+        nd, chunk = p.num_decode_rows, p.max_seqlen_q
+        assert p.cu_seqlens_q.tolist() == [*range(nd + 1), nd + chunk] and p.positions.shape[0] == nd + chunk
+        assert p.seq_lens.tolist() == [chunk] * (nd + 1) and p.temperature.shape[0] == nd + 1
+        chunk_slots = p.slot_mapping[nd:].tolist()
+        assert p.slot_mapping[:nd].tolist() == [chunk_slots[-1]] * nd  # decode rows at the chunk's last position
+        assert max(chunk_slots) < 100 * 64
+    tiny = warmup_plans(block_size=16, num_blocks=3, max_batch_size=1, max_num_tokens=8, max_seq_len=32)
+    assert [(p.num_decode_rows, p.max_seqlen_q) for p in tiny] == [(0, 8)] * 3
+    assert all(int(p.block_tables.max()) < 3 for p in tiny)
+    monkeypatch.setenv("DIST_LLM_MIXED_DECODE_SPLIT", "0")
+    assert [p.num_decode_rows for p in warmup_plans(64, 100, 256, 8192, 2048)] == [0, 0, 0]
+    monkeypatch.setenv("DIST_LLM_MIXED_DECODE_SPLIT", "yes")
+    with pytest.raises(ValueError, match="DIST_LLM_MIXED_DECODE_SPLIT must be 0 or 1"):
+        warmup_plans(64, 100, 256, 8192, 2048)
+
+
+def test_compile_warmup_runs_through_the_worker_and_changes_no_output(tiny_models, tmp_path):
+    """The warm-up steps run through a real worker (the GPU runs them at start-up, before graph capture); the
+    garbage they leave in the pool's first blocks changes nothing that requests generate afterwards."""
+    from conftest import convert_and_build
+
+    from dist_llm.runtime import ModelRunner
+    from dist_llm.runtime.profile import run_compile_warmup
+
+    engine = convert_and_build(tiny_models["llama"], tmp_path, 1, 1, max_num_tokens=48)
+    prompts = [[5, 17, 99, 3, 42, 8, 250], [7] * 19, list(range(3, 40))]
+    outs = []
+    for warm in (False, True):
+        runner = ModelRunner.from_dir(engine, device="cpu", num_kv_blocks=24)
+        try:
+            if warm:
+                run_compile_warmup(runner.executor.worker, runner.executor.block_manager.num_blocks)
+            outs.append([o.output_token_ids for o in runner.generate(batch_input_ids=prompts, max_new_tokens=6)])
+        finally:
+            runner.shutdown()
+    assert outs[0] == outs[1]

@@ -344,7 +344,9 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, workspace, 
         _decode_reduce_kernel[(num_heads, batch)](
             part_out, part_lse, seq_lens, out, partition,
             *po_strides, *pl_strides, *out.stride(),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            # one BLOCK_S (the lse vector's width) for every count up to 64: eager steps, whose partition counts
+            # vary with their block tables, then reuse the variant the graphs compiled instead of compiling more
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(64, triton.next_power_of_2(num_splits)),
             num_warps=4 if block_d >= 128 else 2, **pdl,
         )  # fmt: skip
     return out

@@ -27,6 +27,7 @@ from dist_llm.errors import DistLLMError
 from dist_llm.parallel.state import destroy, init_distributed, is_initialized
 from dist_llm.runtime.executor import Executor, serve_worker
 from dist_llm.runtime.kv_sizing import decide_num_blocks
+from dist_llm.runtime.profile import run_compile_warmup
 from dist_llm.runtime.scheduler import POLICIES
 from dist_llm.runtime.sequence import SamplingParams, Sequence, Status
 from dist_llm.runtime.worker import Worker
@@ -98,6 +99,8 @@ class ModelRunner:
         worker = Worker(engine_dir, engine, pstate, kernel_backend, kv_cache_dtype)
         num_blocks = decide_num_blocks(worker, kv_cache_free_gpu_mem_fraction, num_kv_blocks)
         worker.allocate_kv_cache(num_blocks)
+        if worker.ops.backend == "triton" and worker.device.type == "cuda":  # compile the eager variants now
+            run_compile_warmup(worker, num_blocks)
         if cuda_graphs == "auto":
             cuda_graphs = "on" if graphs_possible(pstate) else "off"
         if cuda_graphs != "off":
