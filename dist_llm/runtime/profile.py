@@ -9,22 +9,8 @@ from dist_llm.runtime.plan import StepPlan, mixed_decode_split
 
 
 def profile_plan(num_tokens: int, block_size: int) -> StepPlan:
-    n_blocks = -(-num_tokens // block_size)
-    return StepPlan(
-        input_ids=torch.zeros(num_tokens, dtype=torch.int64),
-        positions=torch.arange(num_tokens, dtype=torch.int64),
-        slot_mapping=torch.arange(num_tokens, dtype=torch.int64),
-        block_tables=torch.arange(n_blocks, dtype=torch.int32)[None, :],
-        seq_lens=torch.tensor([num_tokens], dtype=torch.int32),
-        cu_seqlens_q=torch.tensor([0, num_tokens], dtype=torch.int32),
-        max_seqlen_q=num_tokens,
-        is_decode=False,
-        temperature=torch.zeros(1),
-        top_k=torch.zeros(1, dtype=torch.int32),
-        top_p=torch.ones(1),
-        seeds=torch.zeros(1, dtype=torch.int64),
-        offsets=torch.zeros(1, dtype=torch.int64),
-    )
+    """One prompt of `num_tokens` over the pool's first blocks (the sampler in its "full" mode)."""
+    return synthetic_plan(0, 1, num_tokens, block_size, -(-num_tokens // block_size), "full")
 
 
 def run_profile_step(worker) -> None:
@@ -37,12 +23,12 @@ def run_profile_step(worker) -> None:
     worker.allocate_kv_cache(0)
 
 
-def warmup_plan(num_decode: int, table_blocks: int, chunk: int, block_size: int, num_blocks: int,
-                mode: str) -> StepPlan:
-    """A mixed step: `num_decode` rows of one query token, then a prompt chunk of `chunk` tokens from position
-    0, all over the same context (the chunk's tokens: the decode rows stand at its last position, so every
-    slot read is written in the step itself) and block tables `table_blocks` wide (the pool's first blocks,
-    wrapped at `num_blocks`): what an eager step's kernel variants depend on."""
+def synthetic_plan(num_decode: int, table_blocks: int, chunk: int, block_size: int, num_blocks: int,
+                   mode: str) -> StepPlan:
+    """A step of `num_decode` rows of one query token (none: a plain prefill), then a prompt chunk of `chunk`
+    tokens from position 0, all over the same context (the chunk's tokens: the decode rows stand at its last
+    position, so every slot read is written in the step itself) and block tables `table_blocks` wide (the pool's
+    first blocks, wrapped at `num_blocks`): what an eager step's kernel variants depend on."""
     width = max(table_blocks, -(-chunk // block_size))
     row = [i % num_blocks for i in range(width)]
     rows = num_decode + 1
@@ -81,7 +67,7 @@ def warmup_plans(block_size: int, num_blocks: int, max_batch_size: int, max_num_
         chunk = min(chunk, max_num_tokens - num_decode, max_seq_len)
         table_blocks = max(1, min(table_blocks, max_seq_len // block_size))
         if chunk >= 1:
-            plans.append(warmup_plan(num_decode, table_blocks, chunk, block_size, num_blocks, mode))
+            plans.append(synthetic_plan(num_decode, table_blocks, chunk, block_size, num_blocks, mode))
     return plans
 
 
