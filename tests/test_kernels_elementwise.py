@@ -22,7 +22,7 @@ from dist_llm.kernels import rmsnorm  # noqa: E402
 from dist_llm.kernels.activation import silu_and_mul  # noqa: E402
 from dist_llm.kernels.kv_cache import write_kv_cache  # noqa: E402
 from dist_llm.kernels.rotary import rotary_embedding  # noqa: E402
-from dist_llm.kernels.sampling import sample  # noqa: E402
+from dist_llm.kernels.sampling import greedy_argmax, sample  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -309,3 +309,61 @@ def test_sampling_modes_agree_with_full(backend):
     assert torch.equal(sample(logits, temp, no_k, no_p, seeds, offsets, mode="plain"), full)
     zero = torch.zeros(5, device=DEVICE)
     assert torch.equal(sample(logits, zero, no_k, no_p, seeds, offsets, mode="greedy"), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bsz,vocab", [(1, 1), (3, 37), (2, 16385), (5, 40_000)] + ([(64, 128_256)] if GPU else []))
+def test_greedy_argmax(monkeypatch, dtype, bsz, vocab):
+    """Against torch's argmax, with ties inside one block and across blocks (the first index must win)
+    and a row of one repeated value; small blocks make the loop run on the interpreter's shapes too."""
+    from dist_llm.kernels import sampling
+
+    monkeypatch.setattr(sampling, "_ARGMAX_BLOCK", 16384 if GPU else 1024)
+    logits = randn(bsz, vocab + 3, dtype=dtype, scale=3.0)[:, 2 : vocab + 2]  # a row stride that is not vocab
+    top = logits.float().max() + 1
+    logits[0, vocab // 2] = logits[0, vocab - 1] = top.to(dtype)  # the earlier one wins
+    if bsz > 1:
+        logits[1] = -7.0  # all equal: index 0
+    if bsz > 2:
+        logits[2, vocab - 1] = top.to(dtype)  # the maximum in the last, partial block
+    got = greedy_argmax(logits)
+    assert got.dtype == torch.int64 and got.shape == (bsz,)
+    assert torch.equal(got, logits.float().argmax(-1)), (got, logits.float().argmax(-1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["greedy", "full"])
+def test_sample_writes_out(backend, mode):
+    """`out=` (the CUDA graph's static token buffer) receives the same tokens that are returned."""
+    from dist_llm.kernels import get_ops
+
+    sample = get_ops(backend).sample
+    logits = randn(3, 301, dtype=torch.bfloat16, scale=3.0)
+    temp = torch.tensor([0.0, 0.8, 0.0] if mode == "full" else [0.0] * 3, device=DEVICE)
+    top_k = torch.tensor([0, 5, 0], dtype=torch.int32, device=DEVICE)
+    seeds = torch.arange(3, dtype=torch.int64, device=DEVICE)
+    args = (temp, top_k, torch.full((3,), 0.9, device=DEVICE), seeds, torch.zeros(3, dtype=torch.int64, device=DEVICE))
+    buf = torch.full((5,), -9, dtype=torch.int64, device=DEVICE)
+    got = sample(logits, *args, mode=mode, out=buf[1:4])
+    assert torch.equal(buf[1:4], got) and torch.equal(got, ref.sample_ref(logits, *args, mode=mode))
+    assert buf[0].item() == buf[4].item() == -9
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("num_tokens", [1, 5, 1030])
+def test_fill_pending(backend, ids_dtype, num_tokens):
+    """PENDING ids (prev_index >= 0) come from the previous step's tokens, the rest stay, across blocks."""
+    from dist_llm.kernels import get_ops
+
+    gen = torch.Generator().manual_seed(num_tokens)
+    ids = torch.randint(0, 32000, (num_tokens,), generator=gen, dtype=ids_dtype)
+    sampled = torch.randint(0, 32000, (7,), generator=gen, dtype=torch.int64)
+    prev = torch.randint(-1, 7, (num_tokens,), generator=gen, dtype=torch.int64)
+    prev[0] = 6  # the last valid index
+    want = torch.tensor([sampled[p].item() if p >= 0 else ids[t].item() for t, p in enumerate(prev.tolist())],
+                        dtype=ids_dtype)  # fmt: skip
+    got = get_ops(backend).fill_pending(ids.to(DEVICE), prev.to(DEVICE), sampled.to(DEVICE))
+    assert got.dtype == ids_dtype and torch.equal(got.cpu(), want)
+    empty = torch.empty(0, dtype=ids_dtype, device=DEVICE)
+    assert get_ops(backend).fill_pending(empty, empty.long(), sampled.to(DEVICE)).numel() == 0

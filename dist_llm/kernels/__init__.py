@@ -18,6 +18,7 @@ OP_NAMES = (
     "paged_decode_attention",
     "context_attention",
     "sample",
+    "fill_pending",
 )
 
 BACKENDS = ("torch", "triton")

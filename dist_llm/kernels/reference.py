@@ -221,8 +221,15 @@ def gumbel_max_sample(logits, temperature, top_k, top_p, uniform, mode: str = "f
     return torch.where(temperature > 0, sampled, greedy)
 
 
-def sample_ref(logits, temperature, top_k, top_p, seeds, offsets, mode: str = "full") -> torch.Tensor:
-    return gumbel_max_sample(logits, temperature, top_k, top_p, lambda v: counter_uniform(seeds, offsets, v), mode)
+def sample_ref(logits, temperature, top_k, top_p, seeds, offsets, mode: str = "full", out=None) -> torch.Tensor:
+    """Token ids int64 [B]; written into `out` too when given (a static buffer under a CUDA graph)."""
+    tokens = gumbel_max_sample(logits, temperature, top_k, top_p, lambda v: counter_uniform(seeds, offsets, v), mode)
+    return tokens if out is None else out.copy_(tokens)
+
+
+def fill_pending_ref(input_ids: torch.Tensor, prev_index: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+    """input_ids with each entry whose prev_index is >= 0 taken from the previous step's `sampled[prev_index]`."""
+    return torch.where(prev_index >= 0, sampled[prev_index.clamp(min=0)], input_ids).to(input_ids.dtype)
 
 
 def all_reduce_ref(inputs: list[torch.Tensor]) -> torch.Tensor:

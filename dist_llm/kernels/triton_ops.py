@@ -3,6 +3,7 @@
 from dist_llm.kernels.activation import silu_and_mul
 from dist_llm.kernels.decode_attention import paged_decode_attention
 from dist_llm.kernels.kv_cache import write_kv_cache
+from dist_llm.kernels.pending import fill_pending
 from dist_llm.kernels.prefill_attention import context_attention
 from dist_llm.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from dist_llm.kernels.rotary import rotary_embedding
@@ -19,4 +20,5 @@ __all__ = [
     "paged_decode_attention",
     "context_attention",
     "sample",
+    "fill_pending",
 ]

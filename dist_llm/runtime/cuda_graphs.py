@@ -29,7 +29,6 @@ from dist_llm.layers.context import AttentionMetadata, set_metadata
 from dist_llm.parallel import comm
 from dist_llm.runtime.plan import StepPlan, StepResult
 from dist_llm.runtime.static_inputs import StaticInputs
-from dist_llm.runtime.worker import fill_pending
 
 SAMPLING_MODES = ("greedy", "plain", "full")
 
@@ -79,7 +78,7 @@ class DecodeGraphRunner:
         ))
         pos = self.positions[:bucket]
         if self.first:
-            ids = fill_pending(self.input_ids[:bucket], self.prev_index[:bucket], self.tokens)
+            ids = w.ops.fill_pending(self.input_ids[:bucket], self.prev_index[:bucket], self.tokens)
             out = w.model(pos, input_ids=ids)
         else:
             out = w.model(pos, hidden=self.stage_in[0, :bucket], residual=self.stage_in[1, :bucket])
@@ -88,11 +87,11 @@ class DecodeGraphRunner:
             self.stage_out[1, :bucket].copy_(out[1])
             return
         hidden = out
-        logits = w.model.compute_logits(hidden).float()
-        self.tokens[:bucket].copy_(w.ops.sample(
+        logits = w.model.compute_logits(hidden)
+        w.ops.sample(
             logits, self.temperature[:bucket], self.top_k[:bucket], self.top_p[:bucket], self.seeds[:bucket],
-            self.offsets[:bucket], mode=mode,
-        ))
+            self.offsets[:bucket], mode=mode, out=self.tokens[:bucket],
+        )
 
     def _capture(self, bucket: int, mode: str) -> torch.cuda.CUDAGraph:
         self.inputs.pad(0, bucket)  # padding rows write no KV and attend to one token of block 0

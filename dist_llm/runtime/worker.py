@@ -90,11 +90,6 @@ class TokenReturn:
         return StepResult(token_ids=buf, ready=ready)
 
 
-def fill_pending(input_ids: torch.Tensor, prev_index: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
-    """input_ids with the PENDING entries taken from the previous step's sampled ids (on the device)."""
-    return torch.where(prev_index >= 0, sampled[prev_index.clamp(min=0)], input_ids)
-
-
 class Worker:
     def __init__(self, engine_dir: str, engine: EngineConfig, pstate: ParallelState, kernel_backend: str,
                  kv_cache_dtype: str = "auto"):  # fmt: skip
@@ -231,7 +226,7 @@ class Worker:
         if m.is_first_stage:
             input_ids = plan.input_ids.to(dev, non_blocking=True)
             if plan.prev_index is not None:
-                input_ids = fill_pending(input_ids, plan.prev_index.to(dev, non_blocking=True), self.sampled)
+                input_ids = self.ops.fill_pending(input_ids, plan.prev_index.to(dev, non_blocking=True), self.sampled)
             out = self.model(positions, input_ids=input_ids)
         else:
             shape = (2, plan.num_tokens, self.engine.model.hidden_size)
@@ -241,13 +236,15 @@ class Worker:
             self.send_to_next_stage(torch.stack(out))
             return None
         last = (plan.cu_seqlens_q[1:] - 1).to(dev, non_blocking=True).long()
-        logits = self.model.compute_logits(out[last]).float()
+        logits = self.model.compute_logits(out[last])  # the model's dtype: the samplers read it as fp32
         # non_blocking: a blocking copy would wait for the whole forward, and the host would then launch the
         # next step only after this one is done (a gap on the GPU after every eager step)
         params = (plan.temperature, plan.top_k, plan.top_p, plan.seeds, plan.offsets)
         tokens = self.ops.sample(logits, *(t.to(dev, non_blocking=True) for t in params), mode=plan.sampling_mode)
         self.sampled[: tokens.shape[0]].copy_(tokens)
         result = self.return_tokens(tokens)
+        if plan.return_logprobs or plan.return_logits:
+            logits = logits.float()
         if plan.return_logprobs:
             logp = torch.log_softmax(logits, dim=-1)
             result.logprobs = logp.gather(1, tokens[:, None]).squeeze(1).cpu()
