@@ -191,12 +191,15 @@ card)  # about 9 minutes on either card
                 --grid 1000/1000 128/2048 --num_requests 200 --kv_cache_dtype fp8 --capacity_scheduler_policy "$P"
         done
     fi ;;
-b1ab)  # about 7 minutes: batch 1 (median of 5) of a baseline tree and of this one, alternating, twice; then the
-       # sampling and fill-pending kernels' tests and the graphs' tests. BASE_TAR: `git archive` of the baseline, carried
-    mkdir -p /tmp/base && tar xf "${BASE_TAR:?set BASE_TAR to a git archive of the baseline}" -C /tmp/base
+b1ab)  # about 7 minutes: batch 1 (median of 5) of a baseline tree and of this one, alternating, $ROUNDS (2) times; then
+       # the elementwise kernels' tests and the graphs' tests. BASE_TAR: a `git archive` of the baseline, carried (without
+       # it, this tree alone)
+    [ -n "${BASE_TAR:-}" ] && mkdir -p /tmp/base && tar xf "$BASE_TAR" -C /tmp/base
     LAT="benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 --output_dir"
-    for R in 1 2; do
-        TAIL=6 PYTHONPATH=/tmp/base step "latency_base_$R" 100 python3 "/tmp/base/$LAT" "$OUT/latency_base_$R"
+    for R in $(seq "${ROUNDS:-2}"); do
+        if [ -n "${BASE_TAR:-}" ]; then
+            TAIL=6 PYTHONPATH=/tmp/base step "latency_base_$R" 100 python3 "/tmp/base/$LAT" "$OUT/latency_base_$R"
+        fi
         TAIL=6 step "latency_new_$R" 100 python3 $LAT "$OUT/latency_new_$R"
     done
     TAIL=4 step pytest_kernels 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_elementwise.py
