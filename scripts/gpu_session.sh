@@ -198,7 +198,7 @@ b1ab)  # about 7 minutes: batch 1 (median of 5) of a baseline tree and of this o
     LAT="benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 --output_dir"
     for R in $(seq "${ROUNDS:-2}"); do
         if [ -n "${BASE_TAR:-}" ]; then
-            TAIL=6 PYTHONPATH=/tmp/base step "latency_base_$R" 100 python3 "/tmp/base/$LAT" "$OUT/latency_base_$R"
+            TAIL=6 PYTHONPATH=/tmp/base step "latency_base_$R" 100 python3 /tmp/base/$LAT "$OUT/latency_base_$R"
         fi
         TAIL=6 step "latency_new_$R" 100 python3 $LAT "$OUT/latency_new_$R"
     done
