@@ -240,8 +240,8 @@ class Worker:
         # non_blocking: a blocking copy would wait for the whole forward, and the host would then launch the
         # next step only after this one is done (a gap on the GPU after every eager step)
         params = (plan.temperature, plan.top_k, plan.top_p, plan.seeds, plan.offsets)
-        tokens = self.ops.sample(logits, *(t.to(dev, non_blocking=True) for t in params), mode=plan.sampling_mode)
-        self.sampled[: tokens.shape[0]].copy_(tokens)
+        tokens = self.ops.sample(logits, *(t.to(dev, non_blocking=True) for t in params), mode=plan.sampling_mode,
+                                 out=self.sampled[: logits.shape[0]])  # fmt: skip
         result = self.return_tokens(tokens)
         if plan.return_logprobs or plan.return_logits:
             logits = logits.float()
