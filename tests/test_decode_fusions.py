@@ -90,3 +90,90 @@ def test_fused_qkv_rotary_kv_in_the_attention_block_matches_two_kernels(one_rank
 
     # two tokens: the fused GEMV does not take them, and the layer runs the two kernels
     assert fused.attn.project_rotate_and_cache(fused.qkv_proj, positions.repeat(2), x.repeat(2, 1)) is None
+
+
+def _model(cfg, ops, dtype, fold: bool, state=None):
+    """A one-rank LlamaForCausalLM with the decode GEMV on every projection (and the norm fold's producer
+    on o/down where `fold`), caches bound, random weights (norm weights around 1)."""
+    from dist_llm.kernels.gemv_norm import gemv_add_norm
+    from dist_llm.layers.embedding import ParallelLMHead
+    from dist_llm.layers.linear import LinearBase, RowParallelLinear
+    from dist_llm.models.llama import LlamaForCausalLM
+    from dist_llm.parallel.mapping import Mapping
+
+    model = LlamaForCausalLM(cfg, Mapping(), 64, dtype, ops).to(DEVICE)
+    if state is None:
+        g = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            p.copy_((1.0 + 0.2 * r if "norm" in name else 0.3 * r).to(dtype))
+    else:
+        model.load_state_dict(state)
+    for m in model.modules():
+        if isinstance(m, (LinearBase, ParallelLMHead)):
+            m.gemv = gemv
+        if isinstance(m, RowParallelLinear) and fold:
+            m.gemv_add_norm = gemv_add_norm
+    for attn in model.attention_layers():
+        attn.rotary_emb.build_cache(torch.device(DEVICE))
+        attn.k_cache, attn.v_cache = _caches(cfg.num_kv_heads, cfg.head_dim, dtype)
+    return model
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rope", [False, True], ids=["", "rope"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_norm_fold_in_the_model_matches_the_norm_kernels(one_rank, dtype, rope):
+    """At one decode token the o and down GEMVs fold the residual add + RMSNorm (`kernels/gemv_norm.py`): no
+    fused add-norm kernel runs, the only norm kernel is the first layer's input norm, and the logits match
+    the unfolded model's; with the rotary fusion too, the qkv GEMV takes the folded norm and no separate
+    rotary kernel runs after layer 0. At two tokens nothing is folded and the two models give the same bits."""
+    from dist_llm.layers.norm import DeferredNorm
+
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=50, hidden_size=48, intermediate_size=72, num_layers=3,
+                      num_heads=6, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=64)  # fmt: skip
+    ops = get_ops("triton")
+    calls = {"rms_norm": 0, "fused_add_rms_norm": 0, "rotary_and_write_kv": 0}
+
+    def counted(name):
+        def op(*args, **kwargs):
+            calls[name] += 1
+            return getattr(ops, name)(*args, **kwargs)
+
+        return op
+
+    counting = SimpleNamespace(**{**vars(ops), **{name: counted(name) for name in calls}})
+    plain = _model(cfg, ops, dtype, fold=False)
+    folded = _model(cfg, counting, dtype, fold=True, state=plain.state_dict())
+    if rope:
+        for attn in folded.attention_layers():
+            attn.qkv_rotary_kv = gemv_rotary_kv
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    for batch in (1, 2):
+        logits = []
+        for model in (plain, folded):
+            calls.update(rms_norm=0, fused_add_rms_norm=0, rotary_and_write_kv=0)
+            for attn in model.attention_layers():  # the same cache contents for both models
+                attn.k_cache, attn.v_cache = _caches(cfg.num_kv_heads, cfg.head_dim, dtype)
+            set_metadata(AttentionMetadata(
+                slot_mapping=torch.tensor([5 * BLOCK_SIZE + 1, 4 * BLOCK_SIZE + 2][:batch], device=DEVICE),
+                block_tables=torch.tensor([[3, 0, 5], [1, 4, 0]][:batch], **i32),
+                seq_lens=torch.tensor([10, 7][:batch], **i32), cu_seqlens_q=torch.arange(batch + 1, **i32),
+                max_seqlen_q=1, is_decode=True,
+            ))  # fmt: skip
+            positions = torch.tensor([9, 6][:batch], device=DEVICE)
+            hidden = model(positions, input_ids=torch.tensor([3, 17][:batch], device=DEVICE))
+            assert isinstance(hidden, DeferredNorm) == (model is folded and batch == 1)
+            logits.append(model.compute_logits(hidden))
+        set_metadata(None)
+        if batch == 1:
+            rotary = 0 if rope else cfg.num_layers  # with rope, every qkv GEMV (layer 0's too) rotates
+            assert calls == {"rms_norm": 1, "fused_add_rms_norm": 0, "rotary_and_write_kv": rotary}, calls
+            scale = logits[0].float().abs().max().item()
+            tol = 1e-5 if dtype == torch.float32 else 3e-2  # a few bf16 ulps of the largest logit
+            torch.testing.assert_close(logits[1].float(), logits[0].float(), atol=tol * scale, rtol=0)
+        else:
+            expected = {"rms_norm": 1, "fused_add_rms_norm": 2 * cfg.num_layers, "rotary_and_write_kv": cfg.num_layers}
+            assert calls == expected, calls  # the final norm too
+            assert torch.equal(logits[1], logits[0])

@@ -153,6 +153,34 @@ def test_gemv_rotary_kv_equals_the_two_kernels(case, dtype):
     check(case, dtype, bias=i % 2 == 0, slot=MID_BLOCK_SLOT if i % 3 else -1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES[:3], ids=case_id)
+def test_gemv_rotary_kv_with_the_norm_folded_in(case, dtype):
+    """norm=(partials, eps) (`gemv_norm.py`): the sums scaled before the rotary, bit for bit what the plain GEMV
+    with the same norm= then `rotary_and_write_kv` give."""
+    hq, hk, head_dim, k = case
+    x, weight, b, positions, cos_sin, slots, cache = make_inputs(hq, hk, head_dim, k, dtype, True, MID_BLOCK_SLOT)
+    norm = (torch.rand(11, device=DEVICE) * k, 1e-5)
+    outs = []
+    for fused in (True, False):
+        out = torch.empty(1, weight.shape[0], dtype=dtype, device=DEVICE)
+        k_cache, v_cache = cache.clone(), cache.clone()
+        if fused:
+            gemv_rotary_kv(x, weight, b, out, positions, cos_sin, k_cache, v_cache, slots, hq, hk, head_dim, norm=norm)
+        else:
+            gemv(x, weight, b, out=out, norm=norm)
+            rotary_and_write_kv(positions, *views(out, hq, hk, head_dim), cos_sin, True, k_cache, v_cache, slots)
+        outs.append((out, k_cache, v_cache))
+    exact = DEVICE == "cpu" or dtype != torch.float32  # as in `check`
+    for name, a, c in zip(("out", "k_cache", "v_cache"), *outs):
+        if exact:
+            assert torch.equal(a, c), name
+        else:
+            torch.testing.assert_close(a, c, atol=1e-6, rtol=2.5e-7, msg=name)
+    plain = gemv(x, weight, b)
+    assert (views(outs[0][0], hq, hk, head_dim)[2] - views(plain, hq, hk, head_dim)[2]).abs().max() > 0, "not scaled"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gemv_rotary_kv_many_k_chunks(monkeypatch, dtype):
     """Several unmasked chunks after the prefetched one, then a tail: BLOCK_K capped at 32; a bf16 cos/sin

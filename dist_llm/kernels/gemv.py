@@ -110,9 +110,45 @@ def _accumulate_w(
 
 
 @triton.jit
-def _store_row(acc, bias, y_row, rn, N):
-    y = tl.sum(acc, axis=1) + bias
+def _store_row(acc, bias, y_row, rn, N, scale=None, NORM_IN: tl.constexpr = False):
+    y = tl.sum(acc, axis=1)
+    if NORM_IN:  # the RMSNorm's 1 / rms, applied to the dot products of the unscaled (residual * weight) row
+        y = y * scale
+    y = y + bias
     tl.store(y_row + rn, round_to(y, y_row.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _load_norm_operands(part_ptr, num_parts, K, eps, res_ptr, nw_ptr, rn, N,
+                        NORM_IN: tl.constexpr, ADD_NORM: tl.constexpr, PARTS_BLOCK: tl.constexpr):  # fmt: skip
+    """Activations of the norm fold (`gemv_norm.py`), loaded after `pdl_wait` but before the K loop, whose
+    weight stream hides their latency: NORM_IN's partial sums of squares; ADD_NORM's residual rows and
+    norm weights. Stand-ins (never read) for the one not compiled."""
+    scale = 1.0
+    res = 0.0
+    nw = 0.0
+    if NORM_IN:  # summed at once: one scalar, not the partials, stays live through the loop
+        offs = tl.arange(0, PARTS_BLOCK)
+        parts = tl.load(part_ptr + offs, mask=offs < num_parts, other=0.0)
+        scale = tl.rsqrt(tl.sum(parts, axis=0) / K + eps)
+    if ADD_NORM:
+        res = tl.load(res_ptr + rn, mask=rn < N, other=0.0)
+        nw = tl.load(nw_ptr + rn, mask=rn < N, other=0.0)
+    return scale, res, nw
+
+
+@triton.jit
+def _store_add_norm(acc, bias, res, nw, res_ptr, hw_ptr, part_ptr, rn, N):
+    """The ADD_NORM epilogue (one token row): h = round(round(sum + bias) + residual), the residual add of
+    `fused_add_rms_norm`, back to the residual rows; h * norm weight rounded to hw's dtype; and this
+    program's sum of squares of h (fp32, its rows in tile order) to part_ptr[program]."""
+    mask = rn < N
+    y = round_to(tl.sum(acc, axis=1) + bias, hw_ptr.dtype.element_ty).to(tl.float32)  # what `_store_row` stores
+    h = round_to(y + res.to(tl.float32), res_ptr.dtype.element_ty)
+    tl.store(res_ptr + rn, h, mask=mask)
+    h = tl.where(mask, h.to(tl.float32), 0.0)
+    tl.store(part_ptr + tl.program_id(0), tl.sum(h * h, axis=0))
+    tl.store(hw_ptr + rn, round_to(h * nw.to(tl.float32), hw_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -175,14 +211,17 @@ def _load_rope_kv_operands(
 def _store_rope_kv(
     acc, bias, y_row, pid, cos, sin, slot, k_cache_ptr, v_cache_ptr,
     stride_kc0, stride_kc1, stride_kc2, stride_vc0, stride_vc1, stride_vc2, block_size, num_q_heads, num_kv_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, scale=None, NORM_IN: tl.constexpr = False,
 ):  # fmt: skip
     """The ROPE_KV epilogue of one token row: `_store_row`'s rounding, then what `rotary_and_write_kv` does
     to these rows (`_rotate_heads`' arithmetic, `_cache_row`'s slot addressing), from registers."""
     HALF: tl.constexpr = HEAD_DIM // 2
     PAIRS: tl.constexpr = BLOCK_N // 2
     dtype = y_row.dtype.element_ty
-    y = round_to(tl.sum(acc, axis=1) + bias, dtype)  # the value `_store_row` stores, which the rotary reads
+    y = tl.sum(acc, axis=1)
+    if NORM_IN:
+        y = y * scale
+    y = round_to(y + bias, dtype)  # the value `_store_row` stores, which the rotary reads
     num_pairs = (num_q_heads + num_kv_heads) * HALF
     num_rot_programs = (num_pairs + PAIRS - 1) // PAIRS
     heads_to_write = tl.where(slot >= 0, num_kv_heads, 0)  # slot -1: no cache store
@@ -227,6 +266,12 @@ def _gemv_kernel(
     pos_ptr=None, cos_sin_ptr=None, stride_cs0=None, slot_ptr=None, k_cache_ptr=None, v_cache_ptr=None,
     stride_kc0=None, stride_kc1=None, stride_kc2=None, stride_vc0=None, stride_vc1=None, stride_vc2=None,
     block_size=None,
+    # the RMSNorm fold (M = 1, `gemv_norm.py`). ADD_NORM: the epilogue adds the output to the residual (in
+    # place), writes the new residual times the norm weight to hw_ptr and its per-program sums of squares to
+    # part_out_ptr (y_ptr is not written). NORM_IN: x is such an hw row; the sums are scaled by
+    # rsqrt(sum(part_in_ptr[:num_parts]) / K + eps) before the bias
+    ADD_NORM: tl.constexpr = False, res_ptr=None, nw_ptr=None, hw_ptr=None, part_out_ptr=None,
+    NORM_IN: tl.constexpr = False, part_in_ptr=None, num_parts=None, eps=None, PARTS_BLOCK: tl.constexpr = 1,
 ):  # fmt: skip
     if ROPE_KV:  # rows are independent, so any row set gives the same sums: this one holds whole rotary pairs
         rn = _rope_kv_rows(tl.program_id(0), num_q_heads, num_kv_heads, HEAD_DIM, BLOCK_N)
@@ -266,6 +311,9 @@ def _gemv_kernel(
         k_start = PREFETCH * BLOCK_K
     else:
         pdl_wait(USE_PDL)
+    scale, res, nw = _load_norm_operands(
+        part_in_ptr, num_parts, K, eps, res_ptr, nw_ptr, rn, N, NORM_IN, ADD_NORM, PARTS_BLOCK
+    )
     if ROPE_KV:
         cos, sin, slot = _load_rope_kv_operands(
             tl.program_id(0), pos_ptr, cos_sin_ptr, stride_cs0, slot_ptr, num_q_heads, num_kv_heads, HEAD_DIM, BLOCK_N
@@ -282,14 +330,16 @@ def _gemv_kernel(
         bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     else:
         bias = 0.0
-    if ROPE_KV:
+    if ADD_NORM:
+        _store_add_norm(acc0, bias, res, nw, res_ptr, hw_ptr, part_out_ptr, rn, N)
+    elif ROPE_KV:
         _store_rope_kv(
             acc0, bias, y_ptr, tl.program_id(0), cos, sin, slot, k_cache_ptr, v_cache_ptr,
             stride_kc0, stride_kc1, stride_kc2, stride_vc0, stride_vc1, stride_vc2, block_size,
-            num_q_heads, num_kv_heads, HEAD_DIM, BLOCK_N,
+            num_q_heads, num_kv_heads, HEAD_DIM, BLOCK_N, scale, NORM_IN,
         )  # fmt: skip
     else:
-        _store_row(acc0, bias, y_ptr, rn, N)
+        _store_row(acc0, bias, y_ptr, rn, N, scale, NORM_IN)
     if M > 1:
         _store_row(acc1, bias, y_ptr + stride_ym, rn, N)
     if M > 2:
@@ -391,14 +441,38 @@ def gemv(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     act: str | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ):
     """out [M, N] = x [M, K] @ weight [N, K]ᵀ + bias [N], fp32 accumulation, in x.dtype.
 
     act="silu_and_mul": x is [M, 2K] = [gate | up] and the product is taken with silu(gate) * up, computed
     and rounded exactly as `activation.silu_and_mul` does (the down projection without its input pass).
+    norm=(partials, eps), one row: x is a residual times an RMSNorm weight, as `gemv_norm.gemv_add_norm`
+    leaves it, and the sums are scaled by rsqrt(partials.sum() / K + eps) before the bias (the norm folded in).
     Needs `gemv_supported(x, weight, act)`; `out` may be a view with any row stride (last dim contiguous).
     With `out` given nothing is allocated, so the call can be captured in a CUDA graph.
     """
+    assert norm is None or (x.shape[0] == 1 and act is None), "norm= takes one row and no act"
+    return launch(x, weight, bias, out, act, **norm_in_kwargs(norm, x.device))
+
+
+def norm_in_kwargs(norm: tuple[torch.Tensor, float] | None, device: torch.device) -> dict:
+    """The `_gemv_kernel` keywords of NORM_IN for norm=(partials, eps) (none for None)."""
+    if norm is None:
+        return {}
+    partials, eps = norm
+    assert partials.dim() == 1 and partials.dtype == torch.float32 and partials.stride(0) == 1, "partials: fp32 [P]"
+    assert partials.device == device and partials.numel() >= 1
+    return dict(
+        NORM_IN=True, part_in_ptr=partials, num_parts=partials.numel(), eps=float(eps),
+        PARTS_BLOCK=triton.next_power_of_2(partials.numel()),
+    )  # fmt: skip
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None,
+           act: str | None = None, **epilogue) -> torch.Tensor:  # fmt: skip
+    """`gemv` with extra `_gemv_kernel` keywords (`gemv_norm.py`'s epilogue), grid one program per BLOCK_N
+    rows: checks the operands, allocates `out` if None, launches, returns `out`."""
     assert gemv_supported(x, weight, act), (
         f"gemv cannot take act={act!r}, x {tuple(x.shape)} {x.dtype} strides {x.stride()} on {x.device} with weight "
         f"{tuple(weight.shape)} {weight.dtype} strides {weight.stride()} on {weight.device} (see gemv_supported)"
@@ -421,6 +495,6 @@ def gemv(
         M=m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None,
         # PREFETCH also without PDL, so that the CPU tests run the peeled path
         PREFETCH=prefetch_chunks(k, block_k), SILU_MUL=act == "silu_and_mul", **pdl,
-        num_warps=num_warps, num_stages=_NUM_STAGES,
+        num_warps=num_warps, num_stages=_NUM_STAGES, **epilogue,
     )  # fmt: skip
     return out

@@ -91,13 +91,15 @@ def gemv_rotary_kv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None,
     positions: torch.Tensor, cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """out [1, (Hq + 2 Hk) D] = [rotated q | rotated k | v] of x [1, K] @ weightᵀ + bias, and k, v written to
     k_cache, v_cache [num_blocks, block_size, Hk, D] at slot_mapping[0] (-1: no store); cos/sin rows
     [cos | sin] of cos_sin_cache at positions[0], neox layout. Bit for bit what `gemv(x, weight, bias, out)`
     then `rotary_and_write_kv` on out's q/k/v views give. Needs `gemv_rotary_kv_supported(..., True, ...)`;
     with `out` given (a [1, N] view, last dim contiguous) nothing is allocated, so the call can be captured
-    in a CUDA graph."""
+    in a CUDA graph. norm=(partials, eps): x is a residual times an RMSNorm weight and the sums are scaled
+    first, as `gemv(..., norm=)` does (`gemv_norm.py`)."""
     assert gemv_rotary_kv_supported(
         x, weight, positions, cos_sin_cache, True, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads,
         head_dim,
@@ -129,6 +131,6 @@ def gemv_rotary_kv(
         stride_kc0=k_cache.stride(0), stride_kc1=k_cache.stride(1), stride_kc2=k_cache.stride(2),
         stride_vc0=v_cache.stride(0), stride_vc1=v_cache.stride(1), stride_vc2=v_cache.stride(2),
         block_size=k_cache.shape[1],
-        num_warps=num_warps, num_stages=_gemv._NUM_STAGES,
+        num_warps=num_warps, num_stages=_gemv._NUM_STAGES, **_gemv.norm_in_kwargs(norm, x.device),
     )  # fmt: skip
     return out

@@ -64,6 +64,26 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return out
 
 
+def gemv_add_norm_ref(x, weight, residual, norm_weight, act: str | None = None):
+    """The twin of `gemv_norm.gemv_add_norm`: residual <- round(round(x @ weightᵀ) + residual) in place;
+    returns (residual * norm_weight rounded to x.dtype, partials [1] fp32: the new residual's sum of squares
+    (the kernel gives one partial sum per program; only their sum is defined)."""
+    if act == "silu_and_mul":
+        x = silu_and_mul_ref(x)
+    residual.copy_((linear_ref(x, weight).float() + residual.float()).to(residual.dtype))
+    h = residual.float()
+    return (h * norm_weight.float()).to(x.dtype), h.pow(2).sum().reshape(1)
+
+
+def gemv_normed_ref(hw, weight, bias, partials, eps: float) -> torch.Tensor:
+    """The twin of `gemv(hw, weight, bias, norm=(partials, eps))`: the fp32 product of hw and weight, scaled
+    by rsqrt(partials.sum() / K + eps), plus the bias, rounded once to hw.dtype."""
+    y = (hw.float() @ weight.float().t()) * torch.rsqrt(partials.float().sum() / weight.shape[1] + eps)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(hw.dtype)
+
+
 # ---- KV cache ------------------------------------------------------------------------------------------
 
 FP8_KV_DTYPE = torch.float8_e4m3fn  # an fp8 KV cache: e4m3fn, one per-tensor scale for K and one for V

@@ -12,6 +12,7 @@ from torch import nn
 
 from dist_llm.layers.context import get_metadata
 from dist_llm.layers.linear import UnquantizedLinearMethod, takes_gemv
+from dist_llm.layers.norm import DeferredNorm
 from dist_llm.layers.rotary import RotaryEmbedding
 
 
@@ -42,9 +43,12 @@ class Attention(nn.Module):
         md, rope = get_metadata(), self.rotary_emb
         args = (positions, rope.cos_sin_cache, self.k_cache, self.v_cache, md.slot_mapping)
         heads = (self.num_heads, self.num_kv_heads, self.head_dim)
+        norm = None
+        if isinstance(x, DeferredNorm):  # the input norm folded in as well (`kernels/gemv_norm.py`)
+            x, norm = x.hw, (x.partials, x.eps)
         if not gemv_rotary_kv_supported(x, qkv_proj.weight, *args[:2], rope.is_neox, *args[2:], *heads):
             return None
-        return self.qkv_rotary_kv(x, qkv_proj.weight, qkv_proj.bias, None, *args, *heads)
+        return self.qkv_rotary_kv(x, qkv_proj.weight, qkv_proj.bias, None, *args, *heads, norm=norm)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 rotated_and_cached: bool = False) -> torch.Tensor:  # fmt: skip

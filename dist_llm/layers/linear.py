@@ -12,20 +12,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_llm.layers.norm import DeferredNorm, RMSNorm
 from dist_llm.parallel import comm
 
 
-def takes_gemv(layer: nn.Module, x: torch.Tensor) -> bool:
+def takes_gemv(layer: nn.Module, x: torch.Tensor | DeferredNorm) -> bool:
     """Whether `layer` runs X through the decode GEMV kernel: the worker gave it one (`layer.gemv`, set on
     the GPU with the Triton backend, unquantized weights) and X has at most `GEMV_MAX_M` rows."""
+    if isinstance(x, DeferredNorm):
+        x = x.hw
     return layer.gemv is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_M and x.stride(-1) == 1
 
 
 def dense_linear(
-    layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None
-) -> torch.Tensor:
+    layer: nn.Module, x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Tensor | None,
+    act: str | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Y = X Wᵀ (+ b): F.linear, or the decode GEMV kernel where `takes_gemv(layer, x)`. With act
-    ("silu_and_mul") X is [gate | up] and only the GEMV path can take it: callers check `takes_gemv`."""
+    ("silu_and_mul") X is [gate | up] and only the GEMV path can take it: callers check `takes_gemv`.
+    A `DeferredNorm` X is normed inside the GEMV (`gemv(..., norm=)`), or materialized first."""
+    if isinstance(x, DeferredNorm):
+        if act is None and takes_gemv(layer, x):
+            return layer.gemv(x.hw, weight, bias, norm=(x.partials, x.eps))
+        x = x.materialize()
     if takes_gemv(layer, x):
         return layer.gemv(x, weight, bias, act=act)
     assert act is None, f"act={act!r} needs the decode GEMV (takes_gemv)"
@@ -45,6 +54,15 @@ class UnquantizedLinearMethod:
 
 class LinearBase(nn.Module):
     gemv = None  # the small-batch kernel, set by the worker where it is faster than cuBLAS
+    # RowParallelLinear at tp = 1: the GEMV with the residual add and the next norm's inputs in its epilogue
+    # (`kernels/gemv_norm.gemv_add_norm`), set by the worker with `gemv`; None: the fold is off
+    gemv_add_norm = None
+
+    def unfold(self, x: torch.Tensor | DeferredNorm) -> torch.Tensor | DeferredNorm:
+        """x as this layer's method can take it: a quantized method gets a `DeferredNorm` materialized."""
+        if isinstance(x, DeferredNorm) and not isinstance(self.quant_method, UnquantizedLinearMethod):
+            return x.materialize()
+        return x
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, quant_method=None):
         super().__init__()
@@ -66,8 +84,8 @@ class ColumnParallelLinear(LinearBase):
             raise ValueError(f"output size {output_size} is not divisible by tp_size {tp}")
         super().__init__(input_size, output_size // tp, bias, dtype, quant_method)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x, self.bias)
+    def forward(self, x: torch.Tensor | DeferredNorm) -> torch.Tensor:
+        return self.quant_method.apply(self, self.unfold(x), self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -94,8 +112,8 @@ class QKVParallelLinear(LinearBase):
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         super().__init__(hidden_size, out, bias, dtype, quant_method)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x, self.bias)
+    def forward(self, x: torch.Tensor | DeferredNorm) -> torch.Tensor:
+        return self.quant_method.apply(self, self.unfold(x), self.bias)
 
 
 class RowParallelLinear(LinearBase):
@@ -124,3 +142,22 @@ class RowParallelLinear(LinearBase):
             return y
         y = comm.tp_all_reduce(y)
         return y if self.bias is None else y + self.bias
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm | None,
+                 act: str | None = None) -> DeferredNorm | None:  # fmt: skip
+        """`norm(self(x, act), residual)` with the norm deferred to the next GEMV (`kernels/gemv_norm.py`):
+        the residual is updated in place and a `DeferredNorm` returned. None, with nothing done, where the
+        fold cannot run: no producer given (`gemv_add_norm`), tp > 1 (the sum owed is the all-reduce's), a
+        bias, a quantized method, more than one token, or operands it does not take."""
+        if self.gemv_add_norm is None or norm is None or residual is None or comm.tp_size() != 1:
+            return None
+        if self.bias is not None or not isinstance(self.quant_method, UnquantizedLinearMethod):
+            return None
+        if x.shape[0] != 1 or not takes_gemv(self, x):
+            return None
+        from dist_llm.kernels.gemv_norm import gemv_add_norm_supported
+
+        if not gemv_add_norm_supported(x, self.weight, residual, norm.weight, act):
+            return None
+        hw, partials = self.gemv_add_norm(x, self.weight, residual, norm.weight, act=act)
+        return DeferredNorm(hw=hw, partials=partials, residual=residual, norm=norm)

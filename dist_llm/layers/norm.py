@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -28,3 +30,27 @@ class RMSNorm(nn.Module):
             return self.ops.rms_norm(x, self.weight, self.eps), x
         self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
         return x, residual
+
+
+@dataclass
+class DeferredNorm:
+    """An RMSNorm's output that was never written (`kernels/gemv_norm.py`): the producer GEMV (o or down, one
+    token, tp = 1) left hw = residual * norm.weight and per-program sums of squares of the residual
+    (`partials`); the consumer GEMV (qkv, gate_up, LM head) applies 1 / rms to its dot products. A layer that
+    cannot take it calls `materialize()` for the normed tensor itself."""
+
+    hw: torch.Tensor
+    partials: torch.Tensor
+    residual: torch.Tensor
+    norm: RMSNorm
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.hw.shape
+
+    @property
+    def eps(self) -> float:
+        return self.norm.eps
+
+    def materialize(self) -> torch.Tensor:
+        return self.norm.ops.rms_norm(self.residual, self.norm.weight, self.norm.eps)

@@ -14,7 +14,7 @@ from dist_llm.config import ModelConfig
 from dist_llm.layers.attention import Attention
 from dist_llm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from dist_llm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, takes_gemv
-from dist_llm.layers.norm import RMSNorm
+from dist_llm.layers.norm import DeferredNorm, RMSNorm
 from dist_llm.layers.rotary import RotaryEmbedding
 from dist_llm.parallel.mapping import Mapping
 
@@ -34,7 +34,8 @@ class LlamaAttention(nn.Module):
         rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rotary_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5, rotary_emb, ops)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, positions: torch.Tensor, x: torch.Tensor | DeferredNorm) -> torch.Tensor:
+        """The attention's output before o_proj."""
         t, d = x.shape[0], self.head_dim
         qkv = self.attn.project_rotate_and_cache(self.qkv_proj, positions, x)  # one kernel at batch 1
         done = qkv is not None
@@ -44,7 +45,10 @@ class LlamaAttention(nn.Module):
         q = qkv[:, :q_size].view(t, self.num_heads, d)
         k = qkv[:, q_size : q_size + kv_size].view(t, self.num_kv_heads, d)
         v = qkv[:, q_size + kv_size :].view(t, self.num_kv_heads, d)
-        return self.o_proj(self.attn(positions, q, k, v, rotated_and_cached=done))
+        return self.attn(positions, q, k, v, rotated_and_cached=done)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | DeferredNorm) -> torch.Tensor:
+        return self.o_proj(self.attend(positions, x))
 
 
 class LlamaMLP(nn.Module):
@@ -57,10 +61,14 @@ class LlamaMLP(nn.Module):
         # its tp sum is owed to the next norm: the next layer's input_layernorm or the final norm
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, dtype, reduce_results=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | DeferredNorm, residual: torch.Tensor | None = None,
+                next_norm: RMSNorm | None = None) -> torch.Tensor | DeferredNorm:  # fmt: skip
+        """The MLP's output (before its tp sum), or, where the down GEMV can fold it (`add_norm`; one token,
+        tp = 1), `next_norm(output, residual)` deferred, with the residual updated in place."""
         gate_up = self.gate_up_proj(x)
         if takes_gemv(self.down_proj, gate_up):  # decode: SiLU-and-mul in the down GEMV's prologue
-            return self.down_proj(gate_up, act="silu_and_mul")
+            folded = self.down_proj.add_norm(gate_up, residual, next_norm, act="silu_and_mul")
+            return folded if folded is not None else self.down_proj(gate_up, act="silu_and_mul")
         return self.down_proj(self.ops.silu_and_mul(gate_up))
 
 
@@ -72,14 +80,22 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, ops)
         self.mlp = LlamaMLP(cfg, dtype, ops)
 
-    def forward(self, positions, hidden, residual):
+    def forward(self, positions, hidden, residual, next_norm: RMSNorm | None = None):
         """`hidden` is the embedding (residual None, first layer of the first stage) or the previous layer's
-        MLP output before its tp sum; so is the returned one. The sums happen in the norms."""
-        hidden, residual = self.input_layernorm(hidden, residual, reduce=residual is not None)
-        hidden = self.self_attn(positions, hidden)
-        o_summed = self.self_attn.o_proj.reduce_results
-        hidden, residual = self.post_attention_layernorm(hidden, residual, reduce=not o_summed)
-        return self.mlp(hidden), residual
+        MLP output before its tp sum; so is the returned one. The sums happen in the norms.
+
+        At one decode token and tp = 1 the GEMVs fold the norms (`kernels/gemv_norm.py`): o_proj does the
+        post-attention add and norm's first half, and with `next_norm` (the next layer's input norm or the
+        final norm) so does down_proj; `hidden` and the result are then a `DeferredNorm`, already normed."""
+        if not isinstance(hidden, DeferredNorm):
+            hidden, residual = self.input_layernorm(hidden, residual, reduce=residual is not None)
+        attn = self.self_attn
+        out = attn.attend(positions, hidden)
+        hidden = attn.o_proj.add_norm(out, residual, self.post_attention_layernorm)
+        if hidden is None:
+            hidden = attn.o_proj(out)
+            hidden, residual = self.post_attention_layernorm(hidden, residual, reduce=not attn.o_proj.reduce_results)
+        return self.mlp(hidden, residual, next_norm), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -107,15 +123,22 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, positions, input_ids=None, hidden=None, residual=None):
         """First stage: from input_ids. Later stages: from the previous stage's (hidden, residual).
-        Returns (hidden, residual) on inner stages and the final normed hidden on the last stage. An inner
+        Returns (hidden, residual) on inner stages and the final normed hidden on the last stage (a
+        `DeferredNorm` where the last down GEMV folded the final norm: `compute_logits` takes either). An inner
         stage's hidden is its tp rank's term of the last MLP's sum: the next stage's tp group (its ranks
         receive from the same tp ranks) sums it in its first norm, which adds up the same numbers."""
         if self.mapping.is_first_stage:
             hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers.values():
-            hidden, residual = layer(positions, hidden, residual)
+        layers = list(self.layers.values())
+        # the norm after each layer, which its down GEMV may fold (none after an inner stage's last layer)
+        next_norms = [layer.input_layernorm for layer in layers[1:]]
+        next_norms.append(self.norm if self.mapping.is_last_stage else None)
+        for layer, next_norm in zip(layers, next_norms):
+            hidden, residual = layer(positions, hidden, residual, next_norm)
         if not self.mapping.is_last_stage:
             return hidden, residual
+        if isinstance(hidden, DeferredNorm):  # normed already: the LM head's GEMV applies it
+            return hidden
         hidden, _ = self.norm(hidden, residual, reduce=residual is not None)
         return hidden
 

@@ -13,7 +13,7 @@ from dist_llm.kernels import get_ops
 from dist_llm.layers.attention import Attention
 from dist_llm.layers.context import AttentionMetadata, set_metadata
 from dist_llm.layers.embedding import ParallelLMHead
-from dist_llm.layers.linear import LinearBase
+from dist_llm.layers.linear import LinearBase, RowParallelLinear
 from dist_llm.layers.rotary import RotaryEmbedding
 from dist_llm.models import get_model_class
 from dist_llm.parallel import comm
@@ -110,11 +110,14 @@ class Worker:
                 m.build_cache(self.device)
         if use_decode_gemv(self.ops.backend, self.device):
             from dist_llm.kernels.gemv import gemv
+            from dist_llm.kernels.gemv_norm import FOLD_NORM, gemv_add_norm
             from dist_llm.kernels.gemv_rotary_kv import FUSE_ROPE_KV, gemv_rotary_kv
 
             for m in self.model.modules():
                 if isinstance(m, (LinearBase, ParallelLMHead)):
                     m.gemv = gemv
+                if isinstance(m, RowParallelLinear) and FOLD_NORM:
+                    m.gemv_add_norm = gemv_add_norm
                 if isinstance(m, Attention) and FUSE_ROPE_KV:
                     m.qkv_rotary_kv = gemv_rotary_kv
         self.model.eval()
@@ -235,8 +238,11 @@ class Worker:
         if not m.is_last_stage:
             self.send_to_next_stage(torch.stack(out))
             return None
-        last = (plan.cu_seqlens_q[1:] - 1).to(dev, non_blocking=True).long()
-        logits = self.model.compute_logits(out[last])  # the model's dtype: the samplers read it as fp32
+        if plan.num_tokens == plan.seq_lens.shape[0]:  # one token a sequence: every row is a last token
+            hidden = out  # (and a `DeferredNorm`, the folded final norm of one token, cannot be indexed)
+        else:
+            hidden = out[(plan.cu_seqlens_q[1:] - 1).to(dev, non_blocking=True).long()]
+        logits = self.model.compute_logits(hidden)  # the model's dtype: the samplers read it as fp32
         # non_blocking: a blocking copy would wait for the whole forward, and the host would then launch the
         # next step only after this one is done (a gap on the GPU after every eager step)
         params = (plan.temperature, plan.top_k, plan.top_p, plan.seeds, plan.offsets)
