@@ -133,8 +133,8 @@ def test_norm_fold_in_the_model_matches_the_norm_kernels(one_rank, dtype, rope):
     from dist_llm.layers.norm import DeferredNorm
 
     cfg = ModelConfig("LlamaForCausalLM", vocab_size=50, hidden_size=48, intermediate_size=72, num_layers=3,
-                      num_heads=6, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
-                      max_position_embeddings=64)  # fmt: skip
+                      num_heads=3, num_kv_heads=1, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=64)  # fmt: skip  (head_dim 16: the GPU attention's tl.dot minimum)
     ops = get_ops("triton")
     calls = {"rms_norm": 0, "fused_add_rms_norm": 0, "rotary_and_write_kv": 0}
 

@@ -119,20 +119,17 @@ def _store_row(acc, bias, y_row, rn, N, scale=None, NORM_IN: tl.constexpr = Fals
 
 
 @triton.jit
-def _load_norm_operands(part_ptr, num_parts, K, eps, res_ptr, nw_ptr, rn, N,
-                        NORM_IN: tl.constexpr, ADD_NORM: tl.constexpr, PARTS_BLOCK: tl.constexpr,
-                        SUM_AFTER_LOOP: tl.constexpr):  # fmt: skip
+def _load_norm_operands(part_ptr, num_parts, res_ptr, nw_ptr, rn, N,
+                        NORM_IN: tl.constexpr, ADD_NORM: tl.constexpr, PARTS_BLOCK: tl.constexpr):  # fmt: skip
     """Activations of the norm fold (`gemv_norm.py`), loaded after `pdl_wait` but before the K loop, whose
-    weight stream hides their latency: NORM_IN's partial sums of squares; ADD_NORM's residual rows and
-    norm weights. Stand-ins (never read) for the one not compiled."""
+    weight stream hides their latency, and used after it: NORM_IN's partial sums of squares; ADD_NORM's
+    residual rows and norm weights. Stand-ins (never read) for the one not compiled."""
     parts = 0.0
     res = 0.0
     nw = 0.0
-    if NORM_IN:
+    if NORM_IN:  # summed after the loop: the first chunk need not wait for this load and its tree
         offs = tl.arange(0, PARTS_BLOCK)
         parts = tl.load(part_ptr + offs, mask=offs < num_parts, other=0.0)
-        if not SUM_AFTER_LOOP:  # summed at once: one scalar, not the partials, stays live through the loop
-            parts = _norm_scale(parts, K, eps)
     if ADD_NORM:
         res = tl.load(res_ptr + rn, mask=rn < N, other=0.0)
         nw = tl.load(nw_ptr + rn, mask=rn < N, other=0.0)
@@ -280,7 +277,6 @@ def _gemv_kernel(
     # rsqrt(sum(part_in_ptr[:num_parts]) / K + eps) before the bias
     ADD_NORM: tl.constexpr = False, res_ptr=None, nw_ptr=None, hw_ptr=None, part_out_ptr=None,
     NORM_IN: tl.constexpr = False, part_in_ptr=None, num_parts=None, eps=None, PARTS_BLOCK: tl.constexpr = 1,
-    NORM_SUM_AFTER_LOOP: tl.constexpr = False,
 ):  # fmt: skip
     if ROPE_KV:  # rows are independent, so any row set gives the same sums: this one holds whole rotary pairs
         rn = _rope_kv_rows(tl.program_id(0), num_q_heads, num_kv_heads, HEAD_DIM, BLOCK_N)
@@ -320,8 +316,8 @@ def _gemv_kernel(
         k_start = PREFETCH * BLOCK_K
     else:
         pdl_wait(USE_PDL)
-    scale, res, nw = _load_norm_operands(
-        part_in_ptr, num_parts, K, eps, res_ptr, nw_ptr, rn, N, NORM_IN, ADD_NORM, PARTS_BLOCK, NORM_SUM_AFTER_LOOP
+    parts, res, nw = _load_norm_operands(
+        part_in_ptr, num_parts, res_ptr, nw_ptr, rn, N, NORM_IN, ADD_NORM, PARTS_BLOCK
     )
     if ROPE_KV:
         cos, sin, slot = _load_rope_kv_operands(
@@ -339,8 +335,9 @@ def _gemv_kernel(
         bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     else:
         bias = 0.0
-    if NORM_IN and NORM_SUM_AFTER_LOOP:  # the partials' load and tree stay off the loop's start
-        scale = _norm_scale(scale, K, eps)
+    scale = 1.0
+    if NORM_IN:
+        scale = _norm_scale(parts, K, eps)
     if ADD_NORM:
         _store_add_norm(acc0, bias, res, nw, res_ptr, hw_ptr, part_out_ptr, rn, N)
     elif ROPE_KV:
@@ -476,13 +473,8 @@ def norm_in_kwargs(norm: tuple[torch.Tensor, float] | None, device: torch.device
     assert partials.device == device and partials.numel() >= 1
     return dict(
         NORM_IN=True, part_in_ptr=partials, num_parts=partials.numel(), eps=float(eps),
-        PARTS_BLOCK=triton.next_power_of_2(partials.numel()), NORM_SUM_AFTER_LOOP=_NORM_SUM_AFTER_LOOP,
+        PARTS_BLOCK=triton.next_power_of_2(partials.numel()),
     )  # fmt: skip
-
-
-# DIST_LLM_GEMV_NORM=2 (A/B only): NORM_IN sums the partials after the K loop instead of before it. Before, the
-# first chunk waits for the partials' load and tree; after, they hold registers through the loop (same bits).
-_NORM_SUM_AFTER_LOOP = os.environ.get("DIST_LLM_GEMV_NORM", "1") == "2"
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None,
