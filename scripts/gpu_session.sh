@@ -233,11 +233,12 @@ fold2)  # about 8 minutes: the fold's model test and graphs-vs-eager tests; batc
         TAIL=2 DIST_LLM_GEMV_NORM=$V step "latency_norm${V}_$R" 60 python3 $LAT "$OUT/latency_norm${V}_$R"
         grep -ah "^| 1 " "$OUT/latency_norm${V}_$R.log"
     done; done ;;
-fold3)  # about 7 minutes: on an H200 batch 1 without and with the fold first (the H200 target), then the fold's
-        # kernel and model tests and the graphs' tests; on an H100 the tests first
+fold3)  # about 8 minutes: on an H200 batch 1 without the fold, with it, and with it without its register caps first
+        # (the H200 target), then the fold's kernel and model tests and the graphs' tests; on an H100 the tests first
     LAT="benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 --output_dir"
-    ab() { for R in $(seq "$1"); do for V in 0 1; do
-        TAIL=2 DIST_LLM_GEMV_NORM=$V step "latency_norm${V}_$R" 60 python3 $LAT "$OUT/latency_norm${V}_$R"
+    ab() { for R in $(seq "$1"); do for V in 01 11 10; do  # DIST_LLM_GEMV_NORM, DIST_LLM_GEMV_NORM_CAP
+        TAIL=2 DIST_LLM_GEMV_NORM=${V:0:1} DIST_LLM_GEMV_NORM_CAP=${V:1:1} step "latency_norm${V}_$R" 60 \
+            python3 $LAT "$OUT/latency_norm${V}_$R"
         grep -ah "^| 1 " "$OUT/latency_norm${V}_$R.log"
     done; done; }
     grep -q H200 "$OUT/gpus.txt" && ab 2

@@ -30,3 +30,25 @@ def test_tile_gather_issues_fewer_loads_than_token_gather(kv):
     assert tile["HMMA"] == token["HMMA"] > 0  # the same math
     assert tile["LDG"] < token["LDG"] and tile["IMAD"] < token["IMAD"], (tile, token)
     assert tile["registers"] <= token["registers"], (tile, token)
+
+
+def test_norm_fold_epilogues_keep_the_plain_gemv_occupancy():
+    """benchmarks/sass_gemv.py: at Llama-2-7B's one-row shapes the norm fold's capped launches use no more registers
+    than the plain GEMV (to the allocation unit of 8) and spill nothing; the caps matter (uncapped, they need more)."""
+    if not (BIN / "ptxas").exists() or not (BIN / "nvdisasm").exists():
+        pytest.skip("this Triton build has no bundled ptxas / nvdisasm")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sass_gemv.py")], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = {}
+    for line in out.stdout.splitlines()[2:]:
+        proj, epilogue, regs, spills, _ = line.strip("| ").split(" | ")
+        table[proj, epilogue] = int(regs), int(spills)
+    capped = [(p, e) for p, e in table if "maxnreg" in e]
+    assert {p for p, _ in capped} == {"down", "gate_up", "lm_head"}, table
+    for proj, epilogue in capped:
+        plain_regs = table[proj, "plain"][0]
+        regs, spills = table[proj, epilogue]
+        assert regs <= -(-plain_regs // 8) * 8 and spills == 0, (proj, table)
+        assert table[proj, epilogue.split()[0]][0] > regs, (proj, table)  # uncapped it would take more

@@ -464,6 +464,15 @@ def gemv(
     return launch(x, weight, bias, out, act, **norm_in_kwargs(norm, x.device))
 
 
+# The norm fold's epilogues (`gemv_norm.py`) need more registers than the plain kernel at two 4-warp configs, which
+# would cost a program an SM: 8 x 1024 (7B's down projection) 128 -> 168, so 3 programs an SM instead of 4 and 512
+# programs in two waves on 132 SMs; 8 x 512 (gate_up, LM head) 79 -> 91, 5 instead of 6. Capped at the plain
+# kernel's count (rounded up to 8), ptxas fits them without spilling (`python benchmarks/sass_gemv.py`, sm_90).
+# DIST_LLM_GEMV_NORM_CAP=0 lifts the caps, for A/B timing.
+_FOLD_MAX_REGISTERS = {(8, 1024, 4): 128, (8, 512, 4): 80}
+_FOLD_CAP = os.environ.get("DIST_LLM_GEMV_NORM_CAP", "1") != "0"
+
+
 def norm_in_kwargs(norm: tuple[torch.Tensor, float] | None, device: torch.device) -> dict:
     """The `_gemv_kernel` keywords of NORM_IN for norm=(partials, eps) (none for None)."""
     if norm is None:
@@ -495,6 +504,9 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
     assert out.shape == (m, n) and out.dtype == x.dtype and out.device == x.device, "out must be [M, N] in x.dtype"
     assert out.stride(1) == 1 or n == 1, f"out must be contiguous in its last dim, strides {out.stride()}"
     block_n, block_k, num_warps = _config(m, n, k, x.element_size())
+    cap = _FOLD_MAX_REGISTERS.get((block_n, block_k, num_warps)) if x.is_cuda and _FOLD_CAP else None
+    if cap and (epilogue.get("ADD_NORM") or epilogue.get("NORM_IN")):
+        epilogue = {**epilogue, "maxnreg": cap}
     pdl = pdl_launch_kwargs(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight if bias is None else bias, out,  # the bias pointer is not read without a bias

@@ -18,7 +18,8 @@ head) are direct hops:
 Since W (h * w * r) = r * (W (h * w)) for the scalar r = 1 / rms(h), this is the norm. The rounding differs
 from HF's (which rounds h * r to the dtype, then the product with w): here h * w is rounded once and r is
 applied to the fp32 sums, a little closer to exact; so at 16 bits outputs differ in the last bits from the
-unfolded path, like any change of summation order. It is used at one token only, and for eager steps and
+unfolded path, like any change of summation order. Where an epilogue would cost a program an SM, the launch caps
+its registers (`gemv._FOLD_MAX_REGISTERS`). It is used at one token only, and for eager steps and
 graphs alike, so that graphs still equal eager token for token.
 
 The torch twins are `reference.gemv_add_norm_ref` and `reference.gemv_normed_ref`; `layers/norm.DeferredNorm`
@@ -36,11 +37,6 @@ import triton
 from dist_llm.kernels import gemv as _gemv
 
 FOLD_NORM = os.environ.get("DIST_LLM_GEMV_NORM", "1") != "0"
-# The plain 4-warp GEMV (Llama-2-7B's down projection, 8 rows x 1024) compiles to 128 registers, four programs
-# an SM; the ADD_NORM epilogue takes it to 168, three an SM (sm_90, Triton's ptxas, offline), so its 512
-# programs would no longer fit one wave on 132 SMs. Capped at 128, ptxas rematerializes without spilling.
-# Wider launches (8 warps) hold one program an SM either way and are not capped.
-_MAX_REGISTERS_4_WARPS = 128
 
 
 def gemv_add_norm_supported(
@@ -75,12 +71,11 @@ def gemv_add_norm(
         f"norm_weight {tuple(norm_weight.shape)} {norm_weight.dtype} (see gemv_add_norm_supported)"
     )
     n, k = weight.shape
-    block_n, _, num_warps = _gemv._config(1, n, k, x.element_size())
+    block_n = _gemv._config(1, n, k, x.element_size())[0]
     hw = torch.empty_like(residual)
     partials = torch.empty(triton.cdiv(n, block_n), dtype=torch.float32, device=x.device)
-    cap = {"maxnreg": _MAX_REGISTERS_4_WARPS} if x.is_cuda and num_warps == 4 else {}
     _gemv.launch(
         x, weight, None, hw, act,  # hw stands in for out: the ADD_NORM epilogue stores hw, never y
-        ADD_NORM=True, res_ptr=residual, nw_ptr=norm_weight, hw_ptr=hw, part_out_ptr=partials, **cap,
+        ADD_NORM=True, res_ptr=residual, nw_ptr=norm_weight, hw_ptr=hw, part_out_ptr=partials,
     )  # fmt: skip
     return hw, partials
