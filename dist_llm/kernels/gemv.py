@@ -29,6 +29,12 @@ one code path is tested everywhere, and they are summed in the loop's order, so 
 ROPE_KV (one row, the qkv projection; `gemv_rotary_kv.py`) changes only which rows a program owns and
 its epilogue: rotary pairs of q/k rows, rotated and written to the paged KV cache from registers. The
 dot products are the plain call's, bit for bit; without it the plain kernel compiles exactly as before.
+
+ADD_NORM and NORM_IN (one row; `gemv_norm.py`) fold the residual add + RMSNorm between two GEMVs into their
+epilogues: the producer adds the residual and writes h * w and its programs' sums of squares, the consumer
+scales its sums by 1/rms. Their operands are loaded after `pdl_wait` and before the K loop, and used after it,
+so the loop is the plain one (the same SASS, checked with `benchmarks/sass_gemv.py`); without them the plain
+kernel compiles to the same SASS as before they existed.
 """
 
 from __future__ import annotations
