@@ -185,3 +185,34 @@ def test_norm_fold_in_the_model_matches_the_norm_kernels(one_rank, dtype, rope):
             expected = {"rms_norm": 1, "fused_add_rms_norm": 2 * cfg.num_layers, "rotary_and_write_kv": cfg.num_layers}
             assert calls == expected, calls  # the final norm too
             assert torch.equal(logits[1], logits[0])
+
+
+@torch.no_grad()
+def test_a_layer_without_the_gemv_materializes_a_deferred_norm(one_rank):
+    """A consumer that cannot fold the norm (no decode GEMV here; a quantized method) gets the normed tensor:
+    `DeferredNorm.materialize()`, the RMSNorm of the updated residual, then its own matmul."""
+    from dist_llm.kernels.gemv_norm import gemv_add_norm
+    from dist_llm.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from dist_llm.layers.norm import DeferredNorm, RMSNorm
+
+    ops, dtype = get_ops("triton"), torch.bfloat16
+    g = torch.Generator().manual_seed(3)
+    producer = RowParallelLinear(40, 24, False, dtype, reduce_results=False).to(DEVICE)
+    consumer = ColumnParallelLinear(24, 17, True, dtype).to(DEVICE)
+    norm = RMSNorm(24, 1e-5, dtype, ops).to(DEVICE)
+    for p in (producer.weight, consumer.weight, consumer.bias, norm.weight):
+        p.copy_((torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p is norm.weight else 0.0)).to(dtype))
+    producer.gemv, producer.gemv_add_norm = gemv, gemv_add_norm
+    x = torch.randn(1, 40, generator=g).to(dtype).to(DEVICE)
+    residual = torch.randn(1, 24, generator=g).to(dtype).to(DEVICE)
+    expected_residual = residual.clone()
+    y = producer(x)
+    folded = producer.add_norm(x, residual, norm)
+    assert isinstance(folded, DeferredNorm) and folded.residual is residual
+    ops.fused_add_rms_norm(y, expected_residual, norm.weight, 1e-5)  # in place: y <- the normed residual
+    normed = y
+    assert torch.equal(residual, expected_residual)
+    assert torch.equal(folded.materialize(), normed)
+    assert consumer.gemv is None  # so F.linear, on the materialized norm
+    assert torch.equal(consumer(folded), torch.nn.functional.linear(normed, consumer.weight, consumer.bias))
+    assert producer.add_norm(x.repeat(2, 1), residual.repeat(2, 1), norm) is None  # two tokens: not folded
