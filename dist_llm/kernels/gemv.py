@@ -116,11 +116,18 @@ def _accumulate_w(
 
 
 @triton.jit
-def _store_row(acc, bias, y_row, rn, N, scale=None, NORM_IN: tl.constexpr = False):
+def _dot_rows(acc, scale=None, NORM_IN: tl.constexpr = False):
+    """The tile rows' dot products: acc summed over K; with NORM_IN times the RMSNorm's 1 / rms (`scale`),
+    applied to the dot products of the unscaled (residual * weight) row."""
     y = tl.sum(acc, axis=1)
-    if NORM_IN:  # the RMSNorm's 1 / rms, applied to the dot products of the unscaled (residual * weight) row
+    if NORM_IN:
         y = y * scale
-    y = y + bias
+    return y
+
+
+@triton.jit
+def _store_row(acc, bias, y_row, rn, N, scale=None, NORM_IN: tl.constexpr = False):
+    y = _dot_rows(acc, scale, NORM_IN) + bias
     tl.store(y_row + rn, round_to(y, y_row.dtype.element_ty), mask=rn < N)
 
 
@@ -229,10 +236,7 @@ def _store_rope_kv(
     HALF: tl.constexpr = HEAD_DIM // 2
     PAIRS: tl.constexpr = BLOCK_N // 2
     dtype = y_row.dtype.element_ty
-    y = tl.sum(acc, axis=1)
-    if NORM_IN:
-        y = y * scale
-    y = round_to(y + bias, dtype)  # the value `_store_row` stores, which the rotary reads
+    y = round_to(_dot_rows(acc, scale, NORM_IN) + bias, dtype)  # the value `_store_row` stores, which the rotary reads
     num_pairs = (num_q_heads + num_kv_heads) * HALF
     num_rot_programs = (num_pairs + PAIRS - 1) // PAIRS
     heads_to_write = tl.where(slot >= 0, num_kv_heads, 0)  # slot -1: no cache store

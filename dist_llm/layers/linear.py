@@ -58,18 +58,18 @@ class LinearBase(nn.Module):
     # (`kernels/gemv_norm.gemv_add_norm`), set by the worker with `gemv`; None: the fold is off
     gemv_add_norm = None
 
-    def unfold(self, x: torch.Tensor | DeferredNorm) -> torch.Tensor | DeferredNorm:
-        """x as this layer's method can take it: a quantized method gets a `DeferredNorm` materialized."""
-        if isinstance(x, DeferredNorm) and not isinstance(self.quant_method, UnquantizedLinearMethod):
-            return x.materialize()
-        return x
-
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, quant_method=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.quant_method = quant_method or UnquantizedLinearMethod()
         self.quant_method.create_weights(self, in_features, out_features, dtype)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def unfold(self, x: torch.Tensor | DeferredNorm) -> torch.Tensor | DeferredNorm:
+        """x as this layer's method can take it: a quantized method gets a `DeferredNorm` materialized."""
+        if isinstance(x, DeferredNorm) and not isinstance(self.quant_method, UnquantizedLinearMethod):
+            return x.materialize()
+        return x
 
 
 class ColumnParallelLinear(LinearBase):
@@ -153,9 +153,9 @@ class RowParallelLinear(LinearBase):
             return None
         if self.bias is not None or not isinstance(self.quant_method, UnquantizedLinearMethod):
             return None
-        if x.shape[0] != 1 or not takes_gemv(self, x):
+        if not takes_gemv(self, x):
             return None
-        from dist_llm.kernels.gemv_norm import gemv_add_norm_supported
+        from dist_llm.kernels.gemv_norm import gemv_add_norm_supported  # one token, operands it takes
 
         if not gemv_add_norm_supported(x, self.weight, residual, norm.weight, act):
             return None
