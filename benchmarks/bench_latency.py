@@ -16,7 +16,16 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import copy_bandwidth_gbs, header, hf_generate_tok_s, print_kernels, profile_decode, write_json  # noqa: E402
+from common import (  # noqa: E402
+    copy_bandwidth_gbs,
+    graph_step_us,
+    header,
+    hf_generate_tok_s,
+    print_kernels,
+    print_timeline,
+    profile_decode,
+    write_json,
+)
 
 
 def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str, overlap: bool, kv_cache_dtype: str):
@@ -114,13 +123,16 @@ def main():
     for r in rows:
         r["roofline_tok_s_per_seq"] = bw * 1e9 / r["step_bytes"]
         r["pct_roofline"] = 100 * r["decode_tok_s_per_seq"] / r["roofline_tok_s_per_seq"]
-    prof = profile_decode(runner)["kernels"]
+    profiled = profile_decode(runner)
+    prof, timeline = profiled["kernels"], profiled["timeline"]
+    graph_us = graph_step_us(runner)
     gpu_us = sum(k["us_per_step"] for k in prof)
     runner.shutdown()
     result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs, "decode_gemv": gemv, "pdl": pdl,
               "overlap": not args.disable_overlap_scheduler, "gpu_us_per_step_batch1": gpu_us,
               "copy_gb_s": bw, "copy_gb_s_readings": bw_readings, "weight_gb": wbytes / 1e9, "startup_s": startup_s,
               "hf_eager_tok_s": hf, "rows": rows, "profile_batch1": prof,
+              "timeline_batch1": timeline, "graph_step_us_batch1": graph_us,
               "command": "python " + " ".join(sys.argv)}
     write_json(args.output_dir, f"latency_{tag}.json", result)
     print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}  {info['date']}")
@@ -141,6 +153,11 @@ def main():
     caveat = " (with PDL a kernel's time includes its wait for the one before: times overlap)" if pdl else ""
     print(f"\nbatch 1: GPU kernel time {gpu_us:.0f} us per step of {step_us:.0f} us{caveat}; top kernels:")
     print_kernels(prof[:15])
+    if timeline["span_us_per_step"]:
+        print_timeline(timeline)
+    if graph_us:
+        print(f"batch-1 graph replayed back to back: {graph_us['replay_us']:.1f} us/step alone, "
+              f"{graph_us['copies_replay_us']:.1f} with the step's two copies; the decode loop: {step_us:.1f}")
 
 
 if __name__ == "__main__":

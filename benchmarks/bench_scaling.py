@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import copy_bandwidth_gbs, header, print_kernels, write_json  # noqa: E402
+from common import copy_bandwidth_gbs, header, print_kernels, print_timeline, write_json  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scaling_worker.py")
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -135,6 +135,8 @@ def print_profile(prof: dict, top: int = 12) -> None:
     print(f"  rank 0, batch 1: wall {prof['wall_us_per_step']:.0f} us/step, GPU kernels "
           f"{prof['kernel_us_per_step']:.0f} us/step; host us/step: {host}")
     print_kernels(prof["kernels"][:top], indent="    ")
+    if prof.get("timeline", {}).get("span_us_per_step"):
+        print_timeline(prof["timeline"], indent="    ")
 
 
 def weight_and_kv_bytes(cfg, tp: int, pp: int, elem: int, context: int) -> list[int]:

