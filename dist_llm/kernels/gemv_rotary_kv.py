@@ -116,7 +116,7 @@ def gemv_rotary_kv(
         out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     assert out.shape == (1, n) and out.dtype == x.dtype and out.device == x.device, "out must be [1, N] in x.dtype"
     assert out.stride(1) == 1, f"out must be contiguous in its last dim, strides {out.stride()}"
-    block_n, block_k, num_warps = _gemv._config(1, n, k, x.element_size())  # the plain call's: same sums
+    block_n, block_k, num_warps = _gemv._config(1, n, k, x.element_size(), _gemv.card(x.device))  # the plain call's
     num_pairs = (num_q_heads + num_kv_heads) * (head_dim // 2)
     grid = (triton.cdiv(num_pairs, block_n // 2) + triton.cdiv(num_kv_heads * head_dim, block_n),)
     _gemv._gemv_kernel[grid](
