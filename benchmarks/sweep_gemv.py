@@ -58,7 +58,7 @@ def sweep(b: Bench, name: str, shape: tuple[int, int, str | None], tp: int = 1) 
     out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
     gb = n * k * 2 / 1e3  # GB/s = gb / µs
     ref = G.gemv(x, weights[0], act=act).float()
-    row = {"n": n, "k": k, "act": act, "current": list(G._config(1, n, k)),
+    row = {"n": n, "k": k, "act": act, "current": list(G._config(1, n, k, 2, G.card(dev))),
            "current_gb_s": gb / graph_time_us(b, [lambda w=w: G.gemv(x, w, out=out, act=act) for w in weights])}
     if act is None:
         row["cublas_gb_s"] = gb / graph_time_us(b, [lambda w=w: F.linear(x, w, out=out) for w in weights])
