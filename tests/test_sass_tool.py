@@ -37,14 +37,7 @@ def test_norm_fold_epilogues_keep_the_plain_gemv_occupancy():
     than the plain GEMV (to the allocation unit of 8) and spill nothing; the caps matter (uncapped, they need more)."""
     if not (BIN / "ptxas").exists() or not (BIN / "nvdisasm").exists():
         pytest.skip("this Triton build has no bundled ptxas / nvdisasm")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sass_gemv.py")], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    table = {}
-    for line in out.stdout.splitlines()[2:]:
-        proj, epilogue, regs, spills, _ = line.strip("| ").split(" | ")
-        table[proj, epilogue] = int(regs), int(spills)
+    table = _sass_gemv_table()
     capped = [(p, e) for p, e in table if "maxnreg" in e]
     assert {p for p, _ in capped} == {"down", "gate_up", "lm_head"}, table
     for proj, epilogue in capped:
@@ -52,3 +45,28 @@ def test_norm_fold_epilogues_keep_the_plain_gemv_occupancy():
         regs, spills = table[proj, epilogue]
         assert regs <= -(-plain_regs // 8) * 8 and spills == 0, (proj, table)
         assert table[proj, epilogue.split()[0]][0] > regs, (proj, table)  # uncapped it would take more
+
+
+def _sass_gemv_table(*args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)  # this tree's dist_llm, whatever the environment has installed
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sass_gemv.py"), *args], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = {}
+    for line in out.stdout.splitlines()[2:]:
+        proj, epilogue, regs, spills, _ = line.strip("| ").split(" | ")
+        table[proj, epilogue] = int(regs), int(spills)
+    return table
+
+
+def test_the_h100_gemv_configs_spill_nothing():
+    """The H100's own one-row configs (`gemv._TUNED_ONE_ROW_BY_CARD`): the folded-norm consumers (qkv, gate_up, LM
+    head) stay within the plain kernel's register allocation unit and nothing spills."""
+    if not (BIN / "ptxas").exists() or not (BIN / "nvdisasm").exists():
+        pytest.skip("this Triton build has no bundled ptxas / nvdisasm")
+    table = _sass_gemv_table("--card", "H100")
+    assert all(spills == 0 for _, spills in table.values()), table
+    for proj in ("qkv", "gate_up", "lm_head"):
+        plain, folded = table[proj, "plain"][0], table[proj, "norm_in"][0]
+        assert folded <= -(-plain // 8) * 8 + 8, (proj, table)
