@@ -405,6 +405,12 @@ def card(device: torch.device) -> str:
     return _card_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def launch_config(x: torch.Tensor, n: int, k: int) -> tuple[int, int, int]:
+    """`_config` for x [M, K] against an [n, k] weight on x's device (its card's table, if it has one): what every
+    launch of `_gemv_kernel` takes, and what sizes the norm fold's per-program partials."""
+    return _config(x.shape[0], n, k, x.element_size(), card(x.device))
+
+
 def _config(m: int, n: int, k: int, elem_bytes: int = 2, card: str = "") -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps), a fixed function of the shape.
 
@@ -418,7 +424,8 @@ def _config(m: int, n: int, k: int, elem_bytes: int = 2, card: str = "") -> tupl
       N > 4K        (gate_up, LM head)     8 rows x 512, 4 warps: thousands of programs
     Each keeps BLOCK_N * BLOCK_K / (32 * num_warps) = 64 fp32 accumulator registers per thread or fewer.
     Shapes in `_TUNED_ONE_ROW` (other layouts' shards, where the rule is far off) take their measured best, and
-    on a card of `_TUNED_ONE_ROW_BY_CARD` (`card`, from `card(device)`) so do the shapes it lists.
+    on a card of `_TUNED_ONE_ROW_BY_CARD` (`card`; launches pass theirs through `launch_config`) so do the shapes it
+    lists.
     More rows, or fp32: BLOCK_K = 512 at 8 warps, BLOCK_N = 8 (16 for wide N at M <= 2), so that
     M * BLOCK_N * 2 accumulator registers per thread stay <= 64."""
     if m == 1 and elem_bytes == 2 and (n, k) in _TUNED_ONE_ROW_BY_CARD.get(card, {}):
@@ -542,7 +549,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.dtype == x.dtype and out.device == x.device, "out must be [M, N] in x.dtype"
     assert out.stride(1) == 1 or n == 1, f"out must be contiguous in its last dim, strides {out.stride()}"
-    block_n, block_k, num_warps = _config(m, n, k, x.element_size(), card(x.device))
+    block_n, block_k, num_warps = launch_config(x, n, k)
     cap = _FOLD_MAX_REGISTERS.get((block_n, block_k, num_warps)) if x.is_cuda and _FOLD_CAP else None
     if cap and (epilogue.get("ADD_NORM") or epilogue.get("NORM_IN")):
         epilogue = {**epilogue, "maxnreg": cap}

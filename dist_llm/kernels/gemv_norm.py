@@ -71,7 +71,7 @@ def gemv_add_norm(
         f"norm_weight {tuple(norm_weight.shape)} {norm_weight.dtype} (see gemv_add_norm_supported)"
     )
     n, k = weight.shape
-    block_n = _gemv._config(1, n, k, x.element_size(), _gemv.card(x.device))[0]
+    block_n = _gemv.launch_config(x, n, k)[0]  # the launch's: one partial a program
     hw = torch.empty_like(residual)
     partials = torch.empty(triton.cdiv(n, block_n), dtype=torch.float32, device=x.device)
     _gemv.launch(

@@ -3,7 +3,7 @@ epilogue, one launch where `gemv` then `rotary_and_write_kv` take two.
 
 At decode a launch costs about 1.5-2 us of fixed latency even with PDL, as much as the rotary kernel's
 work, so folding it into the GEMV saves one launch per layer. The GEMV (`gemv._gemv_kernel` with
-ROPE_KV) keeps the plain call's launch config (`_config(1, N, K)`), K loop and weight prefetch; only the
+ROPE_KV) keeps the plain call's launch config (`gemv.launch_config`), K loop and weight prefetch; only the
 rows each program owns and its epilogue change:
 
   rows      q and k heads (neox layout: dim i pairs with i + D/2) are split into rotary pairs, and a
@@ -116,7 +116,7 @@ def gemv_rotary_kv(
         out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     assert out.shape == (1, n) and out.dtype == x.dtype and out.device == x.device, "out must be [1, N] in x.dtype"
     assert out.stride(1) == 1, f"out must be contiguous in its last dim, strides {out.stride()}"
-    block_n, block_k, num_warps = _gemv._config(1, n, k, x.element_size(), _gemv.card(x.device))  # the plain call's
+    block_n, block_k, num_warps = _gemv.launch_config(x, n, k)  # the plain call's: same sums
     num_pairs = (num_q_heads + num_kv_heads) * (head_dim // 2)
     grid = (triton.cdiv(num_pairs, block_n // 2) + triton.cdiv(num_kv_heads * head_dim, block_n),)
     _gemv._gemv_kernel[grid](
