@@ -146,10 +146,8 @@ def graph_step_us(runner, iters: int = 200) -> dict | None:
     graph = gr.graphs.get((1, "greedy")) if gr is not None else None
     if graph is None:
         return None
-    end = gr.inputs.table_offset + gr.inputs.table_row_bytes
     variants = {"replay": lambda: graph.replay(),
-                "copies_replay": lambda: (gr.inputs.buffer[:end].copy_(gr.inputs._host[0][:end], non_blocking=True),
-                                          graph.replay(), w.token_return.start(gr.tokens[:1]))}
+                "copies_replay": lambda: (gr.inputs.upload(0, 1), graph.replay(), w.token_return.start(gr.tokens[:1]))}
     out = {}
     for name, fn in variants.items():
         for _ in range(10):
