@@ -52,13 +52,17 @@ gather_ab() { local G KV D L; for G in token tile; do for KV in fp8:hnd auto:nhd
     TAIL=8 DIST_LLM_DECODE_ATTN_GATHER=$G step "sweep_${D}_${L}_$G" "$2" python3 benchmarks/sweep_decode_attention.py \
         --output_dir "$OUT/sweep_$G" --kv_cache_dtype "$D" --kv_layout "$L" --configs "$1"
 done; done; }
+# batch 1 (median of REPEATS) with the environment variable VAR at each VALUE, alternating, ROUNDS times; results in
+# latency_<TAG><VALUE>_<round>: latency_ab TAG VAR ROUNDS REPEATS VALUE...
+latency_ab() { local tag=$1 var=$2 rounds=$3 repeats=$4 R V; shift 4
+    for R in $(seq "$rounds"); do for V in "$@"; do
+        TAIL=2 step "latency_$tag${V}_$R" 60 env "$var=$V" python3 benchmarks/bench_latency.py --batch_sizes 1 \
+            --skip_hf --repeats "$repeats" --output_dir "$OUT/latency_$tag${V}_$R"
+        grep -ah "^| 1 \|back to back" "$OUT/latency_$tag${V}_$R.log"
+    done; done; }
 # an H200's batch 1 without and with the norm fold (DIST_LLM_GEMV_NORM), twice, then the fold's tests
 h200_fold() {
-    LAT="benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 --output_dir"
-    for R in 1 2; do for V in 0 1; do
-        TAIL=2 DIST_LLM_GEMV_NORM=$V step "latency_norm${V}_$R" 60 python3 $LAT "$OUT/latency_norm${V}_$R"
-        grep -ah "^| 1 " "$OUT/latency_norm${V}_$R.log"
-    done; done
+    latency_ab norm DIST_LLM_GEMV_NORM 2 5 0 1
     TAIL=4 step pytest_fold 150 python3 -m pytest -q -p no:cacheprovider tests/test_decode_fusions.py \
         tests/test_kernels_gemv_norm.py
     grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_fold.log" | head -8
@@ -291,17 +295,9 @@ s15d)  # about 2 minutes (8 more on an H200: s15c first): batch 1 with the profi
         --output_dir "$OUT/latency_gaps" ;;
 s15e)  # an H200 only (about 2 minutes): batch 1 without and with the norm fold, twice; elsewhere nothing
     grep -q H200 "$OUT/gpus.txt" || { echo "not an H200: nothing to run"; exit 0; }
-    for R in 1 2; do for V in 0 1; do
-        TAIL=2 DIST_LLM_GEMV_NORM=$V step "latency_norm${V}_$R" 60 python3 benchmarks/bench_latency.py --batch_sizes 1 \
-            --skip_hf --repeats 3 --output_dir "$OUT/latency_norm${V}_$R"
-        grep -ah "^| 1 \|back to back" "$OUT/latency_norm${V}_$R.log"
-    done; done ;;
+    latency_ab norm DIST_LLM_GEMV_NORM 2 3 0 1 ;;
 card_ab)  # about 4 minutes: batch 1 with the GEMV configs of this card's table and with the rule, twice; GEMV tests
-    for R in 1 2; do for V in 0 1; do
-        TAIL=2 DIST_LLM_GEMV_CARD=$V step "latency_card${V}_$R" 60 python3 benchmarks/bench_latency.py --batch_sizes 1 \
-            --skip_hf --repeats 3 --output_dir "$OUT/latency_card${V}_$R"
-        grep -ah "^| 1 \|back to back" "$OUT/latency_card${V}_$R.log"
-    done; done
+    latency_ab card DIST_LLM_GEMV_CARD 2 3 0 1
     TAIL=4 step pytest_gemv 120 python3 -m pytest -q -p no:cacheprovider -k "llama7b or card or consumer or norm_fold" \
         tests/test_kernels_gemv.py \
         tests/test_kernels_gemv_norm.py tests/test_decode_fusions.py
