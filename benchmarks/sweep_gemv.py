@@ -8,13 +8,20 @@ how the one-row rules and the table in `dist_llm/kernels/gemv.py:_config` were c
 
 `--tp N` sweeps one rank's shard at tensor parallelism N: N divided for the column-parallel projections
 (qkv, gate_up, LM head), K for the row-parallel ones (o, down).
+
+`--write_table FILE` writes this card's one-row table for `DIST_LLM_GEMV_TABLE=FILE`: each swept shape whose best
+config (at the stage count the model launches) beats the rule by 1% or more. That is how a GPU other than the ones
+`gemv._TUNED_ONE_ROW_BY_CARD` names gets its own configs without a code change.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -82,12 +89,39 @@ def sweep(b: Bench, name: str, shape: tuple[int, int, str | None], tp: int = 1) 
     return row
 
 
+MIN_GAIN = 1.01  # a table entry must beat the rule by this much: smaller gaps are run-to-run spread
+
+
+def card_table(rows: dict, card: str, num_stages: int) -> dict:
+    """The `load_card_table` form of a sweep: per shape, its best config at `num_stages` where it beats the rule's."""
+    from dist_llm.kernels import gemv as G
+
+    entries = []
+    for r in rows.values():
+        at = {(c["block_n"], c["block_k"], c["num_warps"]): c["gb_s"] for c in r["configs"]
+              if c["num_stages"] == num_stages}
+        rule = G._config(1, r["n"], r["k"], 2, "")
+        best = max(at, key=at.get)
+        if rule not in at or at[best] >= MIN_GAIN * at[rule]:
+            entries.append([r["n"], r["k"], *best])
+    return {"card": card, "one_row": entries}
+
+
+def write_table(path: str, table: dict) -> None:
+    """Atomically: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(table, f)
+    os.replace(tmp, path)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--model", default="llama-2-7b", help="a preset of dist_llm/checkpoint/presets.py")
     p.add_argument("--shapes", default=",".join(NAMES), help=f"comma-separated, of {', '.join(NAMES)}")
     p.add_argument("--tp", type=int, default=1, choices=[1, 2, 4, 8], help="sweep one rank's shard at this tp")
+    p.add_argument("--write_table", metavar="FILE", help="write this card's table for DIST_LLM_GEMV_TABLE=FILE")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("sweep_gemv.py needs a CUDA GPU")
@@ -101,6 +135,12 @@ def main():
     b.rep_s = 0.02  # ~60 configs a shape: a short loop of graph replays each is enough at these sizes
     rows = {name: sweep(b, name, model_shapes[name], args.tp) for name in names}
     command = "python " + " ".join(sys.argv)
+    if args.write_table:
+        from dist_llm.kernels import gemv as G
+
+        table = card_table(rows, torch.cuda.get_device_name().removeprefix("NVIDIA "), G._NUM_STAGES)
+        write_table(args.write_table, table)
+        print(f"wrote {args.write_table}: {table}")
     write_json(args.output_dir, "gemv_sweep.json",
                {**info, "model": args.model, "tp": args.tp, "shapes": rows, "command": command})
     print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}  {info['date']}  {args.model} tp={args.tp}")

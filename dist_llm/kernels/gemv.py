@@ -40,6 +40,7 @@ kernel compiles to the same SASS as before they existed.
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import torch
@@ -390,6 +391,46 @@ _TUNED_ONE_ROW_BY_CARD = {
     },
 }
 _BY_CARD = os.environ.get("DIST_LLM_GEMV_CARD", "1")  # "0": the rule on every card (A/B runs)
+_POW2 = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def load_card_table(path: str) -> dict[str, dict[tuple[int, int], tuple[int, int, int]]]:
+    """A card's one-row configs from a JSON file that `benchmarks/sweep_gemv.py --write_table` wrote on that card:
+    {"card": "<device name, less 'NVIDIA '>", "one_row": [[N, K, BLOCK_N, BLOCK_K, num_warps], ...]}. Given as
+    DIST_LLM_GEMV_TABLE, it takes precedence over the built-in table on every GPU whose name contains its card."""
+    hint = "write one on the GPU with: python benchmarks/sweep_gemv.py --output_dir DIR --write_table FILE"
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"DIST_LLM_GEMV_TABLE={path}: cannot read it ({type(e).__name__}: {e}); {hint}") from None
+    card_name, rows = (data.get("card"), data.get("one_row")) if isinstance(data, dict) else (None, None)
+    if not isinstance(card_name, str) or not card_name or not isinstance(rows, list):
+        raise ValueError(
+            f'DIST_LLM_GEMV_TABLE={path}: expected {{"card": str, "one_row": [[N, K, BLOCK_N, '
+            f"BLOCK_K, num_warps], ...]}}; {hint}"
+        )
+    table = {}
+    for row in rows:
+        ok = isinstance(row, list) and len(row) == 5 and all(isinstance(v, int) and v > 0 for v in row)
+        if not ok or row[2] not in _POW2 or row[3] not in _POW2 or row[4] not in (1, 2, 4, 8, 16):
+            raise ValueError(
+                f"DIST_LLM_GEMV_TABLE={path}: bad entry {row!r}: want [N, K, BLOCK_N, BLOCK_K, "
+                "num_warps], BLOCK_N and BLOCK_K powers of two (4-1024), num_warps 1-16; " + hint
+            )
+        table[row[0], row[1]] = tuple(row[2:])
+    return {card_name: table}
+
+
+def _with_file_table(builtin: dict, path: str | None) -> dict:
+    """The built-in tables, with DIST_LLM_GEMV_TABLE's card first (matched first, see `_card_of`)."""
+    if not path:
+        return builtin
+    table = load_card_table(path)
+    return {**table, **{k: v for k, v in builtin.items() if k not in table}}
+
+
+_TUNED_ONE_ROW_BY_CARD = _with_file_table(_TUNED_ONE_ROW_BY_CARD, os.environ.get("DIST_LLM_GEMV_TABLE"))
 
 
 @functools.cache
