@@ -94,7 +94,7 @@ class DecodeGraphRunner:
         )
 
     def _capture(self, bucket: int, mode: str) -> torch.cuda.CUDAGraph:
-        self.inputs.pad(0, bucket)  # padding rows write no KV and attend to one token of block 0
+        self.inputs.pad()  # padding rows write no KV and attend to one token of block 0
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -132,7 +132,8 @@ class DecodeGraphRunner:
             saved = self.tokens.clone()
             self.graphs[key] = self._capture(bucket, plan.sampling_mode)
             self.tokens.copy_(saved)
-        self.inputs.load(plan, bucket)
+        values = {name: getattr(plan, name) for name, *_ in self.inputs.fields}
+        self.inputs.load(values, {"row": (b, bucket)}, plan.block_tables, bucket)
         if self.mode == "static":
             self._forward(bucket, plan.sampling_mode)
         else:

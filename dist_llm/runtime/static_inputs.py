@@ -1,13 +1,16 @@
-"""The decode graphs' per-step inputs: one device buffer, filled by one host-to-device copy a step.
+"""The graphs' per-step inputs: one device buffer, filled by one host-to-device copy a step.
 
-Every per-step tensor the captured graphs read (input ids, positions, slots, lengths, sampling
-parameters, block tables) is a view into one byte buffer on the device. The host fills a pinned mirror
-of it, padding rows included, and one asynchronous copy moves the live prefix. Copies from pageable
-memory would make each of the ~11 small copies wait for the stream (the driver stages them), so the
-host could not run a step ahead of the GPU; pinned memory keeps the copy asynchronous.
+Every per-step tensor a captured graph (or the eager kernels between a piecewise step's graphs) reads
+(input ids, positions, slots, lengths, sampling parameters, block tables) is a view into one byte buffer on
+the device. The host fills a pinned mirror of it, padding included, and one asynchronous copy moves the live
+prefix. Copies from pageable memory would make each of the ~11 small copies wait for the stream (the driver
+stages them), so the host could not run a step ahead of the GPU; pinned memory keeps the copy asynchronous.
 
 Two pinned mirrors are used in turn, each with an event recorded after its copy: the host may be one
 step ahead of the GPU, so it refills a mirror only once the copy that read it two steps ago has run.
+
+A field counts rows (sequences), rows + 1 (`cu_seqlens_q`) or tokens: `sizes` gives the largest count of
+each. block_tables, [rows, max_blocks], comes last, so a step copies only its live rows of it.
 """
 
 from __future__ import annotations
@@ -16,83 +19,88 @@ import math
 
 import torch
 
-# name, dtype, value in padding rows (and at start-up); block_tables comes last (its rows are copied up
-# to the bucket only)
-ROW_FIELDS = (
-    ("input_ids", torch.int64, 0),
-    ("positions", torch.int64, 0),
-    ("slot_mapping", torch.int64, -1),  # padding rows write no KV
-    ("seq_lens", torch.int32, 1),  # and attend to one token of block 0
-    ("temperature", torch.float32, 0.0),
-    ("top_k", torch.int32, 0),
-    ("top_p", torch.float32, 1.0),
-    ("seeds", torch.int64, 0),
-    ("offsets", torch.int64, 0),
-    ("prev_index", torch.int64, -1),
+# the decode graphs' fields: name, dtype, value in padding rows (and at start-up), what the length counts
+DECODE_FIELDS = (
+    ("input_ids", torch.int64, 0, "row"),
+    ("positions", torch.int64, 0, "row"),
+    ("slot_mapping", torch.int64, -1, "row"),  # padding rows write no KV
+    ("seq_lens", torch.int32, 1, "row"),  # and attend to one token of block 0
+    ("temperature", torch.float32, 0.0, "row"),
+    ("top_k", torch.int32, 0, "row"),
+    ("top_p", torch.float32, 1.0, "row"),
+    ("seeds", torch.int64, 0, "row"),
+    ("offsets", torch.int64, 0, "row"),
+    ("prev_index", torch.int64, -1, "row"),
 )
 _ALIGN = 256
 
 
-def _layout(max_bs: int, max_blocks: int) -> tuple[dict[str, tuple[int, torch.dtype, tuple]], int]:
-    """{name: (byte offset, dtype, shape)} and the total size in bytes; block_tables starts where the row
-    fields end."""
-    fields, off = {}, 0
-    for name, dtype, _ in ROW_FIELDS:
-        fields[name] = (off, dtype, (max_bs,))
-        off += -(-max_bs * dtype.itemsize // _ALIGN) * _ALIGN
-    fields["block_tables"] = (off, torch.int32, (max_bs, max_blocks))
-    return fields, off + max_bs * max_blocks * 4
+def _layout(fields, sizes: dict[str, int], max_blocks: int) -> tuple[dict[str, tuple[int, torch.dtype, tuple]], int]:
+    """{name: (byte offset, dtype, shape)} and the total size in bytes; block_tables starts where the fields end."""
+    layout, off = {}, 0
+    for name, dtype, _, kind in fields:
+        n = sizes["row"] + 1 if kind == "row+1" else sizes[kind]
+        layout[name] = (off, dtype, (n,))
+        off += -(-n * dtype.itemsize // _ALIGN) * _ALIGN
+    layout["block_tables"] = (off, torch.int32, (sizes["row"], max_blocks))
+    return layout, off + sizes["row"] * max_blocks * 4
 
 
-def _views(buf: torch.Tensor, fields) -> dict[str, torch.Tensor]:
+def _views(buf: torch.Tensor, layout) -> dict[str, torch.Tensor]:
     return {name: buf[off : off + dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
-            for name, (off, dtype, shape) in fields.items()}  # fmt: skip
+            for name, (off, dtype, shape) in layout.items()}  # fmt: skip
 
 
 class StaticInputs:
-    def __init__(self, max_bs: int, max_blocks: int, device: torch.device):
-        self.fields, nbytes = _layout(max_bs, max_blocks)
-        self.table_offset, self.table_row_bytes = self.fields["block_tables"][0], max_blocks * 4
+    def __init__(self, max_bs: int, max_blocks: int, device: torch.device, fields=DECODE_FIELDS,
+                 max_tokens: int = 0):  # fmt: skip
+        self.fields = fields
+        self.layout, nbytes = _layout(fields, {"row": max_bs, "token": max_tokens}, max_blocks)
+        self.table_offset, self.table_row_bytes = self.layout["block_tables"][0], max_blocks * 4
         self.buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        self.dev = _views(self.buffer, self.fields)  # what the graphs read
+        self.dev = _views(self.buffer, self.layout)  # what the graphs read
         cuda = device.type == "cuda"
         self._host = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
-        self._host_views = [_views(h, self.fields) for h in self._host]
+        self._host_views = [_views(h, self.layout) for h in self._host]
         self._copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self._turn = 0
         for views in [self.dev, *self._host_views]:
-            for name, _, pad in ROW_FIELDS:
+            for name, _, pad, _ in fields:
                 views[name].fill_(pad)
 
-    def pad(self, start: int, end: int) -> None:
-        """Padding values in rows [start, end) of the device buffers (for captures)."""
-        for name, _, pad in ROW_FIELDS:
-            self.dev[name][start:end] = pad
-        self.dev["block_tables"][start:end] = 0
+    def pad(self) -> None:
+        """Padding values in every entry of the device buffers (for captures)."""
+        for name, _, pad, _ in self.fields:
+            self.dev[name].fill_(pad)
+        self.dev["block_tables"].zero_()
 
-    def load(self, plan, bucket: int) -> None:
-        """The plan's b rows, then padding up to `bucket`, into the device buffers with one copy."""
-        b, nb = plan.batch_size, plan.block_tables.shape[1]
+    def load(self, values: dict, counts: dict[str, tuple[int, int]], block_tables: torch.Tensor,
+             table_rows: int) -> None:  # fmt: skip
+        """Each field's value (a CPU tensor; None: padding throughout) in its first entries, then padding up to
+        the padded count of its kind (`counts`: {kind: (live, padded)}); block_tables' rows, then zero rows up
+        to `table_rows`; all into the device buffers with one copy."""
         turn = self._turn
         self._turn ^= 1
         if self._copied[turn] is not None:
             self._copied[turn].synchronize()  # the copy that last read this mirror has run
         h = self._host_views[turn]
-        for name, _, pad in ROW_FIELDS:
-            src = getattr(plan, name)
+        for name, _, pad, kind in self.fields:
+            live, padded = counts[kind]
+            src = values[name]
             if src is None:  # prev_index: every input id is known
-                h[name][:b] = pad
+                h[name][:live] = pad
             else:
-                h[name][:b] = src
-            h[name][b:bucket] = pad
-        h["block_tables"][:b, :nb] = plan.block_tables
-        h["block_tables"][b:bucket] = 0
-        self.upload(turn, bucket)
+                h[name][:live] = src
+            h[name][live:padded] = pad
+        b, nb = block_tables.shape
+        h["block_tables"][:b, :nb] = block_tables
+        h["block_tables"][b:table_rows] = 0
+        self.upload(turn, table_rows)
         if self._copied[turn] is not None:
             self._copied[turn].record()
 
-    def upload(self, turn: int, bucket: int) -> None:
-        """Host mirror `turn` to the device buffers, `bucket` rows, in one non-blocking copy: the row fields whole,
-        the block table's live rows. (`load` fills the mirror first; benchmarks replay a step's copy with it.)"""
-        end = self.table_offset + bucket * self.table_row_bytes
+    def upload(self, turn: int, table_rows: int) -> None:
+        """Host mirror `turn` to the device buffers in one non-blocking copy: the fields whole, the block
+        table's first `table_rows` rows. (`load` fills the mirror first; benchmarks replay a step's copy with it.)"""
+        end = self.table_offset + table_rows * self.table_row_bytes
         self.buffer[:end].copy_(self._host[turn][:end], non_blocking=True)
