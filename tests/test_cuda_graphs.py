@@ -11,6 +11,7 @@ import torch
 from conftest import PROMPTS, convert_and_build, run_dist
 
 from dist_llm.runtime.cuda_graphs import batch_buckets
+from dist_llm.runtime.piecewise_graphs import token_buckets
 
 
 def test_buckets_cover_every_batch_size():
@@ -23,6 +24,18 @@ def test_buckets_cover_every_batch_size():
         assert all(any(b >= n for b in buckets) for n in range(1, max_bs + 1))
 
 
+def test_token_buckets_cover_every_step_size():
+    assert token_buckets(16) == [16]
+    assert token_buckets(100) == [16, 32, 64, 100]
+    assert token_buckets(512) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
+    for max_tokens in (16, 17, 130, 200, 512, 1000):
+        buckets = token_buckets(max_tokens)
+        assert buckets == sorted(set(buckets)) and buckets[-1] == max_tokens
+        assert all(any(b >= n for b in buckets) for n in range(1, max_tokens + 1))
+    with pytest.raises(ValueError, match="max_tokens >= 16"):
+        token_buckets(8)
+
+
 def staggered_outputs(runner, requests, graphs_on: bool, steps_between: int = 3, overlap: bool = True
                       ) -> list[list[int]]:
     """Requests join one by one while the others decode, so batch sizes (and buckets) keep changing."""
@@ -30,8 +43,9 @@ def staggered_outputs(runner, requests, graphs_on: bool, steps_between: int = 3,
     from dist_llm.runtime.sequence import SamplingParams, Sequence
 
     worker = runner.executor.worker
-    saved = worker.graph_runner
-    worker.graph_runner = saved if graphs_on else None
+    saved = worker.graph_runner, worker.piecewise_runner
+    if not graphs_on:
+        worker.graph_runner = worker.piecewise_runner = None
     try:
         ex = Executor(worker, runner.engine, runner.executor.block_manager.num_blocks, runner.tokenizer,
                       overlap=overlap)
@@ -45,7 +59,7 @@ def staggered_outputs(runner, requests, graphs_on: bool, steps_between: int = 3,
             ex.step()
         return [s.output_token_ids for s in seqs]
     finally:
-        worker.graph_runner = saved
+        worker.graph_runner, worker.piecewise_runner = saved
 
 
 def make_requests(vocab: int, n: int, max_new: int):
@@ -77,6 +91,7 @@ def test_static_path_matches_eager(kernels, n, max_new, min_static, tiny_models,
         eager = staggered_outputs(runner, reqs, graphs_on=False, overlap=False)
         static = staggered_outputs(runner, reqs, graphs_on=True)
         assert runner.executor.worker.graph_runner.steps_run >= min_static  # decode steps took the static path
+        assert runner.executor.worker.piecewise_runner.steps_run >= n  # and prompts the piecewise one
         runner.shutdown()
     finally:
         destroy()
@@ -122,10 +137,23 @@ def test_captured_graphs_match_eager_over_256_steps(batch, tiny_models, tmp_path
         # last bits follow its batch's size, as in any runtime that picks kernels by batch size; without overlap
         # a finished request leaves a step earlier, and steps would differ in size
         eager = staggered_outputs(runner, reqs, graphs_on=False, overlap=True)
+        worker = runner.executor.worker
+        warmup_steps = worker.piecewise_runner.steps_run  # start-up's compile warm-up runs through it
         graphs = staggered_outputs(runner, reqs, graphs_on=True)
-        assert len(runner.executor.worker.graph_runner.graphs) > 0
+        assert len(worker.graph_runner.graphs) > 0
+        # the prompts (alone, and beside the decode rows of requests already running) replayed piecewise graphs
+        assert len(worker.piecewise_runner.graphs) == len(worker.piecewise_runner.buckets)
+        assert worker.piecewise_runner.steps_run - warmup_steps >= batch
         runner.shutdown()
     finally:
         destroy()
         torch.cuda.empty_cache()
     assert graphs == eager
+
+
+def test_piecewise_max_tokens_is_checked():
+    from dist_llm.errors import DistLLMError
+    from dist_llm.runtime import ModelRunner
+
+    with pytest.raises(DistLLMError, match="--piecewise_graph_max_tokens must be 0 .off. or at least 16"):
+        ModelRunner.from_dir("/nonexistent/engine", piecewise_graph_max_tokens=8)

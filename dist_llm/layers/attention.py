@@ -62,7 +62,17 @@ class Attention(nn.Module):
                 positions, q, k, v, rope.cos_sin_cache, rope.is_neox, self.k_cache, self.v_cache, md.slot_mapping,
                 **scales,
             )
+        if md.piecewise is not None:  # a piecewise-graph step: its graph ends here, `attend` runs between replays
+            return md.piecewise.attention(self, q)
         out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
+        self.attend(q, out, md)
+        return out.view(q.shape[0], self.num_heads * self.head_dim)
+
+    def attend(self, q: torch.Tensor, out: torch.Tensor, md) -> None:
+        """The attention kernels over the cache, q [T, Hq, D] (rotated, the step's K/V written) -> out [T, Hq, D]:
+        the rows of one query token through the decode kernel, the prompt chunks through the context kernel.
+        Only the rows of the step's sequences are written."""
+        scales = {"k_scale": self.k_scale, "v_scale": self.v_scale}
         batch = md.seq_lens.shape[0]
         nd = batch if md.is_decode else md.num_decode_rows
         if nd:  # one query token per row: rows and tokens coincide, so the leading rows are q[:nd]
@@ -75,4 +85,3 @@ class Attention(nn.Module):
                 q, self.k_cache, self.v_cache, md.block_tables, md.seq_lens, md.cu_seqlens_q,
                 md.max_seqlen_q, self.scale, out, **scales, first_row=nd,
             )
-        return out.view(q.shape[0], self.num_heads * self.head_dim)

@@ -22,6 +22,8 @@ class AttentionMetadata:
     # a mixed step's leading rows of one query token each (decode rows, or a prompt's last token alone): the
     # decode kernel serves them; the context kernel, whose query tiles would be 1/64 full, the others
     num_decode_rows: int = 0
+    # a piecewise-graph step (runtime/piecewise_graphs.py): attention layers hand it q instead of attending
+    piecewise: object = None
 
 
 _metadata: AttentionMetadata | None = None

@@ -27,6 +27,7 @@ from dist_llm.errors import DistLLMError
 from dist_llm.parallel.state import destroy, init_distributed, is_initialized
 from dist_llm.runtime.executor import Executor, serve_worker
 from dist_llm.runtime.kv_sizing import decide_num_blocks
+from dist_llm.runtime.piecewise_graphs import MIN_BUCKET
 from dist_llm.runtime.profile import run_compile_warmup
 from dist_llm.runtime.scheduler import POLICIES
 from dist_llm.runtime.sequence import SamplingParams, Sequence, Status
@@ -82,13 +83,19 @@ class ModelRunner:
                  kernel_backend: str = "auto", tokenizer_dir: str | None = None,
                  kv_cache_free_gpu_mem_fraction: float = 0.9, num_kv_blocks: int | None = None,
                  cuda_graphs: str = "auto", overlap: bool = True,
-                 capacity_scheduler_policy: str = "max_utilization", kv_cache_dtype: str = "auto") -> ModelRunner:
+                 capacity_scheduler_policy: str = "max_utilization", kv_cache_dtype: str = "auto",
+                 piecewise_graph_max_tokens: int = 512) -> ModelRunner:
         """`cuda_graphs`: "on" (decode steps replayed from CUDA graphs: GPU, one rank or NCCL), "off" (eager),
         "auto" (on where it can be, else off) or "static" (the graphs' static-buffer path run eagerly, for
         testing on the CPU). `overlap`: schedule step N+1 while step N runs (one pipeline stage).
         `capacity_scheduler_policy`: "max_utilization" (preempt when blocks run out) or
         "guaranteed_no_evict" (admit only what can run to max_new_tokens; see runtime/scheduler.py).
-        `kv_cache_dtype`: "auto" (the model's dtype) or "fp8" (e4m3, scales 1.0: half the KV bytes)."""
+        `kv_cache_dtype`: "auto" (the model's dtype) or "fp8" (e4m3, scales 1.0: half the KV bytes).
+        `piecewise_graph_max_tokens`: with graphs on (or static), prefill and mixed steps of up to this many tokens
+        replay graphs cut at attention (runtime/piecewise_graphs.py); 0: they run eagerly."""
+        if piecewise_graph_max_tokens and piecewise_graph_max_tokens < MIN_BUCKET:
+            raise DistLLMError(f"--piecewise_graph_max_tokens must be 0 (off) or at least {MIN_BUCKET}, got "
+                               f"{piecewise_graph_max_tokens}")
         if capacity_scheduler_policy not in POLICIES:
             raise DistLLMError(f"unknown --capacity_scheduler_policy {capacity_scheduler_policy!r}; "
                                f"choose one of {', '.join(POLICIES)}")
@@ -106,6 +113,9 @@ class ModelRunner:
         if cuda_graphs != "off":
             check_cuda_graphs(cuda_graphs, pstate)
             worker.enable_decode_graphs("capture" if cuda_graphs == "on" else "static")
+            max_tokens = min(piecewise_graph_max_tokens, engine.build.max_num_tokens)
+            if max_tokens >= MIN_BUCKET:
+                worker.enable_piecewise_graphs("capture" if cuda_graphs == "on" else "static", max_tokens)
         if pstate.mapping.rank != 0:
             serve_worker(worker)
             worker.close()

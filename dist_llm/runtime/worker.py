@@ -124,6 +124,7 @@ class Worker:
         self.num_blocks = 0
         self._pending_send = None  # the previous micro-batch's activations, still on their way
         self.graph_runner = None
+        self.piecewise_runner = None
         self.decode_workspace = self._decode_workspace()
         # the last step's sampled ids stay on the device: an overlapped next step reads its inputs here
         self.sampled = torch.zeros(engine.build.max_batch_size, dtype=torch.int64, device=self.device)
@@ -171,6 +172,19 @@ class Worker:
         self.graph_runner = DecodeGraphRunner(self, mode)
         self.graph_runner.capture_all()
 
+    def enable_piecewise_graphs(self, mode: str, max_tokens: int) -> None:
+        """Prefill and mixed steps of up to `max_tokens` tokens from graphs cut at attention ("capture"), or the
+        same path eagerly ("static"). Call after allocate_kv_cache; runs the start-up warm-up steps through it
+        (they write the pool's first blocks: before any request), so the attention kernels compile for its
+        buffers now and not mid-run."""
+        from dist_llm.runtime.piecewise_graphs import PiecewiseGraphRunner
+        from dist_llm.runtime.profile import run_compile_warmup
+
+        self.piecewise_runner = PiecewiseGraphRunner(self, mode, max_tokens)
+        self.piecewise_runner.capture_all()
+        if self.ops.backend == "triton" and self.device.type == "cuda":
+            run_compile_warmup(self, self.num_blocks)
+
     def return_tokens(self, tokens: torch.Tensor) -> StepResult:
         """The sampler rank starts the copy to the host; the other ranks' results are never read."""
         if self.mapping.rank == self.mapping.sampler_rank:
@@ -180,11 +194,12 @@ class Worker:
     def close(self) -> None:
         """Drop the captured graphs before the process group goes: a graph holding NCCL work can make
         the communicator's destruction hang (pytorch/pytorch#115388)."""
-        if self.graph_runner is not None:
-            self.graph_runner.graphs.clear()
-            self.graph_runner = None
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
+        runners = [r for r in (self.graph_runner, self.piecewise_runner) if r is not None]
+        for r in runners:
+            r.graphs.clear()
+        self.graph_runner = self.piecewise_runner = None
+        if runners and self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -213,6 +228,8 @@ class Worker:
     def _execute(self, plan: StepPlan) -> StepResult | None:
         if self.graph_runner is not None and self.graph_runner.can_run(plan):
             return self.graph_runner.run(plan)
+        if self.piecewise_runner is not None and self.piecewise_runner.can_run(plan):
+            return self.piecewise_runner.run(plan)
         dev = self.device
         positions = plan.positions.to(dev, non_blocking=True)
         set_metadata(AttentionMetadata(
@@ -242,12 +259,16 @@ class Worker:
             hidden = out  # (and a `DeferredNorm`, the folded final norm of one token, cannot be indexed)
         else:
             hidden = out[(plan.cu_seqlens_q[1:] - 1).to(dev, non_blocking=True).long()]
-        logits = self.model.compute_logits(hidden)  # the model's dtype: the samplers read it as fp32
         # non_blocking: a blocking copy would wait for the whole forward, and the host would then launch the
         # next step only after this one is done (a gap on the GPU after every eager step)
         params = (plan.temperature, plan.top_k, plan.top_p, plan.seeds, plan.offsets)
-        tokens = self.ops.sample(logits, *(t.to(dev, non_blocking=True) for t in params), mode=plan.sampling_mode,
-                                 out=self.sampled[: logits.shape[0]])  # fmt: skip
+        return self.sample_and_return(plan, hidden, [t.to(dev, non_blocking=True) for t in params])
+
+    def sample_and_return(self, plan: StepPlan, hidden: torch.Tensor, params) -> StepResult:
+        """The LM head over `hidden` (each sequence's last token), sampling with `params` (temperature, top_k, top_p,
+        seeds, offsets on the device), and the ids (and logits or log-probabilities if the plan asks) on their way."""
+        logits = self.model.compute_logits(hidden)  # the model's dtype: the samplers read it as fp32
+        tokens = self.ops.sample(logits, *params, mode=plan.sampling_mode, out=self.sampled[: logits.shape[0]])
         result = self.return_tokens(tokens)
         if plan.return_logprobs or plan.return_logits:
             logits = logits.float()
