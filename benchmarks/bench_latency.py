@@ -28,7 +28,8 @@ from common import (  # noqa: E402
 )
 
 
-def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str, overlap: bool, kv_cache_dtype: str):
+def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str, overlap: bool, kv_cache_dtype: str,
+                 piecewise_graph_max_tokens: int = 512):
     from dist_llm.checkpoint.builder import build_dummy
     from dist_llm.config import BuildConfig
     from dist_llm.runtime import ModelRunner
@@ -37,7 +38,7 @@ def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str, overlap
                          "bfloat16", overwrite=True)
     t0 = time.perf_counter()
     runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs=cuda_graphs, overlap=overlap,
-                                  kv_cache_dtype=kv_cache_dtype)
+                                  kv_cache_dtype=kv_cache_dtype, piecewise_graph_max_tokens=piecewise_graph_max_tokens)
     return runner, time.perf_counter() - t0
 
 
@@ -82,6 +83,8 @@ def main():
     p.add_argument("--cuda_graphs", default="on", choices=["off", "on"])
     p.add_argument("--enforce_eager", action="store_true", help="the same as --cuda_graphs off")
     p.add_argument("--disable_overlap_scheduler", action="store_true")
+    p.add_argument("--piecewise_graph_max_tokens", type=int, default=512,
+                   help="prompts of up to this many tokens replay piecewise CUDA graphs (TTFT); 0: eager prefill")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs per batch size; the table gives the median run, the JSON every run")
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp8"],
@@ -96,12 +99,14 @@ def main():
     pdl = os.environ.get("DIST_LLM_PDL", "1") != "0"
     tag += "" if pdl else "_nopdl"
     tag += "_kvfp8" if args.kv_cache_dtype == "fp8" else ""
+    tag += "_eagerprefill" if args.piecewise_graph_max_tokens == 0 and args.cuda_graphs == "on" else ""
 
     info = header()
     bw = copy_bandwidth_gbs()
     hf = None if args.skip_hf else hf_generate_tok_s(args.model, 1, args.input_len, args.output_len)
     runner, startup_s = build_runner(args.model, max(args.batch_sizes), args.output_dir, args.cuda_graphs,
-                                     not args.disable_overlap_scheduler, args.kv_cache_dtype)
+                                     not args.disable_overlap_scheduler, args.kv_cache_dtype,
+                                     args.piecewise_graph_max_tokens)
     wbytes = weight_bytes(runner)
     measure(runner, 1, args.input_len, 16)  # warm-up: Triton compiles
     rows = []
@@ -129,6 +134,7 @@ def main():
     gpu_us = sum(k["us_per_step"] for k in prof)
     runner.shutdown()
     result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs, "decode_gemv": gemv, "pdl": pdl,
+              "piecewise_graph_max_tokens": args.piecewise_graph_max_tokens,
               "overlap": not args.disable_overlap_scheduler, "gpu_us_per_step_batch1": gpu_us,
               "copy_gb_s": bw, "copy_gb_s_readings": bw_readings, "weight_gb": wbytes / 1e9, "startup_s": startup_s,
               "hf_eager_tok_s": hf, "rows": rows, "profile_batch1": prof,

@@ -216,6 +216,8 @@ def main():
     p.add_argument("--skip_hf", action="store_true")
     p.add_argument("--cuda_graphs", default="on", choices=["off", "on"])
     p.add_argument("--profile", action="store_true", help="also profile decode steps at max_batch_size")
+    p.add_argument("--piecewise_graph_max_tokens", type=int, default=512,
+                   help="prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs; 0: eager")
     p.add_argument("--capacity_scheduler_policy", default="max_utilization",
                    choices=["max_utilization", "guaranteed_no_evict"])
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp8"])
@@ -233,7 +235,8 @@ def main():
                          overwrite=True)
     runner = ModelRunner.from_dir(engine, device="cuda", cuda_graphs=args.cuda_graphs,
                                   capacity_scheduler_policy=args.capacity_scheduler_policy,
-                                  kv_cache_dtype=args.kv_cache_dtype)
+                                  kv_cache_dtype=args.kv_cache_dtype,
+                                  piecewise_graph_max_tokens=args.piecewise_graph_max_tokens)
     # warm-up: Triton compiles, the first steps' allocations; more prompts than one step's token budget holds,
     # so that it also runs mixed steps (prompt chunks beside decode rows)
     run_grid_point(runner, args.max_num_tokens // 128 + 8, 128, 8)
@@ -247,6 +250,7 @@ def main():
     mixed = profile_mixed_step(runner, args.max_batch_size, args.max_num_tokens) if args.profile else None
     runner.shutdown()
     result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs, "kv_cache_dtype": args.kv_cache_dtype,
+              "piecewise_graph_max_tokens": args.piecewise_graph_max_tokens,
               "copy_gb_s": bw, "hf_static_batch64_128_128_tok_s": hf,
               "kv_blocks": num_blocks, "max_batch_size": args.max_batch_size, "rows": rows, "profile_full_load": prof,
               "profile_mixed_step": mixed,

