@@ -39,6 +39,24 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     return buckets + [max_batch_size]
 
 
+def stage_forward(runner, bucket: int) -> torch.Tensor | None:
+    """This stage's part of the model over the first `bucket` entries of a graph runner's static buffers: the first
+    stage embeds `input_ids` (the previous step's sampled ids, `worker.sampled`, filled in where `prev_index`
+    points), a later one takes the received `stage_in`. A stage before the last copies its (hidden, residual) into
+    `stage_out` and returns None; the last returns the model's output."""
+    w, pos = runner.worker, runner.positions[:bucket]
+    if runner.first:
+        ids = w.ops.fill_pending(runner.input_ids[:bucket], runner.prev_index[:bucket], w.sampled)
+        out = w.model(pos, input_ids=ids)
+    else:
+        out = w.model(pos, hidden=runner.stage_in[0, :bucket], residual=runner.stage_in[1, :bucket])
+    if runner.last:
+        return out
+    runner.stage_out[0, :bucket].copy_(out[0])
+    runner.stage_out[1, :bucket].copy_(out[1])
+    return None
+
+
 class DecodeGraphRunner:
     def __init__(self, worker, mode: str):
         if mode not in ("capture", "static"):
@@ -76,17 +94,9 @@ class DecodeGraphRunner:
             seq_lens=self.seq_lens[:bucket], cu_seqlens_q=self.cu_seqlens_q[: bucket + 1], max_seqlen_q=1,
             is_decode=True, decode_workspace=self.workspace,
         ))
-        pos = self.positions[:bucket]
-        if self.first:
-            ids = w.ops.fill_pending(self.input_ids[:bucket], self.prev_index[:bucket], self.tokens)
-            out = w.model(pos, input_ids=ids)
-        else:
-            out = w.model(pos, hidden=self.stage_in[0, :bucket], residual=self.stage_in[1, :bucket])
-        if not self.last:
-            self.stage_out[0, :bucket].copy_(out[0])
-            self.stage_out[1, :bucket].copy_(out[1])
+        hidden = stage_forward(self, bucket)
+        if hidden is None:
             return
-        hidden = out
         logits = w.model.compute_logits(hidden)
         w.ops.sample(
             logits, self.temperature[:bucket], self.top_k[:bucket], self.top_p[:bucket], self.seeds[:bucket],

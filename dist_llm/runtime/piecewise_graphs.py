@@ -25,6 +25,7 @@ import torch
 
 from dist_llm.layers.context import AttentionMetadata, get_metadata, set_metadata
 from dist_llm.parallel import comm
+from dist_llm.runtime.cuda_graphs import stage_forward
 from dist_llm.runtime.plan import StepPlan, StepResult
 from dist_llm.runtime.static_inputs import StaticInputs
 
@@ -109,18 +110,8 @@ class PiecewiseGraphRunner:
     def _forward(self, bucket: int) -> torch.Tensor:
         """The bucket's forward from the static buffers: the normed hidden [bucket, H] (last stage), else the stage
         output buffer. Attention layers call `attention`, which does what `_cut` says."""
-        w = self.worker
-        pos = self.positions[:bucket]
-        if self.first:
-            ids = w.ops.fill_pending(self.input_ids[:bucket], self.prev_index[:bucket], w.sampled)
-            out = w.model(pos, input_ids=ids)
-        else:
-            out = w.model(pos, hidden=self.stage_in[0, :bucket], residual=self.stage_in[1, :bucket])
-        if not self.last:
-            self.stage_out[0, :bucket].copy_(out[0])
-            self.stage_out[1, :bucket].copy_(out[1])
-            return self.stage_out
-        return out
+        out = stage_forward(self, bucket)
+        return self.stage_out if out is None else out
 
     def _capture_metadata(self, bucket: int) -> AttentionMetadata:
         """What the graphs read of the metadata: the slots (the KV write); the rest is the attention's, outside."""
