@@ -26,6 +26,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", nargs="*", default=[], help="stop strings")
     p.add_argument("--end_id", type=int, default=None, help="override EOS id (-1: never stop on EOS)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the prompt or output (transformers' meaning; 1: off)")
+    p.add_argument("--presence_penalty", type=float, default=0.0, help="OpenAI's, over output tokens (-2..2; 0: off)")
+    p.add_argument("--frequency_penalty", type=float, default=0.0, help="OpenAI's, over output tokens (-2..2; 0: off)")
+    p.add_argument("--min_tokens", type=int, default=0, help="no stop token or stop string before this many tokens")
     p.add_argument("--pad_id", type=int, default=None,
                    help="also write padded_output_token_ids: max_new_tokens ids, padded with this id")
     p.add_argument("--output_json", help="write [{input_text, output_text, output_token_ids, finish_reason}]")
@@ -102,8 +107,15 @@ def check_tokenizer(args) -> None:
 def main(argv=None):
     args = parse_args(argv)
     from dist_llm.runtime import ModelRunner
+    from dist_llm.runtime.sequence import SamplingParams
 
     texts, ids = read_inputs(args)  # before start-up, so bad input fails fast on every rank
+    sampling = dict(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+        end_id=args.end_id, pad_id=args.pad_id, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
+    )
+    SamplingParams(max_new_tokens=args.max_new_tokens, **sampling)  # the same: a bad value is named now
     if texts is not None:
         check_tokenizer(args)
     runner = ModelRunner.from_dir(
@@ -118,9 +130,7 @@ def main(argv=None):
         return
     with runner:
         outputs = runner.generate(
-            input_texts=texts, batch_input_ids=ids, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-            stop=args.stop, end_id=args.end_id, pad_id=args.pad_id,
+            input_texts=texts, batch_input_ids=ids, max_new_tokens=args.max_new_tokens, **sampling,
             return_first_logits=bool(args.output_first_logits),
         )
     if not args.quiet:

@@ -84,7 +84,7 @@ class DecodeGraphRunner:
 
     def can_run(self, plan: StepPlan) -> bool:
         return plan.is_decode and plan.batch_size <= self.max_bs and not plan.return_logits \
-            and not plan.return_logprobs
+            and not plan.return_logprobs and plan.logits_inputs is None  # (their sampling is captured)
 
     def _forward(self, bucket: int, mode: str) -> None:
         """The captured region: everything reads and writes the static buffers only."""

@@ -164,7 +164,8 @@ class ModelRunner:
         """Generate for a batch of prompts (texts or token ids); returns outputs in input order.
 
         `sampling` takes the SamplingParams fields: temperature, top_k, top_p, seed, stop, stop_token_ids,
-        end_id, pad_id, ignore_eos, return_logprobs, return_first_logits. With pad_id, each output also
+        end_id, pad_id, ignore_eos, repetition_penalty, presence_penalty, frequency_penalty, min_tokens,
+        logit_bias, return_logprobs, return_first_logits. With pad_id, each output also
         has `padded_output_token_ids`: max_new_tokens ids, padded with pad_id after the request stopped.
         A seed applies to every prompt of the call.
         Stops work as in vLLM: a stop token (stop_token_ids, EOS or end_id) ends the output and stays in

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from dist_llm.errors import DistLLMError
 from dist_llm.parallel.state import timeout_s as default_timeout_s
+
+if TYPE_CHECKING:
+    from dist_llm.runtime.logits_processing import LogitsInputs
 
 
 def _to_arrays(obj) -> dict:
@@ -63,6 +67,8 @@ class StepPlan:
     # rows 0..num_decode_rows-1 have one query token each (the scheduler puts them first): in a mixed step they
     # take the decode attention kernel, the rest the context kernel
     num_decode_rows: int = 0
+    # logit_bias, min_tokens and penalties, for steps where some row uses them (runtime/logits_processing.py)
+    logits_inputs: LogitsInputs | None = None
 
     def __reduce__(self):  # rank 0 pickles a plan per step for every rank (see _to_arrays)
         return _from_arrays, (StepPlan, _to_arrays(self))

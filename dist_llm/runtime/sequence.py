@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -25,7 +26,15 @@ class SamplingParams:
     # TensorRT-LLM's output layout: output ids padded with pad_id to max_new_tokens (None: no padding)
     pad_id: int | None = None
     ignore_eos: bool = False
-    return_logprobs: bool = False
+    # vLLM's and TensorRT-LLM's logits processing (runtime/logits_processing.py): the repetition penalty (1 = off)
+    # scales the logits of every token already in the prompt or the output, as transformers does; the presence
+    # and frequency penalties (0 = off, OpenAI's -2..2) subtract from the logits of tokens already in the output
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0  # no stop token (EOS, end_id, stop_token_ids) and no stop string before this many tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
+    return_logprobs: bool = False  # of each returned token, from the model's logits before any processing
     return_first_logits: bool = False  # debugging: the logits that chose the first new token
 
     def __post_init__(self):
@@ -39,6 +48,26 @@ class SamplingParams:
             raise DistLLMError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.pad_id is not None and self.pad_id < 0:
             raise DistLLMError(f"pad_id must be a token id >= 0, got {self.pad_id}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise DistLLMError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise DistLLMError(f"{name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise DistLLMError(
+                f"min_tokens must be in [0, max_new_tokens = {self.max_new_tokens}], got {self.min_tokens}"
+            )
+        try:  # JSON (the OpenAI API) gives the token ids as strings
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise DistLLMError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from None
+        bad = next(((t, b) for t, b in self.logit_bias.items() if t < 0 or not math.isfinite(b)), None)
+        if bad:
+            raise DistLLMError(f"logit_bias {{{bad[0]}: {bad[1]}}}: token ids must be >= 0 and biases finite")
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 class Status(enum.Enum):

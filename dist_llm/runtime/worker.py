@@ -20,6 +20,7 @@ from dist_llm.parallel import comm
 from dist_llm.parallel.state import ParallelState
 from dist_llm.runtime.kv_sizing import kv_cache_dtype as resolve_kv_cache_dtype
 from dist_llm.runtime.kv_sizing import kv_cache_layout
+from dist_llm.runtime.logits_processing import apply_logits_processing
 from dist_llm.runtime.plan import StepPlan, StepResult
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -268,7 +269,11 @@ class Worker:
         """The LM head over `hidden` (each sequence's last token), sampling with `params` (temperature, top_k, top_p,
         seeds, offsets on the device), and the ids (and logits or log-probabilities if the plan asks) on their way."""
         logits = self.model.compute_logits(hidden)  # the model's dtype: the samplers read it as fp32
-        tokens = self.ops.sample(logits, *params, mode=plan.sampling_mode, out=self.sampled[: logits.shape[0]])
+        processed = logits
+        if plan.logits_inputs is not None:  # (before the sampling below overwrites the previous step's ids)
+            li = plan.logits_inputs.to(self.device)
+            processed = apply_logits_processing(logits, li, self.sampled, self.ops.fill_pending)
+        tokens = self.ops.sample(processed, *params, mode=plan.sampling_mode, out=self.sampled[: logits.shape[0]])
         result = self.return_tokens(tokens)
         if plan.return_logprobs or plan.return_logits:
             logits = logits.float()

@@ -1,0 +1,138 @@
+"""Per-request logits processing before sampling: logit_bias, min_tokens, and the repetition, presence and
+frequency penalties, with vLLM's and transformers' meanings and order:
+
+1. `logit_bias` adds to the logits of its token ids; below `min_tokens` output tokens, the request's stop tokens
+   (EOS or end_id unless ignore_eos, and stop_token_ids) are set to -inf;
+2. the repetition penalty divides the positive logits, and multiplies the others, of every token id that is in
+   the prompt or the output so far (transformers' `RepetitionPenaltyLogitsProcessor`);
+3. the frequency penalty subtracts penalty × count, the presence penalty subtracts penalty once, for each token
+   id in the output so far (OpenAI's definition; the prompt does not count).
+
+Temperature, top-k and top-p then apply to the result (`kernels/sampling.py`); log-probabilities returned with
+`return_logprobs` come from the logits before any of this (vLLM's default, "raw" log-probabilities).
+
+The host builds the inputs each step from the requests' tokens; the device turns them into [B, V] masks and
+counts. With overlap scheduling, the newest token of a request may still be being sampled (PENDING on the host):
+the device fills it from the previous step's sampled ids, as the forward does for its input ids. Rows that use
+none of this keep their logits bit for bit (x / 1, x - 0 and x + 0 are exact), so a request's tokens do not depend
+on what else is in the batch. Steps that need it run without the decode CUDA graphs, whose sampling is captured
+(the piecewise graphs run their sampling eagerly and take them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from dist_llm.runtime.plan import _from_arrays, _to_arrays
+from dist_llm.runtime.sequence import PENDING, Sequence
+
+
+@dataclass
+class LogitsInputs:
+    """What the last stage needs to process one step's logits (CPU tensors in the plan, then on the device).
+    The penalised rows' tokens go as one flat list with a length per row, so the host's work each step is one
+    concatenation of token lists and the device expands rows and positions itself."""
+
+    penalties: torch.Tensor  # fp32 [B, 3]: repetition, presence, frequency per row (1, 0, 0: off)
+    use_repetition: bool
+    use_output_penalties: bool  # presence or frequency on some row
+    seen_token_ids: torch.Tensor  # int64 [P]: each penalised row's prompt and output so far, row after row
+    seen_lengths: torch.Tensor  # int64 [B]: how many of them are the row's (0: no penalties)
+    seen_prompt_lens: torch.Tensor  # int64 [B]: how many of those are prompt tokens
+    seen_feeds: torch.Tensor  # int64 [B]: the previous step's row that samples the row's PENDING last token, or -1
+    bias_rows: torch.Tensor  # int64 [K]
+    bias_token_ids: torch.Tensor  # int64 [K]
+    bias_values: torch.Tensor  # fp32 [K]: logit_bias values, and -inf for min_tokens
+
+    def __reduce__(self):  # cheap pickling, as StepPlan's
+        return _from_arrays, (LogitsInputs, _to_arrays(self))
+
+    def to(self, device: torch.device) -> LogitsInputs:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, torch.Tensor):
+                moved[k] = v.to(device, non_blocking=True)
+        return LogitsInputs(**moved)
+
+
+def build_logits_inputs(rows: list[tuple[Sequence, int, int | None]], stop_ids) -> LogitsInputs | None:
+    """`rows`: for each row of the step, (sequence, tokens it will hold after the step, the previous step's row
+    that samples its PENDING last token or None). `stop_ids(seq)`: the token ids that would stop it.
+    None when no row that samples needs any processing (the common case costs one pass over the params)."""
+    if not any(_needs(seq, end) for seq, end, _ in rows):
+        return None
+    b = len(rows)
+    penalties = [[1.0, 0.0, 0.0] for _ in range(b)]
+    lengths, prompt_lens, feeds = [0] * b, [0] * b, [-1] * b
+    seen: list[int] = []
+    b_rows, b_ids, b_vals = [], [], []
+    for r, (seq, end, feed_row) in enumerate(rows):
+        if end != len(seq):  # a prompt chunk that does not reach the end: its sample is thrown away
+            continue
+        p = seq.params
+        for t, bias in p.logit_bias.items():
+            b_rows.append(r)
+            b_ids.append(t)
+            b_vals.append(bias)
+        if end - seq.prompt_len < p.min_tokens:  # the token sampled now would be output number end - prompt_len
+            for t in sorted(stop_ids(seq)):
+                b_rows.append(r)
+                b_ids.append(t)
+                b_vals.append(float("-inf"))
+        if p.uses_penalties:
+            penalties[r] = [p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
+            seen += seq.token_ids[:end]
+            lengths[r], prompt_lens[r] = end, min(seq.prompt_len, end)
+            if seq.token_ids[end - 1] == PENDING:
+                assert feed_row is not None, "a PENDING token must be sampled by the step in flight"
+                feeds[r] = feed_row
+    pen = torch.tensor(penalties, dtype=torch.float32)
+    return LogitsInputs(
+        penalties=pen,
+        use_repetition=bool((pen[:, 0] != 1).any()),
+        use_output_penalties=bool((pen[:, 1:] != 0).any()),
+        seen_token_ids=torch.tensor(seen, dtype=torch.int64),
+        seen_lengths=torch.tensor(lengths, dtype=torch.int64),
+        seen_prompt_lens=torch.tensor(prompt_lens, dtype=torch.int64),
+        seen_feeds=torch.tensor(feeds, dtype=torch.int64),
+        bias_rows=torch.tensor(b_rows, dtype=torch.int64),
+        bias_token_ids=torch.tensor(b_ids, dtype=torch.int64),
+        bias_values=torch.tensor(b_vals, dtype=torch.float32),
+    )
+
+
+def _needs(seq: Sequence, end: int) -> bool:
+    p = seq.params
+    return end == len(seq) and (p.uses_penalties or bool(p.logit_bias) or end - seq.prompt_len < p.min_tokens)
+
+
+def apply_logits_processing(logits: torch.Tensor, li: LogitsInputs, sampled: torch.Tensor,
+                            fill_pending) -> torch.Tensor:
+    """fp32 [B, V] logits after bias, bans and penalties; `li` on the logits' device; `sampled` the previous
+    step's sampled ids, which `fill_pending` (the ops' kernel) reads for PENDING tokens. A new tensor: the caller's
+    logits stay as they were (log-probabilities are taken from them). Nothing here waits for the device."""
+    x = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
+    if li.bias_rows.numel():
+        x.index_put_((li.bias_rows, li.bias_token_ids), li.bias_values, accumulate=True)
+    if not (li.use_repetition or li.use_output_penalties):
+        return x
+    bsz, total = x.shape[0], li.seen_token_ids.numel()
+    rows = torch.repeat_interleave(torch.arange(bsz, device=x.device), li.seen_lengths, output_size=total)
+    starts = torch.cumsum(li.seen_lengths, 0) - li.seen_lengths
+    pos = torch.arange(total, device=x.device) - starts[rows]  # each token's place in its row
+    last = pos == li.seen_lengths[rows] - 1
+    prev_index = torch.where(last, li.seen_feeds[rows], -1)
+    tokens = fill_pending(li.seen_token_ids, prev_index, sampled)
+    if li.use_repetition:
+        seen = torch.zeros_like(x, dtype=torch.bool)
+        seen[rows, tokens] = True
+        pen = li.penalties[:, :1]
+        x = torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
+    if li.use_output_penalties:
+        is_output = (pos >= li.seen_prompt_lens[rows]).to(x.dtype)
+        counts = torch.zeros_like(x)
+        counts.index_put_((rows, tokens), is_output, accumulate=True)
+        x = x - li.penalties[:, 2:3] * counts - li.penalties[:, 1:2] * (counts > 0).to(x.dtype)
+    return x

@@ -1,0 +1,299 @@
+"""logit_bias, min_tokens and the repetition, presence and frequency penalties (runtime/logits_processing.py):
+the device function against a per-row loop, the host's inputs, and greedy generation against transformers'
+`generate` with the same settings (its own processors, and OpenAI's penalties as a LogitsProcessor), in
+process and under mpirun at tp=2 × pp=2."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # fill_pending's Triton kernel, through the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from conftest import PROMPTS, convert_and_build, run_dist  # noqa: E402
+from test_features import in_process  # noqa: E402
+
+from dist_llm.errors import DistLLMError  # noqa: E402
+from dist_llm.kernels import get_ops  # noqa: E402
+from dist_llm.runtime.logits_processing import apply_logits_processing, build_logits_inputs  # noqa: E402
+from dist_llm.runtime.sequence import PENDING, SamplingParams, Sequence  # noqa: E402
+
+N = 24
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def engine_1(tiny_models, tmp_path_factory) -> str:
+    return convert_and_build(tiny_models["llama"], tmp_path_factory.mktemp("lp_engine1"), 1, 1)
+
+
+# ---- the device function ------------------------------------------------------------------------
+
+
+def loop_reference(logits, rows):
+    """One row at a time, in the documented order; `rows[r]` = (prompt, output, params) or None (untouched)."""
+    x = logits.float().clone()
+    for r, row in enumerate(rows):
+        if row is None:
+            continue
+        prompt, output, p, stops = row
+        for t, b in p.logit_bias.items():
+            x[r, t] += b
+        if len(output) < p.min_tokens:
+            for t in stops:
+                x[r, t] = -math.inf
+        for t in set(prompt + output):
+            v = x[r, t]
+            x[r, t] = v / p.repetition_penalty if v > 0 else v * p.repetition_penalty
+        for t in set(output):
+            x[r, t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_processing_matches_a_loop_over_rows(dtype, backend):
+    """Odd shapes, a PENDING last token filled from the previous step's ids, rows without processing untouched."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, bsz = 37, 5
+    logits = (torch.randn(bsz, vocab, generator=gen) * 3).to(dtype)
+    sampled = torch.tensor([11, 4, 29, 8, 30], dtype=torch.int64)  # the previous step's ids, by its rows
+    params = [
+        SamplingParams(max_new_tokens=9, repetition_penalty=1.7, presence_penalty=0.5, frequency_penalty=0.3),
+        None,  # no processing
+        SamplingParams(max_new_tokens=9, logit_bias={3: 2.5, 36: -1.25}, min_tokens=6),
+        SamplingParams(max_new_tokens=9, repetition_penalty=0.6, frequency_penalty=-1.5, logit_bias={0: 1.0}),
+        SamplingParams(max_new_tokens=9, presence_penalty=-2.0, min_tokens=5),
+    ]
+    prompts = [[1, 2, 3, 2], [5, 6], [7, 7, 8], [9, 10, 1], [12]]
+    outputs = [[2, 5, 5, PENDING], [], [13, 14], [10, 10, 9, 10], [12, 12, 33, PENDING]]
+    feeds = [2, None, None, None, 0]  # rows of the previous step holding the PENDING tokens
+    seqs, ends, rows = [], [], []
+    for prompt, output, p in zip(prompts, outputs, params):
+        s = Sequence(prompt, p or SamplingParams(max_new_tokens=9))
+        s.token_ids += output
+        seqs.append(s)
+        ends.append(len(s))
+    stops = {14, 20}
+    li = build_logits_inputs(list(zip(seqs, ends, feeds)), lambda seq: stops)
+    for (prompt, output, p), feed in zip(zip(prompts, outputs, params), feeds):
+        filled = [int(sampled[feed]) if t == PENDING else t for t in output]
+        rows.append(None if p is None else (prompt, filled, p, stops))
+    want = loop_reference(logits, rows)
+    ops = get_ops(backend)
+    got = apply_logits_processing(logits.to(DEVICE), li.to(DEVICE), sampled.to(DEVICE), ops.fill_pending).cpu()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(got[1], logits[1].float())  # bit for bit
+    assert got[2, 14] == -math.inf and got[4, 14] == -math.inf and got[2, 3] == logits[2, 3].float() + 2.5
+
+
+def test_inputs_skip_rows_that_do_not_sample_and_end_bans_at_min_tokens():
+    p = SamplingParams(max_new_tokens=8, min_tokens=2, repetition_penalty=1.25)
+    chunk = Sequence([1, 2, 3, 4], p)  # a prompt chunk of 2 of its 4 tokens: no sample this step
+    done = Sequence([5, 6], p)
+    done.token_ids += [7, 8]  # two outputs already: min_tokens reached
+    li = build_logits_inputs([(chunk, 2, None), (done, 4, None)], lambda seq: {0})
+    assert li.bias_rows.tolist() == [] and li.seen_token_ids.tolist() == [5, 6, 7, 8]
+    assert li.seen_lengths.tolist() == [0, 4] and li.seen_prompt_lens.tolist() == [0, 2]
+    assert li.seen_feeds.tolist() == [-1, -1]
+    assert li.penalties.tolist() == [[1.0, 0.0, 0.0], [1.25, 0.0, 0.0]]
+    assert li.use_repetition and not li.use_output_penalties
+    plain = Sequence([1, 2], SamplingParams(max_new_tokens=4))
+    assert build_logits_inputs([(plain, 2, None)], lambda seq: {0}) is None
+    # one output so far: the next token may not be a stop token yet
+    early = Sequence([5, 6], SamplingParams(max_new_tokens=8, min_tokens=2))
+    early.token_ids.append(PENDING)
+    li = build_logits_inputs([(early, 3, 4)], lambda seq: {2, 0})
+    assert li.bias_token_ids.tolist() == [0, 2] and li.bias_values.tolist() == [-math.inf, -math.inf]
+    assert li.seen_token_ids.numel() == 0 and li.seen_feeds.tolist() == [-1]  # (no penalties: not needed)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    (dict(presence_penalty=2.5), "presence_penalty must be in"),
+    (dict(frequency_penalty=-3), "frequency_penalty must be in"),
+    (dict(min_tokens=20), r"min_tokens must be in \[0, max_new_tokens = 16\]"),
+    (dict(logit_bias={"x": 1}), "logit_bias must map token ids"),
+    (dict(logit_bias={-1: 1.0}), "token ids must be >= 0"),
+    (dict(logit_bias={3: float("nan")}), "biases finite"),
+])
+def test_bad_settings_are_named(kw, match):
+    with pytest.raises(DistLLMError, match=match):
+        SamplingParams(**kw)
+    assert SamplingParams(logit_bias={"7": 2}).logit_bias == {7: 2.0}  # JSON's string keys
+
+
+# ---- generation against transformers -----------------------------------------------------------
+
+
+class OpenAIPenalties:
+    """presence and frequency penalties over the generated tokens, as a transformers LogitsProcessor."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        for b in range(scores.shape[0]):
+            counts = torch.bincount(input_ids[b, self.prompt_len :], minlength=scores.shape[1]).to(scores.dtype)
+            scores[b] -= self.frequency * counts + self.presence * (counts > 0).to(scores.dtype)
+        return scores
+
+
+def hf_generate(model, prompt, n, presence=0.0, frequency=0.0, logit_bias=None, eos=None, **kw):
+    from transformers import LogitsProcessorList
+
+    ids = torch.tensor([prompt])
+    procs = LogitsProcessorList([OpenAIPenalties(ids.shape[1], presence, frequency)] if presence or frequency else [])
+    bias = {(t,): b for t, b in (logit_bias or {}).items()} or None
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=eos, pad_token_id=0, logits_processor=procs, sequence_bias=bias, **kw)
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+
+
+def test_greedy_with_processing_matches_transformers(engine_1, hf_model):
+    """Each setting alone and all together, one prompt at a time; each changes the tokens (so the test can fail)."""
+    cases = [
+        dict(repetition_penalty=1.5),
+        dict(repetition_penalty=0.7),
+        dict(presence_penalty=1.5),
+        dict(frequency_penalty=0.9),
+        dict(presence_penalty=-1.0, frequency_penalty=-0.5),
+        dict(logit_bias={17: 4.0, 101: 2.5}),
+        dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.6, logit_bias={17: 3.0}),
+    ]
+    with in_process(engine_1) as runner:
+        prompts = runner.tokenize(PROMPTS)
+        plain = [o.output_token_ids for o in runner.generate(batch_input_ids=prompts, max_new_tokens=N, end_id=-1)]
+        for kw in cases:
+            outs = runner.generate(batch_input_ids=prompts, max_new_tokens=N, end_id=-1, **kw)
+            changed = False
+            for prompt, base, o in zip(prompts, plain, outs):
+                want = hf_generate(hf_model, prompt, N, presence=kw.get("presence_penalty", 0.0),
+                                   frequency=kw.get("frequency_penalty", 0.0), logit_bias=kw.get("logit_bias"),
+                                   repetition_penalty=kw.get("repetition_penalty"))
+                assert o.output_token_ids == want, kw
+                changed |= want != base
+            assert changed, f"{kw} changed no prompt's tokens"
+
+
+def test_min_tokens_matches_transformers(engine_1, hf_model):
+    """A stop token that greedy reaches at step 3: min_tokens=8 holds it off (transformers' min_new_tokens), and
+    a stop string waits as well."""
+    with in_process(engine_1) as runner:
+        prompt = runner.tokenize([PROMPTS[0]])[0]
+        greedy = runner.generate(batch_input_ids=[prompt], max_new_tokens=N, end_id=-1)[0].output_token_ids
+        k = next(i for i in range(2, N) if greedy[i] not in greedy[:i])
+        stop = greedy[k]
+        short = runner.generate(batch_input_ids=[prompt], max_new_tokens=N, end_id=stop)[0]
+        held = runner.generate(batch_input_ids=[prompt], max_new_tokens=N, end_id=stop, min_tokens=8)[0]
+        by_ids = runner.generate(batch_input_ids=[prompt], max_new_tokens=N, end_id=-1, stop_token_ids=[stop],
+                                 min_tokens=8)[0]
+        ignored = runner.generate(batch_input_ids=[prompt], max_new_tokens=N, end_id=stop, ignore_eos=True,
+                                  min_tokens=8)[0]
+    assert short.output_token_ids == greedy[: k + 1] and short.finish_reason == "stop"
+    want = hf_generate(hf_model, prompt, N, eos=stop, min_new_tokens=8)
+    assert stop not in want[:8] and len(want) > 8
+    assert held.output_token_ids == want
+    assert by_ids.output_token_ids == want
+    assert ignored.output_token_ids == greedy  # ignore_eos: end_id is no stop, so nothing is masked
+
+
+def test_processed_request_is_independent_of_the_batch(engine_1):
+    """A penalised request among plain, sampled and other penalised ones, overlapped, gives its tokens alone."""
+    pen = dict(repetition_penalty=1.4, frequency_penalty=0.5, logit_bias={17: 2.0}, end_id=-1)
+    with in_process(engine_1) as runner:
+        prompts = runner.tokenize(PROMPTS)
+        alone = runner.generate(batch_input_ids=[prompts[1]], max_new_tokens=N, **pen)[0].output_token_ids
+        params = [
+            SamplingParams(max_new_tokens=N, end_id=-1),
+            SamplingParams(max_new_tokens=N, **pen),
+            SamplingParams(max_new_tokens=N // 2, temperature=0.8, seed=3, presence_penalty=1.0, end_id=-1),
+            SamplingParams(max_new_tokens=N, min_tokens=4, end_id=-1),
+        ]
+        seqs = [Sequence(p, sp) for p, sp in zip([prompts[0], prompts[1], prompts[2], prompts[1]], params)]
+        for s in seqs:
+            runner.executor.enqueue(s)
+            runner.executor.step()  # staggered: rows join while others decode
+        while not all(s.is_finished for s in seqs):
+            runner.executor.step()
+        plain = runner.generate(batch_input_ids=[prompts[0]], max_new_tokens=N, end_id=-1)[0].output_token_ids
+    assert seqs[1].output_token_ids == alone
+    assert seqs[0].output_token_ids == plain
+    assert [len(s.output_token_ids) for s in seqs] == [N, N, N // 2, N]
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)])
+def test_penalties_under_mpirun(tp, pp, tiny_models, hf_model, tmp_path):
+    """The flags of `python -m dist_llm.run`: at tp=2 the PENDING tokens come from every rank's own sampled ids
+    (overlap scheduling); at tp=2 × pp=2 rank 0 is not the sampling rank."""
+    from transformers import AutoTokenizer
+
+    engine = convert_and_build(tiny_models["llama"], tmp_path, tp, pp)
+    out = tmp_path / "out.json"
+    run_dist(tp * pp, ["--engine_dir", engine, "--input_text", *PROMPTS, "--max_new_tokens", str(N), "--end_id", "-1",
+                       "--repetition_penalty", "1.3", "--presence_penalty", "0.5", "--frequency_penalty", "0.4",
+                       "--output_json", str(out), "--quiet"])
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    changed = False
+    for o, text in zip(json.loads(out.read_text()), PROMPTS):
+        ids = tok(text).input_ids
+        want = hf_generate(hf_model, ids, N, presence=0.5, frequency=0.4, repetition_penalty=1.3)
+        assert o["output_token_ids"] == want
+        changed |= want != hf_generate(hf_model, ids, N)
+    assert changed
+
+
+def test_bad_penalty_flag_fails_before_start_up(engine_1):
+    proc = run_dist(0, ["--engine_dir", engine_1, "--input_text", "x", "--presence_penalty", "3"], check=False,
+                    timeout=60)
+    assert proc.returncode != 0 and "presence_penalty must be in [-2, 2]" in proc.stderr
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_graph_paths_hand_processed_steps_to_the_piecewise_runner(device, tiny_models, tmp_path):
+    """The decode graphs capture their sampling, so steps with processed rows take the piecewise path (which
+    samples eagerly): the same tokens as eager steps, and no decode-graph step while such a row runs."""
+    from test_cuda_graphs import staggered_outputs
+
+    from dist_llm.parallel.state import destroy
+    from dist_llm.runtime import ModelRunner
+
+    # fp32 on the GPU too: the piecewise graphs pad to 16 rows, where bf16 matmuls round otherwise than at 2
+    engine = convert_and_build(tiny_models["llama"], tmp_path, 1, 1, max_batch_size=8)
+    mode = "on" if device == "cuda" else "static"
+    pen = dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3, logit_bias={17: 1.5})
+    try:
+        runner = ModelRunner.from_dir(engine, device=device, kernel_backend="triton" if device == "cuda" else "torch",
+                                      cuda_graphs=mode, num_kv_blocks=256)
+        worker = runner.executor.worker
+        reqs = [([5, 9, 14, 3], dict(max_new_tokens=20, ignore_eos=True, **pen)),
+                ([7, 7, 21], dict(max_new_tokens=20, ignore_eos=True, temperature=0.9, seed=4, **pen))]
+        eager = staggered_outputs(runner, reqs, graphs_on=False)
+        decode_before, piecewise_before = worker.graph_runner.steps_run, worker.piecewise_runner.steps_run
+        graphs = staggered_outputs(runner, reqs, graphs_on=True)
+        assert worker.graph_runner.steps_run == decode_before  # every step had a processed row
+        assert worker.piecewise_runner.steps_run - piecewise_before >= 20
+        plain = staggered_outputs(runner, [(p, dict(max_new_tokens=20, ignore_eos=True)) for p, _ in reqs],
+                                  graphs_on=True)
+        assert worker.graph_runner.steps_run > decode_before  # (and plain requests do use the decode graphs)
+        runner.shutdown()
+    finally:
+        destroy()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    assert graphs == eager
+    assert graphs[0] != plain[0]
