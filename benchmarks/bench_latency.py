@@ -9,6 +9,7 @@ with random weights made on the GPU. Reports decode tok/s, TTFT and GB/s beside 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -42,14 +43,15 @@ def build_runner(model: str, max_batch: int, tmp: str, cuda_graphs: str, overlap
     return runner, time.perf_counter() - t0
 
 
-def measure(runner, batch: int, prompt_len: int, new_tokens: int) -> dict:
+def measure(runner, batch: int, prompt_len: int, new_tokens: int, sampling: dict | None = None) -> dict:
     from dist_llm.runtime.sequence import SamplingParams, Sequence
 
     ex = runner.executor
     vocab = runner.engine.model.vocab_size
     gen = torch.Generator().manual_seed(batch)
     seqs = [Sequence(torch.randint(3, vocab, (prompt_len,), generator=gen).tolist(),
-                     SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)) for _ in range(batch)]
+                     SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, **(sampling or {})))
+            for _ in range(batch)]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for s in seqs:
@@ -89,6 +91,9 @@ def main():
                    help="runs per batch size; the table gives the median run, the JSON every run")
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp8"],
                    help="fp8: the roofline counts its KV bytes (1 per element)")
+    p.add_argument("--sampling", type=json.loads, default={},
+                   help='more SamplingParams fields for the timed requests, as JSON: e.g. '
+                   '\'{"repetition_penalty": 1.1, "presence_penalty": 0.5}\' (the cost of logits processing)')
     args = p.parse_args()
     if args.enforce_eager:
         args.cuda_graphs = "off"
@@ -100,6 +105,7 @@ def main():
     tag += "" if pdl else "_nopdl"
     tag += "_kvfp8" if args.kv_cache_dtype == "fp8" else ""
     tag += "_eagerprefill" if args.piecewise_graph_max_tokens == 0 and args.cuda_graphs == "on" else ""
+    tag += "_sampling" if args.sampling else ""
 
     info = header()
     bw = copy_bandwidth_gbs()
@@ -111,8 +117,8 @@ def main():
     measure(runner, 1, args.input_len, 16)  # warm-up: Triton compiles
     rows = []
     for b in args.batch_sizes:
-        runs = sorted((measure(runner, b, args.input_len, args.output_len) for _ in range(max(1, args.repeats))),
-                      key=lambda x: x["decode_s"])
+        runs = sorted((measure(runner, b, args.input_len, args.output_len, args.sampling)
+                       for _ in range(max(1, args.repeats))), key=lambda x: x["decode_s"])
         r = dict(runs[len(runs) // 2])
         r["runs_tok_s_per_seq"] = [x["decode_tok_s_per_seq"] for x in runs]
         avg_ctx = args.input_len + args.output_len // 2
@@ -135,7 +141,8 @@ def main():
     runner.shutdown()
     result = {**info, "model": args.model, "cuda_graphs": args.cuda_graphs, "decode_gemv": gemv, "pdl": pdl,
               "piecewise_graph_max_tokens": args.piecewise_graph_max_tokens,
-              "overlap": not args.disable_overlap_scheduler, "gpu_us_per_step_batch1": gpu_us,
+              "overlap": not args.disable_overlap_scheduler, "sampling": args.sampling,
+              "gpu_us_per_step_batch1": gpu_us,
               "copy_gb_s": bw, "copy_gb_s_readings": bw_readings, "weight_gb": wbytes / 1e9, "startup_s": startup_s,
               "hf_eager_tok_s": hf, "rows": rows, "profile_batch1": prof,
               "timeline_batch1": timeline, "graph_step_us_batch1": graph_us,

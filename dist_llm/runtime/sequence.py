@@ -69,6 +69,11 @@ class SamplingParams:
     def uses_penalties(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any logits processing (runtime/logits_processing.py) may apply to this request."""
+        return self.uses_penalties or bool(self.logit_bias) or self.min_tokens > 0
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
