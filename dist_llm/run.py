@@ -31,9 +31,14 @@ def parse_args(argv=None):
     p.add_argument("--presence_penalty", type=float, default=0.0, help="OpenAI's, over output tokens (-2..2; 0: off)")
     p.add_argument("--frequency_penalty", type=float, default=0.0, help="OpenAI's, over output tokens (-2..2; 0: off)")
     p.add_argument("--min_tokens", type=int, default=0, help="no stop token or stop string before this many tokens")
+    p.add_argument("--return_logprobs", action="store_true",
+                   help="the log-probability of each output token (in --output_json: logprobs)")
+    p.add_argument("--top_logprobs", type=int, default=0,
+                   help="with --return_logprobs, also each step's k most likely [id, log-prob] pairs (0..20)")
     p.add_argument("--pad_id", type=int, default=None,
                    help="also write padded_output_token_ids: max_new_tokens ids, padded with this id")
-    p.add_argument("--output_json", help="write [{input_text, output_text, output_token_ids, finish_reason}]")
+    p.add_argument("--output_json", help="write [{input_text, output_text, output_token_ids, finish_reason}] (and "
+                   "padded_output_token_ids, logprobs, top_logprobs when asked for)")
     p.add_argument("--output_first_logits", help="debugging: save the first-step logits [batch, vocab] (torch.save)")
     p.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"], help="auto: NCCL on GPU, gloo on CPU")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -114,6 +119,7 @@ def main(argv=None):
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
         end_id=args.end_id, pad_id=args.pad_id, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
+        return_logprobs=args.return_logprobs, top_logprobs=args.top_logprobs,
     )
     SamplingParams(max_new_tokens=args.max_new_tokens, **sampling)  # the same: a bad value is named now
     if texts is not None:

@@ -122,6 +122,8 @@ def test_inputs_skip_rows_that_do_not_sample_and_end_bans_at_min_tokens():
     (dict(logit_bias={"x": 1}), "logit_bias must map token ids"),
     (dict(logit_bias={-1: 1.0}), "token ids must be >= 0"),
     (dict(logit_bias={3: float("nan")}), "biases finite"),
+    (dict(top_logprobs=3), "top_logprobs needs return_logprobs=True"),
+    (dict(return_logprobs=True, top_logprobs=21), r"top_logprobs must be in \[0, 20\]"),
 ])
 def test_bad_settings_are_named(kw, match):
     with pytest.raises(DistLLMError, match=match):
@@ -297,3 +299,49 @@ def test_graph_paths_hand_processed_steps_to_the_piecewise_runner(device, tiny_m
             torch.cuda.empty_cache()
     assert graphs == eager
     assert graphs[0] != plain[0]
+
+
+def test_top_logprobs_match_transformers(engine_1, hf_model):
+    """Each step's k most likely ids and their log-probabilities, from the raw logits even when penalties chose
+    the token; rows asking for fewer get their first k; nothing with top_logprobs = 0."""
+    with in_process(engine_1) as runner:
+        prompts = runner.tokenize(PROMPTS[:2])
+        seqs = [Sequence(prompts[0], SamplingParams(max_new_tokens=6, end_id=-1, return_logprobs=True,
+                                                    top_logprobs=5, repetition_penalty=1.6)),
+                Sequence(prompts[1], SamplingParams(max_new_tokens=6, end_id=-1, return_logprobs=True, top_logprobs=2)),
+                Sequence(prompts[1], SamplingParams(max_new_tokens=6, end_id=-1, return_logprobs=True))]
+        for s in seqs:
+            runner.executor.enqueue(s)
+        while not all(s.is_finished for s in seqs):
+            runner.executor.step()
+    assert seqs[2].top_logprobs == [] and len(seqs[2].logprobs) == 6
+    for s, k in zip(seqs[:2], (5, 2)):
+        ids = torch.tensor([s.token_ids])  # prompt + output: the logits before each output token in one forward
+        with torch.no_grad():
+            logp = torch.log_softmax(hf_model(ids).logits[0, s.prompt_len - 1 : -1].float(), dim=-1)
+        assert len(s.top_logprobs) == len(s.output_token_ids) == 6
+        for step, (token, lp, top) in enumerate(zip(s.output_token_ids, s.logprobs, s.top_logprobs)):
+            want_v, want_i = logp[step].topk(k)
+            assert [t for t, _ in top] == want_i.tolist(), f"step {step}"
+            assert max(abs(v - w) for (_, v), w in zip(top, want_v.tolist())) < 1e-4
+            assert abs(lp - logp[step, token].item()) < 1e-4
+    # the penalty picked tokens that are not the raw argmax at some step: the log-probs are the raw ones anyway
+    assert any(top[0][0] != t for top, t in zip(seqs[0].top_logprobs, seqs[0].output_token_ids))
+
+
+def test_logprobs_in_the_cli_json(engine_1, tiny_models, tmp_path):
+    """One process, and two pipeline stages (the last stage sends them to rank 0): the same JSON."""
+    got = []
+    for n, engine in ((0, engine_1), (2, convert_and_build(tiny_models["llama"], tmp_path, 1, 2))):
+        out = tmp_path / f"out{n}.json"
+        run_dist(n, ["--engine_dir", engine, "--input_text", PROMPTS[0], "--max_new_tokens", "4", "--end_id", "-1",
+                     "--return_logprobs", "--top_logprobs", "3", "--output_json", str(out), "--quiet"])
+        got.append(json.loads(out.read_text())[0])
+    o = got[0]
+    assert len(o["logprobs"]) == len(o["top_logprobs"]) == 4
+    assert all(len(step) == 3 and step[0][1] >= step[1][1] >= step[2][1] for step in o["top_logprobs"])
+    assert all(lp <= step[0][1] for lp, step in zip(o["logprobs"], o["top_logprobs"]))
+    assert got[1]["output_token_ids"] == o["output_token_ids"]
+    ids = [[[t for t, _ in step] for step in g["top_logprobs"]] for g in got]
+    assert ids[1] == ids[0]
+    assert max(abs(a - b) for a, b in zip(got[1]["logprobs"], o["logprobs"])) < 1e-4

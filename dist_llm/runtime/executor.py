@@ -178,6 +178,7 @@ class Executor:
             sampling_mode=sampling_mode(params),
             return_logits=any(p.return_first_logits and s.num_sampled == 0 for p, s in zip(params, batch.seqs)),
             return_logprobs=any(p.return_logprobs for p in params),
+            top_logprobs=max(p.top_logprobs for p in params),
             prev_index=None if prev is None else torch.tensor(prev, dtype=torch.int64),
             # the scheduler lists rows of one query token first
             num_decode_rows=next((i for i, n in enumerate(batch.num_new_tokens) if n != 1), len(batch))
@@ -241,6 +242,9 @@ class Executor:
         events = []
         tokens = result.token_ids.tolist()  # one conversion, not one tensor index per request
         logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+        top = None
+        if result.top_logprobs is not None:
+            top = list(zip(result.top_logprob_ids.tolist(), result.top_logprobs.tolist()))
         for i, seq in enumerate(done.batch.seqs):
             if seq.is_finished:  # cancelled or stopped while this step was in flight
                 continue
@@ -257,6 +261,9 @@ class Executor:
                 seq.first_logits = result.logits[i].clone()
             if logprobs is not None and seq.params.return_logprobs:
                 seq.logprobs.append(logprobs[i])
+                if top is not None and seq.params.top_logprobs:
+                    k = seq.params.top_logprobs
+                    seq.top_logprobs.append(list(zip(top[i][0][:k], top[i][1][:k])))
             seq.token_times.append(now)
             if seq.first_token_time is None:
                 seq.first_token_time = now

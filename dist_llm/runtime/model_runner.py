@@ -46,6 +46,8 @@ class GenerationOutput:
     finish_reason: str | None
     num_cached_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
+    # with top_logprobs = k: per output token, the k most likely (id, log-prob) pairs, most likely first
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     first_logits: torch.Tensor | None = None
     error: str | None = None
     padded_output_token_ids: list[int] | None = None  # with pad_id: max_new_tokens long, padded at the end
@@ -59,6 +61,10 @@ class GenerationOutput:
         }
         if self.padded_output_token_ids is not None:
             out["padded_output_token_ids"] = self.padded_output_token_ids
+        if self.logprobs:
+            out["logprobs"] = self.logprobs
+        if self.top_logprobs:
+            out["top_logprobs"] = [[list(pair) for pair in step] for step in self.top_logprobs]
         return out
 
 
@@ -165,7 +171,7 @@ class ModelRunner:
 
         `sampling` takes the SamplingParams fields: temperature, top_k, top_p, seed, stop, stop_token_ids,
         end_id, pad_id, ignore_eos, repetition_penalty, presence_penalty, frequency_penalty, min_tokens,
-        logit_bias, return_logprobs, return_first_logits. With pad_id, each output also
+        logit_bias, return_logprobs, top_logprobs, return_first_logits. With pad_id, each output also
         has `padded_output_token_ids`: max_new_tokens ids, padded with pad_id after the request stopped.
         A seed applies to every prompt of the call.
         Stops work as in vLLM: a stop token (stop_token_ids, EOS or end_id) ends the output and stays in
@@ -215,6 +221,7 @@ class ModelRunner:
             finish_reason=seq.finish_reason,
             num_cached_tokens=seq.reported_cached_tokens,
             logprobs=seq.logprobs,
+            top_logprobs=seq.top_logprobs,
             first_logits=seq.first_logits,
             error=seq.error,
             padded_output_token_ids=None if seq.params.pad_id is None else

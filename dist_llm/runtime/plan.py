@@ -61,6 +61,7 @@ class StepPlan:
     sampling_mode: str = "full"  # "greedy" | "plain" (no top-k/top-p row) | "full": picked on the host
     return_logits: bool = False
     return_logprobs: bool = False
+    top_logprobs: int = 0  # the most any row asks for (rows take their own first k)
     # overlap scheduling: for each token, the row of the previous step's sampled ids that holds it (the
     # host has not seen that token yet), or -1 where input_ids has it; None when every id is known
     prev_index: torch.Tensor | None = None  # int64 [T]
@@ -89,6 +90,8 @@ class StepResult:
 
     token_ids: torch.Tensor  # int64 [B]
     logprobs: torch.Tensor | None = None  # fp32 [B]
+    top_logprob_ids: torch.Tensor | None = None  # int64 [B, k]
+    top_logprobs: torch.Tensor | None = None  # fp32 [B, k]
     logits: torch.Tensor | None = None  # fp32 [B, V]
     ready: object = None  # a torch.cuda.Event recorded after the device-to-host copy, or None
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from dist_llm.errors import DistLLMError
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
 
 @dataclass
 class SamplingParams:
@@ -35,6 +37,7 @@ class SamplingParams:
     min_tokens: int = 0  # no stop token (EOS, end_id, stop_token_ids) and no stop string before this many tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
     return_logprobs: bool = False  # of each returned token, from the model's logits before any processing
+    top_logprobs: int = 0  # with return_logprobs: also the k most likely ids of each step and theirs (OpenAI's, <= 20)
     return_first_logits: bool = False  # debugging: the logits that chose the first new token
 
     def __post_init__(self):
@@ -57,6 +60,10 @@ class SamplingParams:
             raise DistLLMError(
                 f"min_tokens must be in [0, max_new_tokens = {self.max_new_tokens}], got {self.min_tokens}"
             )
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise DistLLMError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.return_logprobs:
+            raise DistLLMError("top_logprobs needs return_logprobs=True (--return_logprobs)")
         try:  # JSON (the OpenAI API) gives the token ids as strings
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
         except (AttributeError, TypeError, ValueError):
@@ -103,6 +110,7 @@ class Sequence:
         self.error: str | None = None
         self.stopped_on_token = False  # finished by a stop token (stop_token_ids, EOS, end_id)
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []  # per output token: (id, log-prob), most likely first
         self.first_logits = None
         self.num_preemptions = 0
         self.arrival_time = time.perf_counter()

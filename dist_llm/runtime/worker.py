@@ -82,13 +82,18 @@ class TokenReturn:
         self.events = [torch.cuda.Event() if cuda else None for _ in range(depth)]  # one per buffer
         self.next = 0
 
-    def start(self, tokens: torch.Tensor) -> StepResult:
+    def start(self, tokens: torch.Tensor, extras: dict[str, torch.Tensor] | None = None) -> StepResult:
+        """`extras`: more StepResult fields (log-probabilities), copied to fresh pinned tensors on the same event."""
         i, self.next = self.next, (self.next + 1) % len(self.buffers)
         buf, ready = self.buffers[i][: tokens.shape[0]], self.events[i]
         buf.copy_(tokens, non_blocking=True)
+        host = {}
+        for name, t in (extras or {}).items():
+            host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=ready is not None)
+            host[name].copy_(t, non_blocking=True)
         if ready is not None:
             ready.record()
-        return StepResult(token_ids=buf, ready=ready)
+        return StepResult(token_ids=buf, ready=ready, **host)
 
 
 class Worker:
@@ -186,10 +191,10 @@ class Worker:
         if self.ops.backend == "triton" and self.device.type == "cuda":
             run_compile_warmup(self, self.num_blocks)
 
-    def return_tokens(self, tokens: torch.Tensor) -> StepResult:
+    def return_tokens(self, tokens: torch.Tensor, extras: dict[str, torch.Tensor] | None = None) -> StepResult:
         """The sampler rank starts the copy to the host; the other ranks' results are never read."""
         if self.mapping.rank == self.mapping.sampler_rank:
-            return self.token_return.start(tokens)
+            return self.token_return.start(tokens, extras)
         return StepResult(token_ids=tokens)
 
     def close(self) -> None:
@@ -274,12 +279,13 @@ class Worker:
             li = plan.logits_inputs.to(self.device)
             processed = apply_logits_processing(logits, li, self.sampled, self.ops.fill_pending)
         tokens = self.ops.sample(processed, *params, mode=plan.sampling_mode, out=self.sampled[: logits.shape[0]])
-        result = self.return_tokens(tokens)
-        if plan.return_logprobs or plan.return_logits:
-            logits = logits.float()
-        if plan.return_logprobs:
-            logp = torch.log_softmax(logits, dim=-1)
-            result.logprobs = logp.gather(1, tokens[:, None]).squeeze(1).cpu()
-        if plan.return_logits:
-            result.logits = logits.cpu()
+        extras = {}
+        if plan.return_logprobs:  # on their way with the ids: no wait here, so overlap scheduling goes on
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            extras["logprobs"] = logp.gather(1, tokens[:, None]).squeeze(1)
+            if plan.top_logprobs:
+                extras["top_logprobs"], extras["top_logprob_ids"] = logp.topk(plan.top_logprobs, dim=-1)
+        result = self.return_tokens(tokens, extras)
+        if plan.return_logits:  # (debugging: waits for the step)
+            result.logits = logits.float().cpu()
         return result
