@@ -115,6 +115,8 @@ def main():
                                      args.piecewise_graph_max_tokens)
     wbytes = weight_bytes(runner)
     measure(runner, 1, args.input_len, 16)  # warm-up: Triton compiles
+    for b in args.batch_sizes if args.sampling else ():  # and the graphs that stop at the logits, per bucket
+        measure(runner, b, args.input_len, 4, args.sampling)
     rows = []
     for b in args.batch_sizes:
         runs = sorted((measure(runner, b, args.input_len, args.output_len, args.sampling)

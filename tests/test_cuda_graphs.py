@@ -36,9 +36,10 @@ def test_token_buckets_cover_every_step_size():
         token_buckets(8)
 
 
-def staggered_outputs(runner, requests, graphs_on: bool, steps_between: int = 3, overlap: bool = True
-                      ) -> list[list[int]]:
-    """Requests join one by one while the others decode, so batch sizes (and buckets) keep changing."""
+def staggered_outputs(runner, requests, graphs_on: bool, steps_between: int = 3, overlap: bool = True,
+                      sequences: bool = False) -> list:
+    """Requests join one by one while the others decode, so batch sizes (and buckets) keep changing. Their output
+    token ids, or with `sequences` the finished Sequence objects."""
     from dist_llm.runtime.executor import Executor
     from dist_llm.runtime.sequence import SamplingParams, Sequence
 
@@ -57,7 +58,7 @@ def staggered_outputs(runner, requests, graphs_on: bool, steps_between: int = 3,
                 ex.step()
         while ex.has_unfinished():
             ex.step()
-        return [s.output_token_ids for s in seqs]
+        return seqs if sequences else [s.output_token_ids for s in seqs]
     finally:
         worker.graph_runner, worker.piecewise_runner = saved
 

@@ -246,7 +246,8 @@ def test_penalties_under_mpirun(tp, pp, tiny_models, hf_model, tmp_path):
 
     engine = convert_and_build(tiny_models["llama"], tmp_path, tp, pp)
     out = tmp_path / "out.json"
-    run_dist(tp * pp, ["--engine_dir", engine, "--input_text", *PROMPTS, "--max_new_tokens", str(N), "--end_id", "-1",
+    run_dist(tp * pp, ["--engine_dir", engine, "--device", "cpu", "--input_text", *PROMPTS, "--max_new_tokens", str(N),
+                       "--end_id", "-1",
                        "--repetition_penalty", "1.3", "--presence_penalty", "0.5", "--frequency_penalty", "0.4",
                        "--output_json", str(out), "--quiet"])
     tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
@@ -266,39 +267,45 @@ def test_bad_penalty_flag_fails_before_start_up(engine_1):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_graph_paths_hand_processed_steps_to_the_piecewise_runner(device, tiny_models, tmp_path):
-    """The decode graphs capture their sampling, so steps with processed rows take the piecewise path (which
-    samples eagerly): the same tokens as eager steps, and no decode-graph step while such a row runs."""
+def test_decode_graphs_stop_at_the_logits_for_processed_rows(device, tiny_models, tmp_path):
+    """Decode steps with processed rows (or log-probabilities) replay the "logits" variant of their bucket's graph
+    and sample eagerly after it: the same tokens and log-probabilities as eager steps; plain steps keep the
+    graphs that sample inside."""
     from test_cuda_graphs import staggered_outputs
 
     from dist_llm.parallel.state import destroy
     from dist_llm.runtime import ModelRunner
 
-    # fp32 on the GPU too: the piecewise graphs pad to 16 rows, where bf16 matmuls round otherwise than at 2
+    # fp32 on the GPU too: bf16 matmuls round otherwise at a padded bucket's row count than at the real one
     engine = convert_and_build(tiny_models["llama"], tmp_path, 1, 1, max_batch_size=8)
     mode = "on" if device == "cuda" else "static"
     pen = dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3, logit_bias={17: 1.5})
     try:
         runner = ModelRunner.from_dir(engine, device=device, kernel_backend="triton" if device == "cuda" else "torch",
                                       cuda_graphs=mode, num_kv_blocks=256)
-        worker = runner.executor.worker
+        graphs_runner = runner.executor.worker.graph_runner
         reqs = [([5, 9, 14, 3], dict(max_new_tokens=20, ignore_eos=True, **pen)),
-                ([7, 7, 21], dict(max_new_tokens=20, ignore_eos=True, temperature=0.9, seed=4, **pen))]
-        eager = staggered_outputs(runner, reqs, graphs_on=False)
-        decode_before, piecewise_before = worker.graph_runner.steps_run, worker.piecewise_runner.steps_run
-        graphs = staggered_outputs(runner, reqs, graphs_on=True)
-        assert worker.graph_runner.steps_run == decode_before  # every step had a processed row
-        assert worker.piecewise_runner.steps_run - piecewise_before >= 20
+                ([7, 7, 21], dict(max_new_tokens=20, ignore_eos=True, temperature=0.9, seed=4, **pen)),
+                ([8, 30, 2, 2, 6], dict(max_new_tokens=12, ignore_eos=True, return_logprobs=True, top_logprobs=3))]
+        eager = staggered_outputs(runner, reqs, graphs_on=False, sequences=True)
+        before = graphs_runner.steps_run
+        graphs = staggered_outputs(runner, reqs, graphs_on=True, sequences=True)
+        assert graphs_runner.logits_steps >= 20 and graphs_runner.steps_run - before == graphs_runner.logits_steps
+        if device == "cuda":
+            assert any(mode == "logits" for _, mode in graphs_runner.graphs)
         plain = staggered_outputs(runner, [(p, dict(max_new_tokens=20, ignore_eos=True)) for p, _ in reqs],
                                   graphs_on=True)
-        assert worker.graph_runner.steps_run > decode_before  # (and plain requests do use the decode graphs)
+        assert graphs_runner.steps_run - before > graphs_runner.logits_steps  # plain steps: the sampling graphs
         runner.shutdown()
     finally:
         destroy()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    assert graphs == eager
-    assert graphs[0] != plain[0]
+    assert [s.output_token_ids for s in graphs] == [s.output_token_ids for s in eager]
+    assert graphs[0].output_token_ids != plain[0]
+    g, e = graphs[2], eager[2]
+    assert [[t for t, _ in step] for step in g.top_logprobs] == [[t for t, _ in step] for step in e.top_logprobs]
+    assert len(g.logprobs) == 12 and max(abs(a - b) for a, b in zip(g.logprobs, e.logprobs)) < 1e-4
 
 
 def test_top_logprobs_match_transformers(engine_1, hf_model):
@@ -334,7 +341,8 @@ def test_logprobs_in_the_cli_json(engine_1, tiny_models, tmp_path):
     got = []
     for n, engine in ((0, engine_1), (2, convert_and_build(tiny_models["llama"], tmp_path, 1, 2))):
         out = tmp_path / f"out{n}.json"
-        run_dist(n, ["--engine_dir", engine, "--input_text", PROMPTS[0], "--max_new_tokens", "4", "--end_id", "-1",
+        run_dist(n, ["--engine_dir", engine, "--device", "cpu", "--input_text", PROMPTS[0], "--max_new_tokens", "4",
+                     "--end_id", "-1",
                      "--return_logprobs", "--top_logprobs", "3", "--output_json", str(out), "--quiet"])
         got.append(json.loads(out.read_text())[0])
     o = got[0]

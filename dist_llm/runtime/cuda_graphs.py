@@ -17,8 +17,12 @@ Modes:
 * "capture": CUDA graphs (GPU; NCCL or a single rank: gloo cannot be captured);
 * "static":  the same static-buffer, bucket-padded step run eagerly: what the CPU tests check, and a
   debugging aid on the GPU;
-* the eager worker path is used for everything else (prefill, mixed batches, steps that return logits
-  or log-probabilities).
+* the eager worker path is used for everything else (prefill, mixed batches, the debugging first-step
+  logits).
+
+A step whose rows ask for logits processing (penalties, logit_bias, min_tokens: runtime/logits_processing.py)
+or log-probabilities replays a "logits" variant of its bucket's graph, which stops at the LM head's output; the
+processing and the sampling then run eagerly on it. That variant is captured the first time a bucket needs it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dist_llm.runtime.plan import StepPlan, StepResult
 from dist_llm.runtime.static_inputs import StaticInputs
 
 SAMPLING_MODES = ("greedy", "plain", "full")
+LOGITS = "logits"  # the graph variant that ends at the LM head; sampling runs after it, eagerly
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -79,12 +84,13 @@ class DecodeGraphRunner:
         self.stage_out = None if self.last else torch.zeros(2, self.max_bs, hidden, dtype=worker.dtype, **z)
         self.workspace = worker.decode_workspace
         self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self.logits_buf: torch.Tensor | None = None  # the "logits" variant's output [max_bs, V], made on first use
         self.pool = None
         self.steps_run = 0
+        self.logits_steps = 0  # of them, through the "logits" variant
 
     def can_run(self, plan: StepPlan) -> bool:
-        return plan.is_decode and plan.batch_size <= self.max_bs and not plan.return_logits \
-            and not plan.return_logprobs and plan.logits_inputs is None  # (their sampling is captured)
+        return plan.is_decode and plan.batch_size <= self.max_bs and not plan.return_logits
 
     def _forward(self, bucket: int, mode: str) -> None:
         """The captured region: everything reads and writes the static buffers only."""
@@ -98,6 +104,9 @@ class DecodeGraphRunner:
         if hidden is None:
             return
         logits = w.model.compute_logits(hidden)
+        if mode == LOGITS:  # into a buffer of its own: the pool's memory stays free for the other graphs
+            self.logits_buf[:bucket].copy_(logits)
+            return
         w.ops.sample(
             logits, self.temperature[:bucket], self.top_k[:bucket], self.top_p[:bucket], self.seeds[:bucket],
             self.offsets[:bucket], mode=mode, out=self.tokens[:bucket],
@@ -135,21 +144,28 @@ class DecodeGraphRunner:
             packed = comm.pp_recv((2, b, self.stage_in.shape[2]), w.dtype, w.mapping.pp_rank - 1)
             self.stage_in[:, :b].copy_(packed)
         bucket = next(x for x in self.buckets if x >= b)
-        key = (bucket, plan.sampling_mode)
+        mode = LOGITS if plan.logits_inputs is not None or plan.return_logprobs else plan.sampling_mode
+        key = (bucket, mode)
+        if mode == LOGITS and self.logits_buf is None and self.last:
+            self.logits_buf = torch.empty(self.max_bs, w.engine.model.vocab_size, dtype=w.dtype, device=w.device)
         if self.mode == "capture" and key not in self.graphs:
-            # A sampling mode first seen now: capture before this step's inputs go in. The capture pads the
-            # rows, and its warm-up runs overwrite the previous step's sampled ids, which this step may read.
+            # A mode first seen now: capture before this step's inputs go in. The capture pads the rows, and
+            # its warm-up runs overwrite the previous step's sampled ids, which this step may read.
             saved = self.tokens.clone()
-            self.graphs[key] = self._capture(bucket, plan.sampling_mode)
+            self.graphs[key] = self._capture(bucket, mode)
             self.tokens.copy_(saved)
         values = {name: getattr(plan, name) for name, *_ in self.inputs.fields}
         self.inputs.load(values, {"row": (b, bucket)}, plan.block_tables, bucket)
         if self.mode == "static":
-            self._forward(bucket, plan.sampling_mode)
+            self._forward(bucket, mode)
         else:
             self.graphs[key].replay()
         self.steps_run += 1
+        self.logits_steps += mode == LOGITS
         if not self.last:  # a copy: the next replay rewrites stage_out while this send may be in flight
             w.send_to_next_stage(self.stage_out[:, :b].clone())
             return None
+        if mode == LOGITS:
+            params = (self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seeds[:b], self.offsets[:b])
+            return w.sample_logits(plan, self.logits_buf[:b], params)
         return w.return_tokens(self.tokens[:b])

@@ -273,7 +273,11 @@ class Worker:
     def sample_and_return(self, plan: StepPlan, hidden: torch.Tensor, params) -> StepResult:
         """The LM head over `hidden` (each sequence's last token), sampling with `params` (temperature, top_k, top_p,
         seeds, offsets on the device), and the ids (and logits or log-probabilities if the plan asks) on their way."""
-        logits = self.model.compute_logits(hidden)  # the model's dtype: the samplers read it as fp32
+        return self.sample_logits(plan, self.model.compute_logits(hidden), params)
+
+    def sample_logits(self, plan: StepPlan, logits: torch.Tensor, params) -> StepResult:
+        """`sample_and_return` from the logits [B, V] (the model's dtype: the samplers read them as fp32), which
+        are left as they are."""
         processed = logits
         if plan.logits_inputs is not None:  # (before the sampling below overwrites the previous step's ids)
             li = plan.logits_inputs.to(self.device)
