@@ -308,6 +308,17 @@ def test_decode_graphs_stop_at_the_logits_for_processed_rows(device, tiny_models
     assert len(g.logprobs) == 12 and max(abs(a - b) for a, b in zip(g.logprobs, e.logprobs)) < 1e-4
 
 
+def test_token_ids_outside_the_vocabulary_are_refused(engine_1):
+    with in_process(engine_1) as runner:
+        vocab = runner.engine.model.vocab_size
+        for kw, name in ((dict(logit_bias={vocab: 1.0}), "logit_bias"), (dict(stop_token_ids=[vocab + 3]),
+                         "stop_token_ids"), (dict(end_id=vocab, min_tokens=2), "end_id"),
+                         (dict(stop_token_ids=[-5]), "stop_token_ids")):
+            out = runner.generate(batch_input_ids=[[5, 6]], max_new_tokens=4, **kw)[0]
+            assert out.finish_reason == "rejected" and f"{name} token id" in out.error and str(vocab) in out.error
+        assert runner.generate(batch_input_ids=[[5, 6]], max_new_tokens=4, end_id=-1)[0].finish_reason == "length"
+
+
 def test_top_logprobs_match_transformers(engine_1, hf_model):
     """Each step's k most likely ids and their log-probabilities, from the raw logits even when penalties chose
     the token; rows asking for fewer get their first k; nothing with top_logprobs = 0."""

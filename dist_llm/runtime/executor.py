@@ -104,9 +104,12 @@ class Executor:
         bad = [t for t in seq.token_ids if not 0 <= t < vocab]
         if bad:
             raise DistLLMError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        bad = [t for t in seq.params.logit_bias if t >= vocab]
-        if bad:
-            raise DistLLMError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        p = seq.params
+        for name, ids in (("logit_bias", p.logit_bias), ("stop_token_ids", p.stop_token_ids),
+                          ("end_id", [] if p.end_id is None else [p.end_id])):
+            bad = [t for t in ids if t >= vocab or (t < 0 and name != "end_id")]  # (end_id -1: no EOS)
+            if bad:  # (the logits processing indexes the vocabulary with them)
+                raise DistLLMError(f"{name} token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
     def enqueue(self, seq: Sequence) -> int:
         self.check_admissible(seq)
