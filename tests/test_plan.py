@@ -38,9 +38,11 @@ def test_step_plan_round_trip(batch, prev):
 
 
 def test_step_result_round_trip_and_unwaited_refused():
-    res = StepResult(torch.arange(4), torch.rand(4), torch.rand(4, 11))
+    res = StepResult(torch.arange(4), torch.rand(4), torch.rand(4, 11), top_logprob_ids=torch.arange(8).view(4, 2),
+                     top_logprobs=torch.rand(4, 2))
     back = pickle.loads(pickle.dumps(res))
     assert torch.equal(back.token_ids, res.token_ids) and torch.equal(back.logits, res.logits)
+    assert torch.equal(back.top_logprob_ids, res.top_logprob_ids) and torch.equal(back.top_logprobs, res.top_logprobs)
     assert back.ready is None
     with pytest.raises(AssertionError, match="wait"):
         pickle.dumps(StepResult(torch.arange(2), ready=object()))

@@ -90,10 +90,10 @@ class StepResult:
 
     token_ids: torch.Tensor  # int64 [B]
     logprobs: torch.Tensor | None = None  # fp32 [B]
-    top_logprob_ids: torch.Tensor | None = None  # int64 [B, k]
-    top_logprobs: torch.Tensor | None = None  # fp32 [B, k]
     logits: torch.Tensor | None = None  # fp32 [B, V]
     ready: object = None  # a torch.cuda.Event recorded after the device-to-host copy, or None
+    top_logprob_ids: torch.Tensor | None = None  # int64 [B, k]
+    top_logprobs: torch.Tensor | None = None  # fp32 [B, k]
 
     def __reduce__(self):  # sent from the last stage to rank 0 every step (pp > 1); only once waited for
         assert self.ready is None, "wait() for a StepResult before sending it"
