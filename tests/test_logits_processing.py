@@ -238,16 +238,17 @@ def test_processed_request_is_independent_of_the_batch(engine_1):
     assert [len(s.output_token_ids) for s in seqs] == [N, N, N // 2, N]
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)])
-def test_penalties_under_mpirun(tp, pp, tiny_models, hf_model, tmp_path):
+@pytest.mark.parametrize("tp,pp,graphs", [(2, 1, "off"), (2, 2, "off"), (2, 1, "static"), (1, 2, "static")])
+def test_penalties_under_mpirun(tp, pp, graphs, tiny_models, hf_model, tmp_path):
     """The flags of `python -m dist_llm.run`: at tp=2 the PENDING tokens come from every rank's own sampled ids
-    (overlap scheduling); at tp=2 × pp=2 rank 0 is not the sampling rank."""
+    (overlap scheduling); at pp=2 rank 0 is not the sampling rank; "static" runs the decode graphs' path (the
+    variant that stops at the logits) eagerly, on every stage."""
     from transformers import AutoTokenizer
 
     engine = convert_and_build(tiny_models["llama"], tmp_path, tp, pp)
     out = tmp_path / "out.json"
     run_dist(tp * pp, ["--engine_dir", engine, "--device", "cpu", "--input_text", *PROMPTS, "--max_new_tokens", str(N),
-                       "--end_id", "-1",
+                       "--end_id", "-1", "--cuda_graphs", graphs,
                        "--repetition_penalty", "1.3", "--presence_penalty", "0.5", "--frequency_penalty", "0.4",
                        "--output_json", str(out), "--quiet"])
     tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
