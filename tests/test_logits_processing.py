@@ -73,14 +73,14 @@ def test_processing_matches_a_loop_over_rows(dtype, backend):
     prompts = [[1, 2, 3, 2], [5, 6], [7, 7, 8], [9, 10, 1], [12]]
     outputs = [[2, 5, 5, PENDING], [], [13, 14], [10, 10, 9, 10], [12, 12, 33, PENDING]]
     feeds = [2, None, None, None, 0]  # rows of the previous step holding the PENDING tokens
-    seqs, ends, rows = [], [], []
-    for prompt, output, p in zip(prompts, outputs, params):
+    seqs, rows = [], []
+    for prompt, output, p, feed in zip(prompts, outputs, params, feeds):
         s = Sequence(prompt, p or SamplingParams(max_new_tokens=9))
         s.token_ids += output
+        s.num_computed_tokens, s.feed = len(s) - 1, None if feed is None else (0, feed)  # a decode row each
         seqs.append(s)
-        ends.append(len(s))
     stops = {14, 20}
-    li = build_logits_inputs(list(zip(seqs, ends, feeds)), lambda seq: stops)
+    li = build_logits_inputs(seqs, [1] * len(seqs), lambda seq: stops)
     for (prompt, output, p), feed in zip(zip(prompts, outputs, params), feeds):
         filled = [int(sampled[feed]) if t == PENDING else t for t in output]
         rows.append(None if p is None else (prompt, filled, p, stops))
@@ -98,18 +98,20 @@ def test_inputs_skip_rows_that_do_not_sample_and_end_bans_at_min_tokens():
     chunk = Sequence([1, 2, 3, 4], p)  # a prompt chunk of 2 of its 4 tokens: no sample this step
     done = Sequence([5, 6], p)
     done.token_ids += [7, 8]  # two outputs already: min_tokens reached
-    li = build_logits_inputs([(chunk, 2, None), (done, 4, None)], lambda seq: {0})
+    done.num_computed_tokens = 3
+    li = build_logits_inputs([chunk, done], [2, 1], lambda seq: {0})  # (the chunk: tokens 0-1 of 4)
     assert li.bias_rows.tolist() == [] and li.seen_token_ids.tolist() == [5, 6, 7, 8]
     assert li.seen_lengths.tolist() == [0, 4] and li.seen_prompt_lens.tolist() == [0, 2]
     assert li.seen_feeds.tolist() == [-1, -1]
     assert li.penalties.tolist() == [[1.0, 0.0, 0.0], [1.25, 0.0, 0.0]]
     assert li.use_repetition and not li.use_output_penalties
     plain = Sequence([1, 2], SamplingParams(max_new_tokens=4))
-    assert build_logits_inputs([(plain, 2, None)], lambda seq: {0}) is None
+    assert build_logits_inputs([plain], [2], lambda seq: {0}) is None
     # one output so far: the next token may not be a stop token yet
     early = Sequence([5, 6], SamplingParams(max_new_tokens=8, min_tokens=2))
     early.token_ids.append(PENDING)
-    li = build_logits_inputs([(early, 3, 4)], lambda seq: {2, 0})
+    early.num_computed_tokens, early.feed = 2, (0, 4)
+    li = build_logits_inputs([early], [1], lambda seq: {2, 0})
     assert li.bias_token_ids.tolist() == [0, 2] and li.bias_values.tolist() == [-math.inf, -math.inf]
     assert li.seen_token_ids.numel() == 0 and li.seen_feeds.tolist() == [-1]  # (no penalties: not needed)
 

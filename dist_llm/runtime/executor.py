@@ -139,19 +139,15 @@ class Executor:
         """Plain lists, one tensor per field at the end: this runs every step, for every request."""
         bs = self.engine.build.tokens_per_block
         ids, pos, slots, seq_lens, cu, rows, prev = [], [], [], [], [0], [], None
-        ends, feeds = [], []  # for the logits processing
         max_blocks = max(len(s.block_table) for s in batch.seqs)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start, end, table = seq.num_computed_tokens, seq.num_computed_tokens + n, seq.block_table
             ids += seq.token_ids[start:end]
-            ends.append(end)
-            feeds.append(None)
             if ids[-1] == PENDING:  # sampled by the step in flight: the device fills it in
                 launch, row = seq.feed
                 assert launch == self.launches - 1, "a PENDING token must come from the previous launch"
                 prev = prev or [-1] * (len(ids) - 1)
                 prev.append(row)
-                feeds[-1] = row
             elif prev is not None:
                 prev += [-1] * (len(ids) - len(prev))
             if n == 1:  # decode: the common case
@@ -186,7 +182,7 @@ class Executor:
             # the scheduler lists rows of one query token first
             num_decode_rows=next((i for i, n in enumerate(batch.num_new_tokens) if n != 1), len(batch))
             if self.decode_split else 0,
-            logits_inputs=build_logits_inputs(list(zip(batch.seqs, ends, feeds)), self.stop_token_ids)
+            logits_inputs=build_logits_inputs(batch.seqs, batch.num_new_tokens, self.stop_token_ids)
             if any(p.processes_logits for p in params) else None,
         )
 
@@ -278,18 +274,20 @@ class Executor:
             events.append(TokenEvent(seq.request_id, [token], reason is not None, reason))
         return events
 
+    def _eos_ids(self, p) -> set[int]:
+        """EOS for a request: the engine's, or its end_id (-1: none)."""
+        return self.eos_ids if p.end_id is None else ({p.end_id} if p.end_id >= 0 else set())
+
     def stop_token_ids(self, seq: Sequence) -> set[int]:
-        """The token ids that end `seq`: its stop_token_ids, and EOS (the engine's, or end_id) unless ignore_eos."""
+        """The token ids that end `seq`: its stop_token_ids, and EOS unless ignore_eos (_stop_reason's test)."""
         p = seq.params
-        eos = self.eos_ids if p.end_id is None else ({p.end_id} if p.end_id >= 0 else set())
-        return set(p.stop_token_ids) | (set() if p.ignore_eos else eos)  # (_stop_reason's test, as a set)
+        return set(p.stop_token_ids) | (set() if p.ignore_eos else self._eos_ids(p))
 
     def _stop_reason(self, seq: Sequence, idx: int) -> str | None:
         """Whether the token at token_ids[idx] (just resolved) ends the request."""
         p, token = seq.params, seq.token_ids[idx]
-        eos = self.eos_ids if p.end_id is None else ({p.end_id} if p.end_id >= 0 else ())
         # (below min_tokens these were masked out of the logits: see stop_token_ids)
-        if token in p.stop_token_ids or (not p.ignore_eos and token in eos):
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self._eos_ids(p)):
             seq.stopped_on_token = True
             return "stop"
         if p.stop and self.tokenizer is not None and idx + 1 - seq.prompt_len >= p.min_tokens:  # (vLLM's rule)

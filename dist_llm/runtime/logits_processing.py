@@ -15,8 +15,8 @@ The host builds the inputs each step from the requests' tokens; the device turns
 counts. With overlap scheduling, the newest token of a request may still be being sampled (PENDING on the host):
 the device fills it from the previous step's sampled ids, as the forward does for its input ids. Rows that use
 none of this keep their logits bit for bit (x / 1, x - 0 and x + 0 are exact), so a request's tokens do not depend
-on what else is in the batch. Steps that need it run without the decode CUDA graphs, whose sampling is captured
-(the piecewise graphs run their sampling eagerly and take them).
+on what else is in the batch. The decode CUDA graphs capture their sampling, so a decode step that needs this
+replays their "logits" variant, which stops at the LM head, and runs it after (runtime/cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -57,18 +57,19 @@ class LogitsInputs:
         return LogitsInputs(**moved)
 
 
-def build_logits_inputs(rows: list[tuple[Sequence, int, int | None]], stop_ids) -> LogitsInputs | None:
-    """`rows`: for each row of the step, (sequence, tokens it will hold after the step, the previous step's row
-    that samples its PENDING last token or None). `stop_ids(seq)`: the token ids that would stop it.
-    None when no row that samples needs any processing (the common case costs one pass over the params)."""
-    if not any(_needs(seq, end) for seq, end, _ in rows):
+def build_logits_inputs(seqs: list[Sequence], num_new_tokens: list[int], stop_ids) -> LogitsInputs | None:
+    """The step's rows, as the coordinator plans them (before their num_computed_tokens moves on); a PENDING last
+    token is sampled by the previous step, at the row `seq.feed` names. `stop_ids(seq)`: the token ids that would
+    stop it. None when no row that samples needs any processing."""
+    ends = [seq.num_computed_tokens + n for seq, n in zip(seqs, num_new_tokens)]
+    if not any(_needs(seq, end) for seq, end in zip(seqs, ends)):
         return None
-    b = len(rows)
+    b = len(seqs)
     penalties = [[1.0, 0.0, 0.0] for _ in range(b)]
     lengths, prompt_lens, feeds = [0] * b, [0] * b, [-1] * b
     seen: list[int] = []
     b_rows, b_ids, b_vals = [], [], []
-    for r, (seq, end, feed_row) in enumerate(rows):
+    for r, (seq, end) in enumerate(zip(seqs, ends)):
         if end != len(seq):  # a prompt chunk that does not reach the end: its sample is thrown away
             continue
         p = seq.params
@@ -86,8 +87,8 @@ def build_logits_inputs(rows: list[tuple[Sequence, int, int | None]], stop_ids) 
             seen += seq.token_ids[:end]
             lengths[r], prompt_lens[r] = end, min(seq.prompt_len, end)
             if seq.token_ids[end - 1] == PENDING:
-                assert feed_row is not None, "a PENDING token must be sampled by the step in flight"
-                feeds[r] = feed_row
+                assert seq.feed is not None, "a PENDING token must be sampled by the step in flight"
+                feeds[r] = seq.feed[1]
     pen = torch.tensor(penalties, dtype=torch.float32)
     return LogitsInputs(
         penalties=pen,
