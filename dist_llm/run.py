@@ -23,6 +23,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--min_p", type=float, default=0.0,
+                   help="keep tokens at least this fraction as likely as the likeliest (0..1; 0: off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", nargs="*", default=[], help="stop strings")
     p.add_argument("--end_id", type=int, default=None, help="override EOS id (-1: never stop on EOS)")
@@ -116,8 +118,8 @@ def main(argv=None):
 
     texts, ids = read_inputs(args)  # before start-up, so bad input fails fast on every rank
     sampling = dict(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-        end_id=args.end_id, pad_id=args.pad_id, repetition_penalty=args.repetition_penalty,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+        stop=args.stop, end_id=args.end_id, pad_id=args.pad_id, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
         return_logprobs=args.return_logprobs, top_logprobs=args.top_logprobs,
     )

@@ -69,7 +69,7 @@ def make_requests(vocab: int, n: int, max_new: int):
     for i in range(n):
         params = dict(max_new_tokens=rng.randrange(max_new // 2, max_new), ignore_eos=True)
         if i % 3 == 1:
-            params.update(temperature=0.8, seed=i)
+            params.update(temperature=0.8, seed=i, min_p=0.1 if i % 2 else 0.0)
         if i % 3 == 2:
             params.update(temperature=1.0, top_k=10, top_p=0.9, seed=i)
         reqs.append(([rng.randrange(3, vocab) for _ in range(rng.randrange(2, 30))], params))

@@ -286,6 +286,29 @@ def test_seeded_sampling_is_independent_of_the_batch(engine_1):
     assert len(unseeded.output_token_ids) == n and unseeded.finish_reason == "length"
 
 
+def test_min_p(engine_1):
+    """min_p 1 keeps only the likeliest token, so hot sampling turns greedy; below 1 the same seed samples
+    something else (both in one batch, with a greedy row beside them)."""
+    from dist_llm.runtime.sequence import SamplingParams, Sequence
+
+    n = 16
+    with in_process(engine_1) as runner:
+        prompt = runner.tokenize([PROMPTS[0]])[0]
+        params = [SamplingParams(max_new_tokens=n, end_id=-1),  # greedy
+                  SamplingParams(max_new_tokens=n, temperature=1.5, min_p=1.0, seed=3, end_id=-1),
+                  SamplingParams(max_new_tokens=n, temperature=1.5, min_p=0.3, seed=3, end_id=-1),
+                  SamplingParams(max_new_tokens=n, temperature=1.5, seed=3, end_id=-1)]
+        seqs = [Sequence(prompt, p) for p in params]
+        for s in seqs:
+            runner.executor.enqueue(s)
+        while not all(s.is_finished for s in seqs):
+            runner.executor.step()
+    greedy, one, low, off = (s.output_token_ids for s in seqs)
+    assert one == greedy and len(greedy) == n
+    assert off != greedy and low != greedy
+    assert low != off  # min_p 0.3 dropped tokens that min_p 0 sampled
+
+
 def test_request_larger_than_the_pool_is_refused_and_the_others_run(engine_1):
     """A request whose prompt + max_new_tokens can never fit the KV pool is refused at admission with the
     numbers; the rest of the call runs on."""

@@ -311,6 +311,59 @@ def test_sampling_modes_agree_with_full(backend):
     assert torch.equal(sample(logits, zero, no_k, no_p, seeds, offsets, mode="greedy"), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bsz,vocab", [(11, 53), (6, 1001)] + ([(64, 128_256)] if GPU else []))
+def test_sample_min_p_matches_reference(backend, dtype, bsz, vocab):
+    """min_p beside greedy, temperature, top-k and top-p rows (and rows with min_p 0) against the reference,
+    and against the same batch without min_p: the rows that use it must have moved somewhere."""
+    from dist_llm.kernels import get_ops
+
+    sample = get_ops(backend).sample
+    logits, temperature, top_k, top_p, seeds, offsets = sampling_batch(bsz, vocab)
+    logits = (logits * 0.3).to(dtype)  # flatter than sampling_batch's, so that min_p has tokens to drop
+    min_p = torch.where(torch.arange(bsz, device=DEVICE) % 3 == 0, 0.0, 0.05 + 0.2 * (torch.arange(bsz) % 4).to(DEVICE))
+    changed = 0
+    for shift in range(8):
+        args = (logits, temperature, top_k, top_p, seeds, offsets + shift)
+        got = sample(*args, min_p=min_p.float())
+        assert torch.equal(got, ref.sample_ref(*args, min_p=min_p.float()))
+        without = sample(*args)
+        off = (min_p == 0) | (temperature == 0)
+        assert torch.equal(got[off], without[off]), "a row with min_p 0 (or greedy) changed"
+        changed += int((got != without).sum())
+    assert changed > 0, "min_p changed no token"
+
+
+def test_sample_min_p_keeps_what_it_should_and_comes_before_top_p():
+    """Over many draws: min_p 0.2 at T = 1 keeps exactly the tokens at >= 0.2 x the top probability, in
+    proportion (chi-square); and with probabilities (0.5, 0.3, 0.2), min_p 0.5 then top_p 0.6 (vLLM's order)
+    leaves the first token only (top-p first would have kept two)."""
+    draws = 20_000 if GPU else 600
+    logits_row = torch.tensor([1.0, 0.0, -0.5, 2.0, 0.5], device=DEVICE)  # p / p_max: .37 .14 .08 1 .22
+
+    def draw(row, top_p=1.0, min_p=0.2):
+        n = len(row)
+        return sample(
+            row.expand(draws, -1).contiguous(),
+            torch.ones(draws, device=DEVICE), torch.zeros(draws, dtype=torch.int32, device=DEVICE),
+            torch.full((draws,), top_p, device=DEVICE), torch.full((draws,), 99, device=DEVICE),
+            torch.arange(draws, device=DEVICE), min_p=torch.full((draws,), min_p, device=DEVICE),
+        ), n
+
+    tokens, n = draw(logits_row)
+    observed = torch.bincount(tokens, minlength=n).double()
+    assert observed[1] == observed[2] == 0, observed
+    kept = torch.tensor([0, 3, 4], device=DEVICE)
+    expected = torch.softmax(logits_row[kept], dim=-1).double() * draws
+    chi2 = ((observed[kept] - expected) ** 2 / expected).sum().item()
+    assert chi2 < 13.82, (observed, expected)  # 2 degrees of freedom, P = 0.001
+    order, _ = draw(torch.tensor([0.5, 0.3, 0.2], device=DEVICE).log(), top_p=0.6, min_p=0.5)
+    assert (order == 0).all(), torch.bincount(order)
+    top_p_only, _ = draw(torch.tensor([0.5, 0.3, 0.2], device=DEVICE).log(), top_p=0.6, min_p=0.0)
+    assert set(top_p_only.tolist()) == {0, 1}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bsz,vocab", [(1, 1), (3, 37), (2, 16385), (5, 40_000)] + ([(64, 128_256)] if GPU else []))
 def test_greedy_argmax(monkeypatch, dtype, bsz, vocab):

@@ -213,10 +213,13 @@ def counter_uniform(seeds: torch.Tensor, offsets: torch.Tensor, vocab: int) -> t
     return (((bits >> 40) & 0xFFFFFF).float() + 0.5) / float(1 << 24)
 
 
-def gumbel_max_sample(logits, temperature, top_k, top_p, uniform, mode: str = "full") -> torch.Tensor:
-    """Greedy / temperature / top-k / top-p sampling by the Gumbel-max trick, given `uniform(vocab)`: noise
+def gumbel_max_sample(logits, temperature, top_k, top_p, uniform, mode: str = "full", min_p=None) -> torch.Tensor:
+    """Greedy / temperature / min-p / top-k / top-p sampling by the Gumbel-max trick, given `uniform(vocab)`: noise
     [B, vocab] in (0, 1). `mode` ("greedy", "plain" or "full") is a host-side promise about the batch
-    (every row greedy; no row with top-k/top-p); it changes speed only, never the tokens."""
+    (every row greedy; no row with min-p/top-k/top-p); it changes speed only, never the tokens.
+    `min_p` (fp32 [B], 0 = off; None: off for every row) keeps the tokens whose probability after temperature
+    is at least min_p times the largest one. As in vLLM, it applies before top-k and top-p, so top-p's mass
+    is counted over what min-p kept."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
     if mode == "greedy":
@@ -232,6 +235,8 @@ def gumbel_max_sample(logits, temperature, top_k, top_p, uniform, mode: str = "f
     ranks = torch.arange(vocab, device=logits.device)[None, :]
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
     drop = ranks >= k[:, None].long()
+    if min_p is not None:  # p_i < min_p * p_max, in log space: l_i - l_max < log(min_p) (log 0 = -inf: nothing)
+        drop |= (sorted_logits - sorted_logits[:, :1]) < torch.log(min_p)[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # keep the smallest prefix whose mass reaches top_p (the first token always stays)
     drop |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p < 1)[:, None]
@@ -241,9 +246,11 @@ def gumbel_max_sample(logits, temperature, top_k, top_p, uniform, mode: str = "f
     return torch.where(temperature > 0, sampled, greedy)
 
 
-def sample_ref(logits, temperature, top_k, top_p, seeds, offsets, mode: str = "full", out=None) -> torch.Tensor:
+def sample_ref(logits, temperature, top_k, top_p, seeds, offsets, mode: str = "full", out=None,
+               min_p=None) -> torch.Tensor:  # fmt: skip
     """Token ids int64 [B]; written into `out` too when given (a static buffer under a CUDA graph)."""
-    tokens = gumbel_max_sample(logits, temperature, top_k, top_p, lambda v: counter_uniform(seeds, offsets, v), mode)
+    noise = lambda v: counter_uniform(seeds, offsets, v)  # noqa: E731
+    tokens = gumbel_max_sample(logits, temperature, top_k, top_p, noise, mode, min_p)
     return tokens if out is None else out.copy_(tokens)
 
 

@@ -1,6 +1,6 @@
-"""Sampling: greedy, temperature, top-k and top-p, token-for-token identical to `sample_ref`.
+"""Sampling: greedy, temperature, min-p, top-k and top-p, token-for-token identical to `sample_ref`.
 
-Choice: the filtering math (divide by temperature, sort, top-k, softmax, top-p, scatter back, argmax)
+Choice: the filtering math (divide by temperature, sort, min-p, top-k, softmax, top-p, scatter back, argmax)
 is the reference's own `gumbel_max_sample`, because exact equality needs the same sort order, the same
 softmax and the same cumsum rounding. A faster sort-free path for rows without top-k/top-p would need a
 data-dependent branch (a host sync, no CUDA graph) and is not bit-exact anyway (the reference can drop a
@@ -123,21 +123,23 @@ def sample(
     offsets: torch.Tensor,
     mode: str = "full",
     out: torch.Tensor | None = None,
+    min_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Token ids int64 [B]; temperature 0 = greedy, top_k 0 = off, top_p 1 = off (docs/architecture.md).
+    """Token ids int64 [B]; temperature 0 = greedy, top_k 0 = off, top_p 1 = off, min_p 0 or None = off
+    (docs/architecture.md).
     Written into `out` too when given (the static token buffer of a CUDA graph: no extra copy when greedy).
 
     `mode` is the caller's host-side knowledge of the batch, so no device data is branched on:
-    "greedy" (every row greedy: argmax only), "plain" (no row uses top-k or top-p: no sort) or "full".
+    "greedy" (every row greedy: argmax only), "plain" (no row uses min-p, top-k or top-p: no sort) or "full".
     """
     assert logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}"
     bsz, vocab = logits.shape
     for name, t in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
-                    ("offsets", offsets)):  # fmt: skip
+                    ("offsets", offsets), ("min_p", temperature if min_p is None else min_p)):  # fmt: skip
         assert t.shape == (bsz,), f"{name} must be [{bsz}], got {tuple(t.shape)}"
         assert t.device == logits.device, f"{name} is on {t.device}, logits on {logits.device}"
     if mode == "greedy":
         return greedy_argmax(logits, out)
     noise = lambda v: _counter_uniform(seeds.contiguous(), offsets.contiguous(), v)  # noqa: E731
-    tokens = gumbel_max_sample(logits, temperature, top_k, top_p, noise, mode)
+    tokens = gumbel_max_sample(logits, temperature, top_k, top_p, noise, mode, min_p)
     return tokens if out is None else out.copy_(tokens)

@@ -107,10 +107,7 @@ class DecodeGraphRunner:
         if mode == LOGITS:  # into a buffer of its own: the pool's memory stays free for the other graphs
             self.logits_buf[:bucket].copy_(logits)
             return
-        w.ops.sample(
-            logits, self.temperature[:bucket], self.top_k[:bucket], self.top_p[:bucket], self.seeds[:bucket],
-            self.offsets[:bucket], mode=mode, out=self.tokens[:bucket],
-        )
+        w.ops.sample(logits, **self.inputs.sampling(bucket), mode=mode, out=self.tokens[:bucket])
 
     def _capture(self, bucket: int, mode: str) -> torch.cuda.CUDAGraph:
         self.inputs.pad()  # padding rows write no KV and attend to one token of block 0
@@ -166,6 +163,5 @@ class DecodeGraphRunner:
             w.send_to_next_stage(self.stage_out[:, :b].clone())
             return None
         if mode == LOGITS:
-            params = (self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seeds[:b], self.offsets[:b])
-            return w.sample_logits(plan, self.logits_buf[:b], params)
+            return w.sample_logits(plan, self.logits_buf[:b], self.inputs.sampling(b))
         return w.return_tokens(self.tokens[:b])

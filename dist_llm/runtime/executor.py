@@ -160,6 +160,7 @@ class Executor:
             cu.append(cu[-1] + n)
             rows.append(table + [0] * (max_blocks - len(table)))
         params = [s.params for s in batch.seqs]
+        min_p = [p.min_p for p in params]
         return StepPlan(
             input_ids=torch.tensor(ids, dtype=torch.int64),
             positions=torch.tensor(pos, dtype=torch.int64),
@@ -178,6 +179,7 @@ class Executor:
             return_logits=any(p.return_first_logits and s.num_sampled == 0 for p, s in zip(params, batch.seqs)),
             return_logprobs=any(p.return_logprobs for p in params),
             top_logprobs=max(p.top_logprobs for p in params),
+            min_p=torch.tensor(min_p, dtype=torch.float32) if any(min_p) else None,
             prev_index=None if prev is None else torch.tensor(prev, dtype=torch.int64),
             # the scheduler lists rows of one query token first
             num_decode_rows=next((i for i, n in enumerate(batch.num_new_tokens) if n != 1), len(batch))
@@ -320,7 +322,7 @@ class Executor:
 def sampling_mode(params) -> str:
     if all(p.temperature == 0 for p in params):
         return "greedy"
-    if all(p.temperature == 0 or (p.top_k == 0 and p.top_p >= 1) for p in params):
+    if all(p.temperature == 0 or (p.top_k == 0 and p.top_p >= 1 and p.min_p == 0) for p in params):
         return "plain"
     return "full"
 

@@ -41,6 +41,7 @@ PIECEWISE_FIELDS = (
     ("temperature", torch.float32, 0.0, "row"),
     ("top_k", torch.int32, 0, "row"),
     ("top_p", torch.float32, 1.0, "row"),
+    ("min_p", torch.float32, 0.0, "row"),
     ("seeds", torch.int64, 0, "row"),
     ("offsets", torch.int64, 0, "row"),
 )
@@ -193,6 +194,5 @@ class PiecewiseGraphRunner:
         if not self.last:  # a copy: the next replay rewrites stage_out while this send may be in flight
             w.send_to_next_stage(out[:, :t].clone())
             return None
-        params = (self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seeds[:b], self.offsets[:b])
-        return w.sample_and_return(plan, out[self.last_index[:b]], params)
+        return w.sample_and_return(plan, out[self.last_index[:b]], self.inputs.sampling(b))
 

@@ -34,6 +34,11 @@ def _from_arrays(cls, values: dict):
     return cls(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in values.items()})
 
 
+# what the sampler reads per row, as `kernels.sampling.sample` names its arguments (the graphs keep each in a
+# static buffer; an eager step passes the plan's own, min_p None when no row uses it)
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seeds", "offsets")
+
+
 def mixed_decode_split() -> bool:
     """Whether a mixed step's rows of one query token take the decode attention kernel (the default) or, with
     DIST_LLM_MIXED_DECODE_SPLIT=0, the context kernel with the prompt chunks (A/B runs)."""
@@ -58,7 +63,7 @@ class StepPlan:
     top_p: torch.Tensor  # fp32 [B]
     seeds: torch.Tensor  # int64 [B]
     offsets: torch.Tensor  # int64 [B]
-    sampling_mode: str = "full"  # "greedy" | "plain" (no top-k/top-p row) | "full": picked on the host
+    sampling_mode: str = "full"  # "greedy" | "plain" (no min-p/top-k/top-p row) | "full": picked on the host
     return_logits: bool = False
     return_logprobs: bool = False
     top_logprobs: int = 0  # the most any row asks for (rows take their own first k)
@@ -70,6 +75,7 @@ class StepPlan:
     num_decode_rows: int = 0
     # logit_bias, min_tokens and penalties, for steps where some row uses them (runtime/logits_processing.py)
     logits_inputs: LogitsInputs | None = None
+    min_p: torch.Tensor | None = None  # fp32 [B]; None: no row uses min-p
 
     def __reduce__(self):  # rank 0 pickles a plan per step for every rank (see _to_arrays)
         return _from_arrays, (StepPlan, _to_arrays(self))

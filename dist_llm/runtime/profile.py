@@ -47,6 +47,7 @@ def synthetic_plan(num_decode: int, table_blocks: int, chunk: int, block_size: i
         temperature=torch.full((rows,), temperature),
         top_k=torch.full((rows,), top_k, dtype=torch.int32),
         top_p=torch.full((rows,), top_p),
+        min_p=torch.full((rows,), 0.05) if mode == "full" else None,
         seeds=torch.arange(rows, dtype=torch.int64),
         offsets=torch.zeros(rows, dtype=torch.int64),
         sampling_mode=mode,

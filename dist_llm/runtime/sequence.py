@@ -19,6 +19,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off: keep tokens at least min_p times as likely as the likeliest (vLLM's, before top-k/p)
     seed: int | None = None  # None with temperature > 0: a random seed is drawn at admission
     # a stop token (here, EOS or end_id) finishes with "stop"; as in vLLM it stays in the output token ids
     # but its text is left out of the output text
@@ -49,6 +50,8 @@ class SamplingParams:
             raise DistLLMError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise DistLLMError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise DistLLMError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
         if self.pad_id is not None and self.pad_id < 0:
             raise DistLLMError(f"pad_id must be a token id >= 0, got {self.pad_id}")
         if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):

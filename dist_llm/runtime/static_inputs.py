@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from dist_llm.runtime.plan import SAMPLING_FIELDS
+
 # the decode graphs' fields: name, dtype, value in padding rows (and at start-up), what the length counts
 DECODE_FIELDS = (
     ("input_ids", torch.int64, 0, "row"),
@@ -28,6 +30,7 @@ DECODE_FIELDS = (
     ("temperature", torch.float32, 0.0, "row"),
     ("top_k", torch.int32, 0, "row"),
     ("top_p", torch.float32, 1.0, "row"),
+    ("min_p", torch.float32, 0.0, "row"),
     ("seeds", torch.int64, 0, "row"),
     ("offsets", torch.int64, 0, "row"),
     ("prev_index", torch.int64, -1, "row"),
@@ -67,6 +70,10 @@ class StaticInputs:
         for views in [self.dev, *self._host_views]:
             for name, _, pad, _ in fields:
                 views[name].fill_(pad)
+
+    def sampling(self, rows: int) -> dict[str, torch.Tensor]:
+        """The sampler's arguments (plan.SAMPLING_FIELDS) for the first `rows` rows, as device views."""
+        return {name: self.dev[name][:rows] for name in SAMPLING_FIELDS}
 
     def pad(self) -> None:
         """Padding values in every entry of the device buffers (for captures)."""

@@ -21,7 +21,7 @@ from dist_llm.parallel.state import ParallelState
 from dist_llm.runtime.kv_sizing import kv_cache_dtype as resolve_kv_cache_dtype
 from dist_llm.runtime.kv_sizing import kv_cache_layout
 from dist_llm.runtime.logits_processing import apply_logits_processing
-from dist_llm.runtime.plan import StepPlan, StepResult
+from dist_llm.runtime.plan import SAMPLING_FIELDS, StepPlan, StepResult
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -267,12 +267,13 @@ class Worker:
             hidden = out[(plan.cu_seqlens_q[1:] - 1).to(dev, non_blocking=True).long()]
         # non_blocking: a blocking copy would wait for the whole forward, and the host would then launch the
         # next step only after this one is done (a gap on the GPU after every eager step)
-        params = (plan.temperature, plan.top_k, plan.top_p, plan.seeds, plan.offsets)
-        return self.sample_and_return(plan, hidden, [t.to(dev, non_blocking=True) for t in params])
+        params = {f: None if getattr(plan, f) is None else getattr(plan, f).to(dev, non_blocking=True)
+                  for f in SAMPLING_FIELDS}
+        return self.sample_and_return(plan, hidden, params)
 
-    def sample_and_return(self, plan: StepPlan, hidden: torch.Tensor, params) -> StepResult:
-        """The LM head over `hidden` (each sequence's last token), sampling with `params` (temperature, top_k, top_p,
-        seeds, offsets on the device), and the ids (and logits or log-probabilities if the plan asks) on their way."""
+    def sample_and_return(self, plan: StepPlan, hidden: torch.Tensor, params: dict) -> StepResult:
+        """The LM head over `hidden` (each sequence's last token), sampling with `params` ({SAMPLING_FIELDS name:
+        its rows on the device}), and the ids (and logits or log-probabilities if the plan asks) on their way."""
         return self.sample_logits(plan, self.model.compute_logits(hidden), params)
 
     def sample_logits(self, plan: StepPlan, logits: torch.Tensor, params) -> StepResult:
@@ -282,7 +283,7 @@ class Worker:
         if plan.logits_inputs is not None:  # (before the sampling below overwrites the previous step's ids)
             li = plan.logits_inputs.to(self.device)
             processed = apply_logits_processing(logits, li, self.sampled, self.ops.fill_pending)
-        tokens = self.ops.sample(processed, *params, mode=plan.sampling_mode, out=self.sampled[: logits.shape[0]])
+        tokens = self.ops.sample(processed, **params, mode=plan.sampling_mode, out=self.sampled[: logits.shape[0]])
         extras = {}
         if plan.return_logprobs:  # on their way with the ids: no wait here, so overlap scheduling goes on
             logp = torch.log_softmax(logits.float(), dim=-1)
