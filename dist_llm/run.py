@@ -20,6 +20,8 @@ def parse_args(argv=None):
     src.add_argument("--input_file", help="one prompt per line, or JSONL with a 'prompt' field")
     src.add_argument("--input_ids", nargs="+", help="prompts as comma-separated token ids, e.g. 1,15043,29892")
     p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--num_return_sequences", "--n", dest="n", type=int, default=1,
+                   help="sequences sampled per prompt, sharing its KV; with --seed S, sequence j uses seed S + j")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
@@ -40,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--pad_id", type=int, default=None,
                    help="also write padded_output_token_ids: max_new_tokens ids, padded with this id")
     p.add_argument("--output_json", help="write [{input_text, output_text, output_token_ids, finish_reason}] (and "
-                   "padded_output_token_ids, logprobs, top_logprobs when asked for)")
+                   "padded_output_token_ids, logprobs, top_logprobs, sequence_index when asked for), n per prompt")
     p.add_argument("--output_first_logits", help="debugging: save the first-step logits [batch, vocab] (torch.save)")
     p.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"], help="auto: NCCL on GPU, gloo on CPU")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -121,7 +123,7 @@ def main(argv=None):
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
         stop=args.stop, end_id=args.end_id, pad_id=args.pad_id, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
-        return_logprobs=args.return_logprobs, top_logprobs=args.top_logprobs,
+        return_logprobs=args.return_logprobs, top_logprobs=args.top_logprobs, n=args.n,
     )
     SamplingParams(max_new_tokens=args.max_new_tokens, **sampling)  # the same: a bad value is named now
     if texts is not None:
@@ -144,8 +146,10 @@ def main(argv=None):
     if not args.quiet:
         for i, o in enumerate(outputs):
             prompt = o.input_text if o.input_text is not None else o.prompt_token_ids
-            print(f"[{i}] prompt: {prompt!r}\n[{i}] output: {o.output_text!r}\n"
-                  f"[{i}] tokens: {o.output_token_ids} ({o.finish_reason})")
+            tag = i if args.n == 1 else f"{i // args.n}.{i % args.n}"  # prompt.sequence
+            if i % args.n == 0:
+                print(f"[{i // args.n}] prompt: {prompt!r}")
+            print(f"[{tag}] output: {o.output_text!r}\n[{tag}] tokens: {o.output_token_ids} ({o.finish_reason})")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump([o.to_json() for o in outputs], f, indent=2)
@@ -154,7 +158,7 @@ def main(argv=None):
 
         torch.save(torch.stack([o.first_logits for o in outputs if o.first_logits is not None]),
                    args.output_first_logits)
-    rejected = [f"prompt {i}: {o.error}" for i, o in enumerate(outputs) if o.error]
+    rejected = [f"prompt {i // args.n}: {o.error}" for i, o in enumerate(outputs) if o.error and i % args.n == 0]
     if rejected:
         from dist_llm.errors import DistLLMError
 

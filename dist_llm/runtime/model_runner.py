@@ -30,7 +30,7 @@ from dist_llm.runtime.kv_sizing import decide_num_blocks
 from dist_llm.runtime.piecewise_graphs import MIN_BUCKET
 from dist_llm.runtime.profile import run_compile_warmup
 from dist_llm.runtime.scheduler import POLICIES
-from dist_llm.runtime.sequence import SamplingParams, Sequence, Status
+from dist_llm.runtime.sequence import SamplingParams, Sequence, Status, fan_out
 from dist_llm.runtime.worker import Worker
 
 log = logging.getLogger("dist_llm")
@@ -51,6 +51,7 @@ class GenerationOutput:
     first_logits: torch.Tensor | None = None
     error: str | None = None
     padded_output_token_ids: list[int] | None = None  # with pad_id: max_new_tokens long, padded at the end
+    sequence_index: int | None = None  # with n > 1: which of the prompt's n sequences this is (0..n-1)
 
     def to_json(self) -> dict:
         out = {
@@ -59,6 +60,8 @@ class GenerationOutput:
             "output_token_ids": self.output_token_ids,
             "finish_reason": self.finish_reason,
         }
+        if self.sequence_index is not None:
+            out["sequence_index"] = self.sequence_index
         if self.padded_output_token_ids is not None:
             out["padded_output_token_ids"] = self.padded_output_token_ids
         if self.logprobs:
@@ -75,6 +78,7 @@ class StreamChunk:
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None = None
+    sequence_index: int = 0  # with n > 1: which of the prompt's n sequences
 
 
 class ModelRunner:
@@ -156,7 +160,7 @@ class ModelRunner:
         else:
             prompts = [list(map(int, p.tolist() if torch.is_tensor(p) else p)) for p in batch_input_ids]
         params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
-        seqs = [Sequence(p, params) for p in prompts]
+        seqs = [s for p in prompts for s in fan_out(p, params)]  # prompt by prompt, n sequences each
         for s in seqs:
             try:
                 self.executor.enqueue(s)
@@ -169,11 +173,14 @@ class ModelRunner:
                  **sampling) -> list[GenerationOutput] | None:
         """Generate for a batch of prompts (texts or token ids); returns outputs in input order.
 
-        `sampling` takes the SamplingParams fields: temperature, top_k, top_p, seed, stop, stop_token_ids,
+        `sampling` takes the SamplingParams fields: n, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids,
         end_id, pad_id, ignore_eos, repetition_penalty, presence_penalty, frequency_penalty, min_tokens,
         logit_bias, return_logprobs, top_logprobs, return_first_logits. With pad_id, each output also
         has `padded_output_token_ids`: max_new_tokens ids, padded with pad_id after the request stopped.
         A seed applies to every prompt of the call.
+        With `n` > 1, each prompt is sampled n times (sequence j with seed + j): the outputs come prompt by prompt,
+        n each (outputs[i * n + j] is sequence j of prompt i, its `sequence_index` j). Sequences 1..n-1 reuse the
+        prompt's KV through the prefix cache.
         Stops work as in vLLM: a stop token (stop_token_ids, EOS or end_id) ends the output and stays in
         output_token_ids, but its text is not in output_text; a stop string is cut from output_text, with
         whatever follows it, while output_token_ids keep every token up to the one that completed it.
@@ -184,7 +191,8 @@ class ModelRunner:
         texts, seqs = self._submit(input_texts, batch_input_ids, max_new_tokens, sampling)
         while any(not s.is_finished for s in seqs):
             self.executor.step()
-        return [self._output(s, texts[i] if texts else None) for i, s in enumerate(seqs)]
+        n = seqs[0].params.n if seqs else 1
+        return [self._output(s, texts[i // n] if texts else None) for i, s in enumerate(seqs)]
 
     def generate_stream(self, input_texts: list[str] | None = None, batch_input_ids=None, max_new_tokens: int = 16,
                         **sampling) -> Iterator[StreamChunk]:
@@ -192,15 +200,17 @@ class ModelRunner:
         if not self.is_leader:
             return
         texts, seqs = self._submit(input_texts, batch_input_ids, max_new_tokens, sampling)
-        index = {s.request_id: i for i, s in enumerate(seqs)}
+        n = seqs[0].params.n if seqs else 1
+        index = {s.request_id: i // n for i, s in enumerate(seqs)}
         for s in seqs:
             if s.finish_reason == "rejected":
-                yield StreamChunk(index[s.request_id], s.request_id, [], True, "rejected")
+                yield StreamChunk(index[s.request_id], s.request_id, [], True, "rejected", s.sequence_index)
+        by_id = {s.request_id: s for s in seqs}
         while any(not s.is_finished for s in seqs):
             for ev in self.executor.step():
                 if ev.request_id in index:
                     yield StreamChunk(index[ev.request_id], ev.request_id, ev.new_token_ids, ev.finished,
-                                      ev.finish_reason)
+                                      ev.finish_reason, by_id[ev.request_id].sequence_index)
 
     def _output(self, seq: Sequence, text: str | None) -> GenerationOutput:
         out_text = None
@@ -224,6 +234,7 @@ class ModelRunner:
             top_logprobs=seq.top_logprobs,
             first_logits=seq.first_logits,
             error=seq.error,
+            sequence_index=seq.sequence_index if seq.params.n > 1 else None,
             padded_output_token_ids=None if seq.params.pad_id is None else
             seq.output_token_ids + [seq.params.pad_id] * (seq.params.max_new_tokens - seq.num_generated),
         )

@@ -4,6 +4,9 @@ Running requests go first (a decode token each, or their next prefill chunk), th
 are admitted while KV blocks, `max_batch_size` and the token budget `max_num_tokens` allow. Decode
 tokens and prefill chunks share one forward (chunked prefill), so a long prompt never stalls decoders.
 When blocks run out, the newest running request is preempted (its blocks freed, recomputed later).
+A prompt sampled n times is n requests; sequences 1..n-1 keep their place in the queue, without blocking
+the requests behind them, until sequence 0 has computed the prompt, and then take its blocks from the
+prefix cache (`Sequence.prefix_source`).
 
 Two capacity policies, as TensorRT-LLM names them:
 * "max_utilization" (the default): admit whatever fits now, preempt when decoding runs out of blocks;
@@ -70,6 +73,13 @@ class Scheduler:
             longest = min(longest, self.max_seq_len)
         return max(0, -(-longest // self.bm.block_size) - len(seq.block_table))
 
+    def _awaits_prefix(self, seq: Sequence) -> bool:
+        """Whether `seq` (sequence j > 0 of a prompt sampled n times) should wait until sequence 0 has computed
+        the prompt, so that the prefix cache serves it the prompt's full blocks instead of computing them again."""
+        src = seq.prefix_source
+        return (src is not None and self.bm.enable_prefix_caching and not src.is_finished and src.num_generated == 0
+                and seq.prompt_len > self.bm.block_size)  # (a prompt of one partial block has nothing to share)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free(seq)
@@ -121,8 +131,12 @@ class Scheduler:
             protected.add(seq.request_id)
             budget -= n
         reserved = sum(self._blocks_to_come(s) for s in self.running) if self.no_evict and self.waiting else 0
+        held = []  # sequences waiting for their prompt's KV from a sibling (they keep their place in the queue)
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
+            if self._awaits_prefix(seq):
+                held.append(self.waiting.popleft())
+                continue
             if not self.bm.can_allocate(seq):
                 break
             if self.no_evict:  # its whole life must fit beside what the running requests may still take
@@ -141,6 +155,7 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(held))
         # rows of one query token first (a stable partition): a mixed step's attention serves them with the decode
         # kernel and the prompt chunks after them with the context kernel
         order = sorted(range(len(seqs)), key=lambda i: counts[i] != 1)

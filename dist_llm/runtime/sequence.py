@@ -6,7 +6,7 @@ import enum
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dist_llm.errors import DistLLMError
 
@@ -16,6 +16,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 16
+    # sequences sampled for the prompt: OpenAI's and vLLM's n, TensorRT-LLM's num_return_sequences (see `fan_out`)
+    n: int = 1
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
@@ -42,6 +44,8 @@ class SamplingParams:
     return_first_logits: bool = False  # debugging: the logits that chose the first new token
 
     def __post_init__(self):
+        if not isinstance(self.n, int) or self.n < 1:
+            raise DistLLMError(f"n (sequences per prompt) must be an integer >= 1, got {self.n!r}")
         if self.max_new_tokens < 1:
             raise DistLLMError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -122,6 +126,9 @@ class Sequence:
         self.seed = params.seed
         self.feed: tuple[int, int] | None = None  # (launch number, row) that samples the newest PENDING token
         self.num_pending = 0  # PENDING tokens at the end of token_ids
+        self.sequence_index = 0  # which of its prompt's params.n sequences this is
+        # sequence 0 of the prompt, for the others (fan_out): they are admitted once it has computed the prompt
+        self.prefix_source: Sequence | None = None
 
     def drop_pending(self) -> None:
         """Forget tokens still in flight (the request finished before they came back)."""
@@ -153,3 +160,20 @@ class Sequence:
     def __repr__(self) -> str:
         done = self.num_computed_tokens
         return f"Sequence(id={self.request_id}, len={len(self)}, computed={done}, {self.status.value})"
+
+
+def fan_out(prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
+    """The `params.n` sequences of one prompt, each a request of its own to the executor (as vLLM runs n).
+
+    Sequence j samples with seed + j when a seed is given (vLLM's rule), so each is reproducible on its own
+    and they differ from each other; without a seed each draws its own at admission. Sequences 1..n-1 name
+    sequence 0 as their `prefix_source`: the scheduler admits them once it has computed the prompt, and the
+    prefix cache then serves them every full block of it (only the last, partial block is computed again).
+    """
+    first = Sequence(prompt_token_ids, params)
+    seqs = [first]
+    for j in range(1, params.n):
+        seq = Sequence(prompt_token_ids, params if params.seed is None else replace(params, seed=params.seed + j))
+        seq.sequence_index, seq.prefix_source = j, first
+        seqs.append(seq)
+    return seqs
