@@ -29,6 +29,7 @@ from dist_llm.config import EngineConfig
 from dist_llm.errors import DistLLMError
 from dist_llm.parallel import comm
 from dist_llm.runtime.block_manager import BlockManager
+from dist_llm.runtime.detokenizer import stop_string_at
 from dist_llm.runtime.logits_processing import build_logits_inputs
 from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult, mixed_decode_split
 from dist_llm.runtime.scheduler import ScheduledBatch, Scheduler
@@ -293,9 +294,10 @@ class Executor:
             seq.stopped_on_token = True
             return "stop"
         if p.stop and self.tokenizer is not None and idx + 1 - seq.prompt_len >= p.min_tokens:  # (vLLM's rule)
-            tail = self.tokenizer.decode(seq.token_ids[max(seq.prompt_len, idx - 31) : idx + 1],
-                                         skip_special_tokens=True)
-            if any(s in tail for s in p.stop):
+            # only a stop string that this token completes: one in the text before it did not stop the request
+            hit = stop_string_at(self.tokenizer, seq.token_ids[max(seq.prompt_len, idx - 31) : idx + 1], p.stop)
+            if hit is not None:
+                seq.stop_string = hit[0]
                 return "stop"
         if idx + 1 - seq.prompt_len >= p.max_new_tokens:
             return "length"

@@ -25,6 +25,7 @@ import torch
 from dist_llm.config import EngineConfig
 from dist_llm.errors import DistLLMError
 from dist_llm.parallel.state import destroy, init_distributed, is_initialized
+from dist_llm.runtime.detokenizer import TextStream, output_text
 from dist_llm.runtime.executor import Executor, serve_worker
 from dist_llm.runtime.kv_sizing import decide_num_blocks
 from dist_llm.runtime.piecewise_graphs import MIN_BUCKET
@@ -52,6 +53,7 @@ class GenerationOutput:
     error: str | None = None
     padded_output_token_ids: list[int] | None = None  # with pad_id: max_new_tokens long, padded at the end
     sequence_index: int | None = None  # with n > 1: which of the prompt's n sequences this is (0..n-1)
+    stop_string: str | None = None  # the stop string that ended it (vLLM's stop_reason)
 
     def to_json(self) -> dict:
         out = {
@@ -79,6 +81,9 @@ class StreamChunk:
     finished: bool
     finish_reason: str | None = None
     sequence_index: int = 0  # with n > 1: which of the prompt's n sequences
+    # the text these tokens add (None without a tokenizer): the pieces of a sequence add up to its output_text
+    # (docs: runtime/detokenizer.py; text that may begin a stop string waits for the next piece)
+    text: str | None = None
 
 
 class ModelRunner:
@@ -196,7 +201,8 @@ class ModelRunner:
 
     def generate_stream(self, input_texts: list[str] | None = None, batch_input_ids=None, max_new_tokens: int = 16,
                         **sampling) -> Iterator[StreamChunk]:
-        """Like `generate`, but yields each token as soon as it is sampled (in-flight batching underneath)."""
+        """Like `generate`, but yields each token as soon as it is sampled (in-flight batching underneath), with the
+        text it adds (`StreamChunk.text`)."""
         if not self.is_leader:
             return
         texts, seqs = self._submit(input_texts, batch_input_ids, max_new_tokens, sampling)
@@ -206,28 +212,27 @@ class ModelRunner:
             if s.finish_reason == "rejected":
                 yield StreamChunk(index[s.request_id], s.request_id, [], True, "rejected", s.sequence_index)
         by_id = {s.request_id: s for s in seqs}
+        streams = {s.request_id: TextStream(self.tokenizer, s.params.stop) for s in seqs if self.tokenizer is not None}
         while any(not s.is_finished for s in seqs):
             for ev in self.executor.step():
                 if ev.request_id in index:
+                    seq, text = by_id[ev.request_id], None
+                    if streams:
+                        stream = streams[ev.request_id]
+                        text = stream.finish(output_text(self.tokenizer, seq)) if ev.finished else \
+                            stream.push(ev.new_token_ids)
                     yield StreamChunk(index[ev.request_id], ev.request_id, ev.new_token_ids, ev.finished,
-                                      ev.finish_reason, by_id[ev.request_id].sequence_index)
+                                      ev.finish_reason, seq.sequence_index, text)
 
     def _output(self, seq: Sequence, text: str | None) -> GenerationOutput:
-        out_text = None
-        if self.tokenizer is not None:
-            ids = seq.output_token_ids
-            if seq.stopped_on_token:
-                ids = ids[:-1]  # as vLLM: the stop token is in output_token_ids, not in output_text
-            out_text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            for s in seq.params.stop:
-                if s in out_text:
-                    out_text = out_text[: out_text.index(s)]
+        out_text = None if self.tokenizer is None else output_text(self.tokenizer, seq)
         return GenerationOutput(
             request_id=seq.request_id,
             input_text=text,
             prompt_token_ids=seq.token_ids[: seq.prompt_len],
             output_token_ids=seq.output_token_ids,
             output_text=out_text,
+            stop_string=seq.stop_string,
             finish_reason=seq.finish_reason,
             num_cached_tokens=seq.reported_cached_tokens,
             logprobs=seq.logprobs,

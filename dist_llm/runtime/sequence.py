@@ -116,6 +116,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.stopped_on_token = False  # finished by a stop token (stop_token_ids, EOS, end_id)
+        self.stop_string: str | None = None  # the stop string that finished it (vLLM's stop_reason)
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []  # per output token: (id, log-prob), most likely first
         self.first_logits = None
