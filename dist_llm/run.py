@@ -23,6 +23,11 @@ def parse_args(argv=None):
     p.add_argument("--num_return_sequences", "--n", dest="n", type=int, default=1,
                    help="sequences sampled per prompt, sharing its KV; with --seed S, sequence j uses seed S + j")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    p.add_argument("--num_beams", type=int, default=1,
+                   help="beam search of this width (greedy; transformers' rules); --n of its best come back")
+    p.add_argument("--length_penalty", type=float, default=1.0, help="beam score = sum of log-probs / length ** this")
+    p.add_argument("--early_stopping", default="false", choices=["false", "true", "never"],
+                   help="beam search: stop once num_beams hypotheses are done (true), by a heuristic (false) or never")
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--min_p", type=float, default=0.0,
@@ -123,7 +128,9 @@ def main(argv=None):
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
         stop=args.stop, end_id=args.end_id, pad_id=args.pad_id, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
-        return_logprobs=args.return_logprobs, top_logprobs=args.top_logprobs, n=args.n,
+        return_logprobs=args.return_logprobs, top_logprobs=args.top_logprobs, n=args.n, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, early_stopping={"false": False, "true": True}.get(args.early_stopping,
+                                                                                            args.early_stopping),
     )
     SamplingParams(max_new_tokens=args.max_new_tokens, **sampling)  # the same: a bad value is named now
     if texts is not None:

@@ -25,6 +25,7 @@ import torch
 from dist_llm.config import EngineConfig
 from dist_llm.errors import DistLLMError
 from dist_llm.parallel.state import destroy, init_distributed, is_initialized
+from dist_llm.runtime.beam_search import run_beam_search
 from dist_llm.runtime.detokenizer import TextStream, output_text
 from dist_llm.runtime.executor import Executor, serve_worker
 from dist_llm.runtime.kv_sizing import decide_num_blocks
@@ -54,6 +55,7 @@ class GenerationOutput:
     padded_output_token_ids: list[int] | None = None  # with pad_id: max_new_tokens long, padded at the end
     sequence_index: int | None = None  # with n > 1: which of the prompt's n sequences this is (0..n-1)
     stop_string: str | None = None  # the stop string that ended it (vLLM's stop_reason)
+    score: float | None = None  # beam search: sum of log-probabilities / length ** length_penalty
 
     def to_json(self) -> dict:
         out = {
@@ -64,6 +66,8 @@ class GenerationOutput:
         }
         if self.sequence_index is not None:
             out["sequence_index"] = self.sequence_index
+        if self.score is not None:
+            out["score"] = self.score
         if self.padded_output_token_ids is not None:
             out["padded_output_token_ids"] = self.padded_output_token_ids
         if self.logprobs:
@@ -155,16 +159,20 @@ class ModelRunner:
                                "(--tokenizer_dir) or token ids (batch_input_ids, --input_ids)")
         return [self.tokenizer(t)["input_ids"] for t in texts]
 
-    def _submit(self, input_texts, batch_input_ids, max_new_tokens: int, sampling: dict):
+    def _prompts(self, input_texts, batch_input_ids) -> tuple[list[str] | None, list[list[int]]]:
         if (input_texts is None) == (batch_input_ids is None):
             raise DistLLMError("give exactly one of input_texts or batch_input_ids")
         if input_texts is not None:
             if isinstance(input_texts, str):
                 input_texts = [input_texts]
-            prompts = self.tokenize(list(input_texts))
-        else:
-            prompts = [list(map(int, p.tolist() if torch.is_tensor(p) else p)) for p in batch_input_ids]
+            return input_texts, self.tokenize(list(input_texts))
+        return None, [list(map(int, p.tolist() if torch.is_tensor(p) else p)) for p in batch_input_ids]
+
+    def _submit(self, input_texts, batch_input_ids, max_new_tokens: int, sampling: dict):
+        input_texts, prompts = self._prompts(input_texts, batch_input_ids)
         params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+        if params.num_beams > 1:
+            raise DistLLMError("streaming takes no beam search (num_beams > 1): use generate")
         seqs = [s for p in prompts for s in fan_out(p, params)]  # prompt by prompt, n sequences each
         for s in seqs:
             try:
@@ -186,6 +194,9 @@ class ModelRunner:
         With `n` > 1, each prompt is sampled n times (sequence j with seed + j): the outputs come prompt by prompt,
         n each (outputs[i * n + j] is sequence j of prompt i, its `sequence_index` j). Sequences 1..n-1 reuse the
         prompt's KV through the prefix cache.
+        With `num_beams` > 1 (greedy only; `length_penalty`, `early_stopping`), a beam search as transformers runs
+        it (runtime/beam_search.py): outputs prompt by prompt, its n best hypotheses each (n <= num_beams), best
+        first, each with its `score`.
         Stops work as in vLLM: a stop token (stop_token_ids, EOS or end_id) ends the output and stays in
         output_token_ids, but its text is not in output_text; a stop string is cut from output_text, with
         whatever follows it, while output_token_ids keep every token up to the one that completed it.
@@ -193,6 +204,9 @@ class ModelRunner:
         """
         if not self.is_leader:
             return None
+        if sampling.get("num_beams", 1) > 1:
+            return self._beam_search(input_texts, batch_input_ids, SamplingParams(max_new_tokens=max_new_tokens,
+                                                                                  **sampling))
         texts, seqs = self._submit(input_texts, batch_input_ids, max_new_tokens, sampling)
         while any(not s.is_finished for s in seqs):
             self.executor.step()
@@ -223,6 +237,27 @@ class ModelRunner:
                             stream.push(ev.new_token_ids)
                     yield StreamChunk(index[ev.request_id], ev.request_id, ev.new_token_ids, ev.finished,
                                       ev.finish_reason, seq.sequence_index, text)
+
+    def _beam_search(self, input_texts, batch_input_ids, params: SamplingParams) -> list[GenerationOutput]:
+        texts, prompts = self._prompts(input_texts, batch_input_ids)
+        eos = self.executor.stop_token_ids(Sequence([0], params))
+        outputs = []
+        for i, (prompt, found) in enumerate(zip(prompts, run_beam_search(self.executor, prompts, params))):
+            if isinstance(found, str):
+                log.error("prompt %d rejected: %s", i, found)
+            for j in range(params.n):
+                seq = Sequence(prompt, params)
+                seq.status, seq.sequence_index = Status.FINISHED, j
+                if isinstance(found, str):
+                    seq.finish_reason, seq.error = "rejected", found
+                else:
+                    seq.token_ids += found[j].tokens
+                    seq.stopped_on_token = bool(found[j].tokens) and found[j].tokens[-1] in eos
+                    seq.finish_reason = "stop" if seq.stopped_on_token else "length"
+                out = self._output(seq, texts[i] if texts else None)
+                out.score = None if isinstance(found, str) else found[j].score
+                outputs.append(out)
+        return outputs
 
     def _output(self, seq: Sequence, text: str | None) -> GenerationOutput:
         out_text = None if self.tokenizer is None else output_text(self.tokenizer, seq)

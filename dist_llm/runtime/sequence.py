@@ -42,6 +42,11 @@ class SamplingParams:
     return_logprobs: bool = False  # of each returned token, from the model's logits before any processing
     top_logprobs: int = 0  # with return_logprobs: also the k most likely ids of each step and theirs (OpenAI's, <= 20)
     return_first_logits: bool = False  # debugging: the logits that chose the first new token
+    # beam search (runtime/beam_search.py), transformers' num_beams, length_penalty and early_stopping (False, True
+    # or "never"); n <= num_beams hypotheses come back, best first. Greedy only: no sampling, penalties or stop strings
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self):
         if not isinstance(self.n, int) or self.n < 1:
@@ -71,6 +76,7 @@ class SamplingParams:
             raise DistLLMError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.top_logprobs and not self.return_logprobs:
             raise DistLLMError("top_logprobs needs return_logprobs=True (--return_logprobs)")
+        self._check_beams()
         try:  # JSON (the OpenAI API) gives the token ids as strings
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
         except (AttributeError, TypeError, ValueError):
@@ -78,6 +84,27 @@ class SamplingParams:
         bad = next(((t, b) for t, b in self.logit_bias.items() if t < 0 or not math.isfinite(b)), None)
         if bad:
             raise DistLLMError(f"logit_bias {{{bad[0]}: {bad[1]}}}: token ids must be >= 0 and biases finite")
+
+    def _check_beams(self) -> None:
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise DistLLMError(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+        if self.early_stopping not in (False, True, "never"):
+            raise DistLLMError(f"early_stopping must be false, true or 'never', got {self.early_stopping!r}")
+        if not math.isfinite(self.length_penalty):
+            raise DistLLMError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        if self.num_beams == 1:
+            return
+        if self.n > self.num_beams:
+            raise DistLLMError(f"n ({self.n}) must be <= num_beams ({self.num_beams}): a beam search returns its "
+                               "best num_beams hypotheses at most")
+        unsupported = [name for name, on in (
+            ("temperature > 0", self.temperature > 0), ("repetition_penalty", self.repetition_penalty != 1),
+            ("presence_penalty", self.presence_penalty != 0), ("frequency_penalty", self.frequency_penalty != 0),
+            ("logit_bias", bool(self.logit_bias)), ("min_tokens", self.min_tokens > 0), ("stop", bool(self.stop)),
+            ("return_logprobs", self.return_logprobs), ("return_first_logits", self.return_first_logits)) if on]
+        if unsupported:
+            raise DistLLMError(f"beam search (num_beams {self.num_beams}) is greedy and takes none of: "
+                               f"{', '.join(unsupported)}; drop them or use num_beams 1")
 
     @property
     def uses_penalties(self) -> bool:
