@@ -17,7 +17,7 @@ def parse_args(argv=None):
     p.add_argument("--engine_dir", required=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input_text", nargs="+", help="one or more prompts")
-    src.add_argument("--input_file", help="one prompt per line, or JSONL with a 'prompt' field")
+    src.add_argument("--input_file", help="one prompt per line, or JSONL with a 'prompt' (and 'priority') field")
     src.add_argument("--input_ids", nargs="+", help="prompts as comma-separated token ids, e.g. 1,15043,29892")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--num_return_sequences", "--n", dest="n", type=int, default=1,
@@ -71,23 +71,27 @@ def parse_args(argv=None):
                    choices=["max_utilization", "guaranteed_no_evict"],
                    help="max_utilization: admit what fits now and preempt when blocks run out; guaranteed_no_evict: "
                    "admit a request only if it and every running request can reach max_new_tokens")
+    p.add_argument("--scheduling_policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="fcfs: arrival order; priority: --input_file JSONL's 'priority' field, lower first")
     p.add_argument("--quiet", action="store_true", help="do not print the outputs")
     return p.parse_args(argv)
 
 
-def read_inputs(args) -> tuple[list[str] | None, list[list[int]] | None]:
+def read_inputs(args) -> tuple[list[str] | None, list[list[int]] | None, list[int]]:
+    """(texts, token ids, priorities): one of the first two, and a priority per prompt (JSONL's 'priority', else 0)."""
     from dist_llm.errors import DistLLMError
 
     if args.input_text:
-        return args.input_text, None
+        return args.input_text, None, [0] * len(args.input_text)
     if args.input_ids:
         try:
-            return None, [[int(t) for t in s.replace(" ", "").split(",") if t] for s in args.input_ids]
+            ids = [[int(t) for t in s.replace(" ", "").split(",") if t] for s in args.input_ids]
         except ValueError:
             raise DistLLMError("--input_ids takes comma-separated integers per prompt, e.g. 1,2,3 4,5") from None
+        return None, ids, [0] * len(ids)
     if not os.path.isfile(args.input_file):
         raise DistLLMError(f"--input_file {args.input_file} not found")
-    texts = []
+    texts, priorities = [], []
     with open(args.input_file) as f:
         for n, line in enumerate(f, 1):
             line = line.rstrip("\n")
@@ -95,14 +99,19 @@ def read_inputs(args) -> tuple[list[str] | None, list[list[int]] | None]:
                 continue
             if args.input_file.endswith(".jsonl") or line.lstrip().startswith("{"):
                 try:
-                    texts.append(json.loads(line)["prompt"])
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    record = json.loads(line)
+                    texts.append(record["prompt"])
+                    priorities.append(record.get("priority", 0))
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                     raise DistLLMError(f"{args.input_file}:{n}: expected a JSON object with a 'prompt' field") from None
+                if not isinstance(priorities[-1], int):
+                    raise DistLLMError(f"{args.input_file}:{n}: 'priority' must be an integer, got {priorities[-1]!r}")
             else:
                 texts.append(line)
+                priorities.append(0)
     if not texts:
         raise DistLLMError(f"--input_file {args.input_file} holds no prompts")
-    return texts, None
+    return texts, None, priorities
 
 
 def check_tokenizer(args) -> None:
@@ -123,7 +132,7 @@ def main(argv=None):
     from dist_llm.runtime import ModelRunner
     from dist_llm.runtime.sequence import SamplingParams
 
-    texts, ids = read_inputs(args)  # before start-up, so bad input fails fast on every rank
+    texts, ids, priorities = read_inputs(args)  # before start-up, so bad input fails fast on every rank
     sampling = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
         stop=args.stop, end_id=args.end_id, pad_id=args.pad_id, repetition_penalty=args.repetition_penalty,
@@ -141,13 +150,14 @@ def main(argv=None):
         num_kv_blocks=args.num_kv_blocks,
         cuda_graphs="off" if args.enforce_eager else args.cuda_graphs, overlap=not args.disable_overlap_scheduler,
         capacity_scheduler_policy=args.capacity_scheduler_policy, kv_cache_dtype=args.kv_cache_dtype,
-        piecewise_graph_max_tokens=args.piecewise_graph_max_tokens,
+        piecewise_graph_max_tokens=args.piecewise_graph_max_tokens, scheduling_policy=args.scheduling_policy,
     )
     if not runner.is_leader:
         return
     with runner:
         outputs = runner.generate(
-            input_texts=texts, batch_input_ids=ids, max_new_tokens=args.max_new_tokens, **sampling,
+            input_texts=texts, batch_input_ids=ids, max_new_tokens=args.max_new_tokens, priority=priorities,
+            **sampling,
             return_first_logits=bool(args.output_first_logits),
         )
     if not args.quiet:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dist_llm.runtime.block_manager import BlockManager
 from dist_llm.runtime.scheduler import Scheduler
 from dist_llm.runtime.sequence import SamplingParams, Sequence, Status
@@ -114,3 +116,43 @@ def test_one_token_rows_come_first_in_a_mixed_batch():
     sched.add(c)
     batch = sched.schedule()  # a: its last 8 prompt tokens; b: one decode token; c: the 3 left in the budget
     assert batch.seqs == [b, a, c] and batch.num_new_tokens == [1, 8, 3]
+
+
+def test_priority_policy_orders_the_queue():
+    """"priority": the waiting queue by (priority, arrival), lower first, and a preempted request goes back by
+    its rank, not to the front. "fcfs" (the default) keeps arrival order and puts a preempted request first."""
+    for policy in ("priority", "fcfs"):
+        sched = Scheduler(BlockManager(16, 4), max_batch_size=2, max_num_tokens=64, scheduling_policy=policy)
+        low_old, high, low_new, mid = (Sequence([1, 2, 3, 4], SamplingParams(max_new_tokens=8), priority=p)
+                                       for p in (5, 0, 5, 1))
+        for seq in (low_old, high, low_new, mid):
+            sched.add(seq)
+        if policy == "fcfs":
+            assert list(sched.waiting) == [low_old, high, low_new, mid]
+            continue
+        assert list(sched.waiting) == [high, mid, low_old, low_new]
+        assert sched.schedule().seqs == [high, mid]
+        urgent = Sequence([7, 8], SamplingParams(max_new_tokens=8), priority=0)
+        sched.add(urgent)
+        sched._preempt(mid)
+        assert list(sched.waiting) == [urgent, mid, low_old, low_new]
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_priority_victim_is_the_highest_value_even_when_older(policy):
+    """Two requests, the low-priority one admitted first, each needing a block with none free: fcfs preempts the
+    newest (the high-priority one), "priority" the low-priority one, though it is older and decodes first."""
+    bm = BlockManager(2, 4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_batch_size=8, max_num_tokens=64, scheduling_policy=policy)
+    low = Sequence([1, 2, 3, 4], SamplingParams(max_new_tokens=8), priority=9)
+    high = Sequence([5, 6, 7, 8], SamplingParams(max_new_tokens=8), priority=0)
+    sched.add(low)
+    assert sched.schedule().seqs == [low]
+    sched.add(high)
+    assert sched.schedule(busy={low.request_id}).seqs == [high]  # (low's step in flight)
+    for seq in (low, high):
+        seq.num_computed_tokens = 4
+        seq.token_ids.append(9)
+    batch = sched.schedule(busy=set(), protected=set())
+    kept, preempted = (low, high) if policy == "fcfs" else (high, low)
+    assert batch.seqs == [kept] and batch.preempted == [preempted]

@@ -57,12 +57,13 @@ class InFlight:
 
 class Executor:
     def __init__(self, worker: Worker, engine: EngineConfig, num_blocks: int, tokenizer=None,
-                 overlap: bool = True, capacity_scheduler_policy: str = "max_utilization"):
+                 overlap: bool = True, capacity_scheduler_policy: str = "max_utilization",
+                 scheduling_policy: str = "fcfs"):  # fmt: skip
         self.worker, self.engine, self.tokenizer = worker, engine, tokenizer
         b = engine.build
         self.block_manager = BlockManager(num_blocks, b.tokens_per_block)
         self.scheduler = Scheduler(self.block_manager, b.max_batch_size, b.max_num_tokens,
-                                   capacity_scheduler_policy, b.max_seq_len)
+                                   capacity_scheduler_policy, b.max_seq_len, scheduling_policy)
         self.requests: dict[int, Sequence] = {}  # unfinished requests only
         self.eos_ids = set(engine.model.eos_token_ids)
         self.decode_split = mixed_decode_split()

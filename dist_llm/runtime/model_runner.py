@@ -31,7 +31,7 @@ from dist_llm.runtime.executor import Executor, serve_worker
 from dist_llm.runtime.kv_sizing import decide_num_blocks
 from dist_llm.runtime.piecewise_graphs import MIN_BUCKET
 from dist_llm.runtime.profile import run_compile_warmup
-from dist_llm.runtime.scheduler import POLICIES
+from dist_llm.runtime.scheduler import POLICIES, SCHEDULING_POLICIES
 from dist_llm.runtime.sequence import SamplingParams, Sequence, Status, fan_out
 from dist_llm.runtime.worker import Worker
 
@@ -103,12 +103,14 @@ class ModelRunner:
                  kv_cache_free_gpu_mem_fraction: float = 0.9, num_kv_blocks: int | None = None,
                  cuda_graphs: str = "auto", overlap: bool = True,
                  capacity_scheduler_policy: str = "max_utilization", kv_cache_dtype: str = "auto",
-                 piecewise_graph_max_tokens: int = 512) -> ModelRunner:
+                 piecewise_graph_max_tokens: int = 512, scheduling_policy: str = "fcfs") -> ModelRunner:
         """`cuda_graphs`: "on" (decode steps replayed from CUDA graphs: GPU, one rank or NCCL), "off" (eager),
         "auto" (on where it can be, else off) or "static" (the graphs' static-buffer path run eagerly, for
         testing on the CPU). `overlap`: schedule step N+1 while step N runs (one pipeline stage).
         `capacity_scheduler_policy`: "max_utilization" (preempt when blocks run out) or
         "guaranteed_no_evict" (admit only what can run to max_new_tokens; see runtime/scheduler.py).
+        `scheduling_policy`: "fcfs" (arrival order) or "priority" (each request's `priority`, lower first; the
+        request preempted when blocks run out is the one of the highest value).
         `kv_cache_dtype`: "auto" (the model's dtype) or "fp8" (e4m3, scales 1.0: half the KV bytes).
         `piecewise_graph_max_tokens`: with graphs on (or static), prefill and mixed steps of up to this many tokens
         replay graphs cut at attention (runtime/piecewise_graphs.py); 0: they run eagerly."""
@@ -118,6 +120,9 @@ class ModelRunner:
         if capacity_scheduler_policy not in POLICIES:
             raise DistLLMError(f"unknown --capacity_scheduler_policy {capacity_scheduler_policy!r}; "
                                f"choose one of {', '.join(POLICIES)}")
+        if scheduling_policy not in SCHEDULING_POLICIES:
+            raise DistLLMError(f"unknown --scheduling_policy {scheduling_policy!r}; "
+                               f"choose one of {', '.join(SCHEDULING_POLICIES)}")
         engine = EngineConfig.load(engine_dir)
         pstate = init_distributed(engine.mapping.tp_size, engine.mapping.pp_size, backend, device)
         if kernel_backend == "auto":
@@ -142,7 +147,7 @@ class ModelRunner:
             return cls(engine, None, None, is_leader=False)
         tokenizer = load_tokenizer(tokenizer_dir or engine_dir)
         executor = Executor(worker, engine, num_blocks, tokenizer, overlap=overlap,
-                            capacity_scheduler_policy=capacity_scheduler_policy)
+                            capacity_scheduler_policy=capacity_scheduler_policy, scheduling_policy=scheduling_policy)
         bs = engine.build.tokens_per_block
         log.info("KV cache: %d blocks of %d tokens = %d tokens in flight at most (%s)", num_blocks, bs,
                  num_blocks * bs, str(worker.kv_dtype).removeprefix("torch."))
@@ -168,12 +173,17 @@ class ModelRunner:
             return input_texts, self.tokenize(list(input_texts))
         return None, [list(map(int, p.tolist() if torch.is_tensor(p) else p)) for p in batch_input_ids]
 
-    def _submit(self, input_texts, batch_input_ids, max_new_tokens: int, sampling: dict):
+    def _submit(self, input_texts, batch_input_ids, max_new_tokens: int, sampling: dict, priority=0):
         input_texts, prompts = self._prompts(input_texts, batch_input_ids)
         params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
         if params.num_beams > 1:
             raise DistLLMError("streaming takes no beam search (num_beams > 1): use generate")
-        seqs = [s for p in prompts for s in fan_out(p, params)]  # prompt by prompt, n sequences each
+        priorities = [priority] * len(prompts) if isinstance(priority, int) else list(priority)
+        if len(priorities) != len(prompts) or not all(isinstance(p, int) for p in priorities):
+            raise DistLLMError(f"priority must be an int or a list of one int per prompt ({len(prompts)}), "
+                               f"got {priority!r}")
+        # prompt by prompt, n sequences each
+        seqs = [s for p, prio in zip(prompts, priorities) for s in fan_out(p, params, prio)]
         for s in seqs:
             try:
                 self.executor.enqueue(s)
@@ -183,7 +193,7 @@ class ModelRunner:
         return input_texts, seqs
 
     def generate(self, input_texts: list[str] | None = None, batch_input_ids=None, max_new_tokens: int = 16,
-                 **sampling) -> list[GenerationOutput] | None:
+                 priority: int | list[int] = 0, **sampling) -> list[GenerationOutput] | None:
         """Generate for a batch of prompts (texts or token ids); returns outputs in input order.
 
         `sampling` takes the SamplingParams fields: n, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids,
@@ -201,25 +211,26 @@ class ModelRunner:
         output_token_ids, but its text is not in output_text; a stop string is cut from output_text, with
         whatever follows it, while output_token_ids keep every token up to the one that completed it.
         A prompt that can never fit the engine comes back with finish_reason "rejected" and `error` set.
+        `priority` (one int, or one per prompt) orders the queue under the engine's "priority" scheduling policy.
         """
         if not self.is_leader:
             return None
         if sampling.get("num_beams", 1) > 1:
             return self._beam_search(input_texts, batch_input_ids, SamplingParams(max_new_tokens=max_new_tokens,
                                                                                   **sampling))
-        texts, seqs = self._submit(input_texts, batch_input_ids, max_new_tokens, sampling)
+        texts, seqs = self._submit(input_texts, batch_input_ids, max_new_tokens, sampling, priority)
         while any(not s.is_finished for s in seqs):
             self.executor.step()
         n = seqs[0].params.n if seqs else 1
         return [self._output(s, texts[i // n] if texts else None) for i, s in enumerate(seqs)]
 
     def generate_stream(self, input_texts: list[str] | None = None, batch_input_ids=None, max_new_tokens: int = 16,
-                        **sampling) -> Iterator[StreamChunk]:
+                        priority: int | list[int] = 0, **sampling) -> Iterator[StreamChunk]:
         """Like `generate`, but yields each token as soon as it is sampled (in-flight batching underneath), with the
         text it adds (`StreamChunk.text`)."""
         if not self.is_leader:
             return
-        texts, seqs = self._submit(input_texts, batch_input_ids, max_new_tokens, sampling)
+        texts, seqs = self._submit(input_texts, batch_input_ids, max_new_tokens, sampling, priority)
         n = seqs[0].params.n if seqs else 1
         index = {s.request_id: i // n for i, s in enumerate(seqs)}
         for s in seqs:

@@ -4,6 +4,8 @@ Running requests go first (a decode token each, or their next prefill chunk), th
 are admitted while KV blocks, `max_batch_size` and the token budget `max_num_tokens` allow. Decode
 tokens and prefill chunks share one forward (chunked prefill), so a long prompt never stalls decoders.
 When blocks run out, the newest running request is preempted (its blocks freed, recomputed later).
+With the "priority" scheduling policy (vLLM's), the waiting queue is ordered by (priority, arrival), lower values
+first, and the running request preempted is the one of the highest priority value (the newest among equals).
 A prompt sampled n times is n requests; sequences 1..n-1 keep their place in the queue, without blocking
 the requests behind them, until sequence 0 has computed the prompt, and then take its blocks from the
 prefix cache (`Sequence.prefix_source`).
@@ -22,6 +24,7 @@ request that is in flight (`protected`), nor one already taken into the batch be
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass
 
@@ -44,13 +47,19 @@ class ScheduledBatch:
 
 
 POLICIES = ("max_utilization", "guaranteed_no_evict")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_tokens: int,
-                 policy: str = "max_utilization", max_seq_len: int | None = None):  # fmt: skip
+                 policy: str = "max_utilization", max_seq_len: int | None = None,
+                 scheduling_policy: str = "fcfs"):  # fmt: skip
         if policy not in POLICIES:
             raise ValueError(f"unknown capacity scheduler policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"unknown scheduling policy {scheduling_policy!r}; choose one of "
+                             f"{', '.join(SCHEDULING_POLICIES)}")
+        self.by_priority = scheduling_policy == "priority"
         self.bm = block_manager
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
@@ -60,8 +69,22 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
+    @staticmethod
+    def _rank(seq: Sequence) -> tuple:
+        """The "priority" policy's order: lower priority value first, then earlier arrival."""
+        return seq.priority, seq.arrival_time, seq.request_id
+
+    def _queue(self, seq: Sequence, front: bool) -> None:
+        """Into the waiting queue: by rank under the "priority" policy; else at the back, or the front (preempted)."""
+        if self.by_priority:
+            self.waiting.insert(bisect.bisect(list(map(self._rank, self.waiting)), self._rank(seq)), seq)
+        elif front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._queue(seq, front=False)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -87,7 +110,7 @@ class Scheduler:
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._queue(seq, front=True)
 
     def _make_room(self, seq: Sequence, protected: set[int], preempted: list[Sequence]) -> bool:
         """Preempt the newest running requests (never one in flight) until `seq` can take a slot.
@@ -96,7 +119,7 @@ class Scheduler:
             victims = [s for s in self.running if s.request_id not in protected]
             if not victims:
                 return False
-            victim = victims[-1]
+            victim = max(victims, key=self._rank) if self.by_priority else victims[-1]
             if victim is seq and len(victims) < len(self.running):
                 return False  # wait for the in-flight micro-batches to finish instead
             self._preempt(victim)

@@ -130,8 +130,10 @@ PENDING = -1
 
 
 class Sequence:
-    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: int | None = None):
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: int | None = None,
+                 priority: int = 0):  # fmt: skip
         self.request_id = next(_ids) if request_id is None else request_id
+        self.priority = priority  # with the "priority" scheduling policy: lower runs first (vLLM's meaning)
         self.params = params
         self.prompt_len = len(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)
@@ -190,7 +192,7 @@ class Sequence:
         return f"Sequence(id={self.request_id}, len={len(self)}, computed={done}, {self.status.value})"
 
 
-def fan_out(prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
+def fan_out(prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> list[Sequence]:
     """The `params.n` sequences of one prompt, each a request of its own to the executor (as vLLM runs n).
 
     Sequence j samples with seed + j when a seed is given (vLLM's rule), so each is reproducible on its own
@@ -198,10 +200,11 @@ def fan_out(prompt_token_ids: list[int], params: SamplingParams) -> list[Sequenc
     sequence 0 as their `prefix_source`: the scheduler admits them once it has computed the prompt, and the
     prefix cache then serves them every full block of it (only the last, partial block is computed again).
     """
-    first = Sequence(prompt_token_ids, params)
+    first = Sequence(prompt_token_ids, params, priority=priority)
     seqs = [first]
     for j in range(1, params.n):
-        seq = Sequence(prompt_token_ids, params if params.seed is None else replace(params, seed=params.seed + j))
+        seq = Sequence(prompt_token_ids, params if params.seed is None else replace(params, seed=params.seed + j),
+                       priority=priority)
         seq.sequence_index, seq.prefix_source = j, first
         seqs.append(seq)
     return seqs
