@@ -30,6 +30,7 @@
 #   bash scripts/gpu_session.sh piecewise  # piecewise graphs: graph tests, step host/GPU ms, batch-1 TTFT with/without
 #   bash scripts/gpu_session.sh h200       # on an H200: tune's sweep, table and batch-1 A/B (issue 5); else graph tests
 #   bash scripts/gpu_session.sh piecewise2 # (an H200: its GEMV table first) step host/GPU ms; 128/128 with/without them
+#   bash scripts/gpu_session.sh s19b       # lean: an H200's batch 1, or an H100's plain/penalised; GPU logits tests
 #   bash scripts/gpu_session.sh s19        # an H200: batch 1, its GEMV table, batch 1 with it, tests; else as logits
 #   bash scripts/gpu_session.sh logits     # logits-processing, graph and sampling tests; batch 1 and 64 plain, then
 #                                          # penalised; beam search and n > 1 against greedy
@@ -355,6 +356,22 @@ h200)  # an H200 only (about 8 minutes): its GEMV table swept and written, batch
     latency_ab table DIST_LLM_GEMV_TABLE 2 5 builtin: "file:$OUT/gemv_table.json"
     TAIL=4 DIST_LLM_GEMV_TABLE="$OUT/gemv_table.json" step pytest_gemv 100 python3 -m pytest -q -p no:cacheprovider \
         -k "llama7b or card" tests/test_kernels_gemv.py tests/test_gemv_table.py ;;
+s19b)  # lean, for a session's last minutes. An H200: batch 1 (median of 5); any card: the logits variant's GPU test
+    # and min_p at the 128k vocabulary; an H100: batch 1 and 64 plain, then penalised (the logits variant)
+    if grep -q H200 "$OUT/gpus.txt"; then
+        TAIL=10 step latency_b1 90 python3 benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 \
+            --output_dir "$OUT/latency_b1"
+    else
+        for T in plain penalised; do
+            EXTRA=(); [ $T = penalised ] && EXTRA=(--sampling '{"repetition_penalty": 1.1, "presence_penalty": 0.5,
+                "frequency_penalty": 0.5}')
+            TAIL=16 step "latency_$T" 120 python3 benchmarks/bench_latency.py --batch_sizes 1 64 --skip_hf \
+                --repeats 1 --output_dir "$OUT/latency_$T" "${EXTRA[@]}"
+        done
+    fi
+    TAIL=4 step pytest_gpu 100 python3 -m pytest -q -p no:cacheprovider tests/test_logits_processing.py \
+        tests/test_kernels_elementwise.py -k "gpu or graph or min_p"
+    grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_gpu.log" | head -8 ;;
 s19)  # by the card. An H200: batch 1 (median of 5) first, then its GEMV table swept and batch 1 with it, then the
     # logits and graph tests. Any other card: as `logits`.
     if ! grep -q H200 "$OUT/gpus.txt"; then exec env OUT="$RESULTS" bash "$0" logits; fi
@@ -381,7 +398,7 @@ logits)  # about 5 minutes on an H100: the logits-processing and graph tests; ba
             --output_dir "$OUT/latency_$T" "${EXTRA[@]}"
     done
     TAIL=8 step beams 100 python3 benchmarks/bench_beam_search.py --output_dir "$OUT/beams" ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e|card_ab|tune|piecewise|piecewise2|h200|logits|s19"; exit 2 ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e|card_ab|tune|piecewise|piecewise2|h200|logits|s19|s19b"; exit 2 ;;
 esac
 pack
 echo done
