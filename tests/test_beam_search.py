@@ -80,8 +80,8 @@ def test_matches_transformers(engine, hf_model):
 
 
 def test_steps_reuse_the_kv_and_other_requests_run_beside(engine):
-    """After the first, a beam's step request takes all but its last, partial block from the prefix cache;
-    a plain request queued before the search runs to the same tokens as alone."""
+    """After the first, a beam's step request takes all but its last, partial block from the prefix cache, and
+    has the prompt's priority; a plain request queued before the search runs to the same tokens as alone."""
     with in_process(engine) as runner:
         ex = runner.executor
         prompt = runner.tokenize([" ".join(PROMPTS)])[0][:40]  # two full blocks of 16
@@ -90,12 +90,13 @@ def test_steps_reuse_the_kv_and_other_requests_run_beside(engine):
         ex.enqueue = lambda seq: steps.append(seq) or enqueue(seq)
         plain = Sequence(prompt[:9], SamplingParams(max_new_tokens=30, end_id=-1))
         enqueue(plain)
-        runner.generate(batch_input_ids=[prompt], max_new_tokens=12, num_beams=3, end_id=-1)
+        runner.generate(batch_input_ids=[prompt], max_new_tokens=12, num_beams=3, end_id=-1, priority=4)
         while not plain.is_finished:
             ex.step()
     assert plain.output_token_ids == alone
     later = [s for s in steps if s.num_generated > 1]  # step requests past the first step
     assert later and all(s.reported_cached_tokens >= 32 for s in later), [s.reported_cached_tokens for s in later]
+    assert {s.priority for s in steps} == {4}  # the prompt's priority reaches every step
 
 
 def test_early_stop_heuristic():

@@ -105,10 +105,12 @@ def check_beam_params(params: SamplingParams, eos_ids: set[int]) -> int:
     return k
 
 
-def run_beam_search(executor, prompts: list[list[int]], params: SamplingParams) -> list[list[Hypothesis] | str]:
+def run_beam_search(executor, prompts: list[list[int]], params: SamplingParams,
+                    priorities: list[int] | None = None) -> list[list[Hypothesis] | str]:  # fmt: skip
     """Beam search for each prompt over `executor`; per prompt its `params.n` best hypotheses, or the error that
-    refused it. Every step of every beam is one request (see the module docstring); other requests already in
-    the executor run on beside them."""
+    refused it. Every step of every beam is one request (see the module docstring), with the prompt's priority;
+    other requests already in the executor run on beside them."""
+    priorities = priorities or [0] * len(prompts)
     eos = executor.stop_token_ids(Sequence([0], params))  # EOS or end_id, and stop_token_ids (unless ignore_eos)
     k = check_beam_params(params, eos)
     searches: list[BeamSearch | str] = []
@@ -127,7 +129,7 @@ def run_beam_search(executor, prompts: list[list[int]], params: SamplingParams) 
             for b, beam in enumerate(search.beams):
                 step = SamplingParams(max_new_tokens=len(beam) + 1, return_logprobs=True, top_logprobs=k,
                                       ignore_eos=True)
-                seq = Sequence(prompts[i], step)
+                seq = Sequence(prompts[i], step, priority=priorities[i])
                 seq.token_ids += beam  # a sequence resumed at the beam's end (the prefix cache has its blocks)
                 executor.enqueue(seq)
                 steps[(i, b)] = seq

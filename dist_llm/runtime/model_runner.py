@@ -173,15 +173,20 @@ class ModelRunner:
             return input_texts, self.tokenize(list(input_texts))
         return None, [list(map(int, p.tolist() if torch.is_tensor(p) else p)) for p in batch_input_ids]
 
+    @staticmethod
+    def _priorities(priority, num_prompts: int) -> list[int]:
+        priorities = [priority] * num_prompts if isinstance(priority, int) else list(priority)
+        if len(priorities) != num_prompts or not all(isinstance(p, int) for p in priorities):
+            raise DistLLMError(f"priority must be an int or a list of one int per prompt ({num_prompts}), "
+                               f"got {priority!r}")
+        return priorities
+
     def _submit(self, input_texts, batch_input_ids, max_new_tokens: int, sampling: dict, priority=0):
         input_texts, prompts = self._prompts(input_texts, batch_input_ids)
         params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
         if params.num_beams > 1:
             raise DistLLMError("streaming takes no beam search (num_beams > 1): use generate")
-        priorities = [priority] * len(prompts) if isinstance(priority, int) else list(priority)
-        if len(priorities) != len(prompts) or not all(isinstance(p, int) for p in priorities):
-            raise DistLLMError(f"priority must be an int or a list of one int per prompt ({len(prompts)}), "
-                               f"got {priority!r}")
+        priorities = self._priorities(priority, len(prompts))
         # prompt by prompt, n sequences each
         seqs = [s for p, prio in zip(prompts, priorities) for s in fan_out(p, params, prio)]
         for s in seqs:
@@ -217,7 +222,7 @@ class ModelRunner:
             return None
         if sampling.get("num_beams", 1) > 1:
             return self._beam_search(input_texts, batch_input_ids, SamplingParams(max_new_tokens=max_new_tokens,
-                                                                                  **sampling))
+                                                                                  **sampling), priority)
         texts, seqs = self._submit(input_texts, batch_input_ids, max_new_tokens, sampling, priority)
         while any(not s.is_finished for s in seqs):
             self.executor.step()
@@ -249,11 +254,12 @@ class ModelRunner:
                     yield StreamChunk(index[ev.request_id], ev.request_id, ev.new_token_ids, ev.finished,
                                       ev.finish_reason, seq.sequence_index, text)
 
-    def _beam_search(self, input_texts, batch_input_ids, params: SamplingParams) -> list[GenerationOutput]:
+    def _beam_search(self, input_texts, batch_input_ids, params: SamplingParams, priority) -> list[GenerationOutput]:
         texts, prompts = self._prompts(input_texts, batch_input_ids)
+        priorities = self._priorities(priority, len(prompts))
         eos = self.executor.stop_token_ids(Sequence([0], params))
         outputs = []
-        for i, (prompt, found) in enumerate(zip(prompts, run_beam_search(self.executor, prompts, params))):
+        for i, (prompt, found) in enumerate(zip(prompts, run_beam_search(self.executor, prompts, params, priorities))):
             if isinstance(found, str):
                 log.error("prompt %d rejected: %s", i, found)
             for j in range(params.n):
