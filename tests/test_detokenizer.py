@@ -122,3 +122,32 @@ def test_stop_string_before_min_tokens_stays_in_the_text(engine):  # noqa: F811
     assert early.finish_reason == "stop" and len(early.output_token_ids) == k + 1
     assert late.finish_reason == "length" and late.output_token_ids == ids
     assert late.output_text == text and late.stop_string is None
+
+
+def test_include_stop_str_and_special_tokens(engine):  # noqa: F811
+    """vLLM's include_stop_str_in_output keeps the stop string, or the stop token's text, in the text; with
+    skip_special_tokens off, special tokens' text is in it too. Streamed pieces add up to the same text."""
+    with in_process(engine) as runner:
+        tok = runner.tokenizer
+
+        def both(**kw):
+            kw = {"input_texts": [PROMPTS[0]], "max_new_tokens": 24, "end_id": -1, **kw}
+            out = runner.generate(**kw)[0]
+            assert "".join(c.text for c in runner.generate_stream(**kw)) == out.output_text, kw
+            return out
+
+        base = both()
+        ids, text = base.output_token_ids, base.output_text
+        pieces = [tok.decode([t]) for t in ids]
+        stop = next(p for p in pieces[3:] if len(p.strip()) >= 2 and text.index(p) > 0)
+        cut = both(stop=[stop], include_stop_str_in_output=True)
+        assert cut.output_text == text[: text.index(stop) + len(stop)] and cut.finish_reason == "stop"
+        k = next(i for i in range(3, 24) if ids[i] not in ids[:i] and len(pieces[i].strip()) >= 2)
+        on_token = both(stop_token_ids=[ids[k]], include_stop_str_in_output=True)
+        assert on_token.output_text == tok.decode(ids[: k + 1]) and on_token.output_token_ids == ids[: k + 1]
+        eos = tok.eos_token_id  # forced by logit_bias: special, so skipped unless asked for
+        kept = both(logit_bias={eos: 100.0}, ignore_eos=True, max_new_tokens=3, skip_special_tokens=False)
+        assert kept.output_token_ids == [eos] * 3 and kept.output_text == tok.eos_token * 3
+        assert both(logit_bias={eos: 100.0}, ignore_eos=True, max_new_tokens=3).output_text == ""
+        ended = both(logit_bias={eos: 100.0}, end_id=eos, include_stop_str_in_output=True, skip_special_tokens=False)
+        assert ended.output_token_ids == [eos] and ended.output_text == tok.eos_token

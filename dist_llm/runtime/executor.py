@@ -296,7 +296,8 @@ class Executor:
             return "stop"
         if p.stop and self.tokenizer is not None and idx + 1 - seq.prompt_len >= p.min_tokens:  # (vLLM's rule)
             # only a stop string that this token completes: one in the text before it did not stop the request
-            hit = stop_string_at(self.tokenizer, seq.token_ids[max(seq.prompt_len, idx - 31) : idx + 1], p.stop)
+            hit = stop_string_at(self.tokenizer, seq.token_ids[max(seq.prompt_len, idx - 31) : idx + 1], p.stop,
+                                 p.skip_special_tokens)
             if hit is not None:
                 seq.stop_string = hit[0]
                 return "stop"

@@ -202,8 +202,9 @@ class ModelRunner:
         """Generate for a batch of prompts (texts or token ids); returns outputs in input order.
 
         `sampling` takes the SamplingParams fields: n, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids,
-        end_id, pad_id, ignore_eos, repetition_penalty, presence_penalty, frequency_penalty, min_tokens,
-        logit_bias, return_logprobs, top_logprobs, return_first_logits. With pad_id, each output also
+        end_id, pad_id, ignore_eos, include_stop_str_in_output, skip_special_tokens, repetition_penalty,
+        presence_penalty, frequency_penalty, min_tokens, logit_bias, return_logprobs, top_logprobs,
+        return_first_logits, num_beams, length_penalty, early_stopping. With pad_id, each output also
         has `padded_output_token_ids`: max_new_tokens ids, padded with pad_id after the request stopped.
         A seed applies to every prompt of the call.
         With `n` > 1, each prompt is sampled n times (sequence j with seed + j): the outputs come prompt by prompt,
@@ -242,7 +243,8 @@ class ModelRunner:
             if s.finish_reason == "rejected":
                 yield StreamChunk(index[s.request_id], s.request_id, [], True, "rejected", s.sequence_index)
         by_id = {s.request_id: s for s in seqs}
-        streams = {s.request_id: TextStream(self.tokenizer, s.params.stop) for s in seqs if self.tokenizer is not None}
+        streams = {s.request_id: TextStream(self.tokenizer, s.params.stop, s.params.skip_special_tokens)
+                   for s in seqs if self.tokenizer is not None}
         while any(not s.is_finished for s in seqs):
             for ev in self.executor.step():
                 if ev.request_id in index:

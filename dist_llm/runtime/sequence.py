@@ -31,6 +31,10 @@ class SamplingParams:
     # TensorRT-LLM's output layout: output ids padded with pad_id to max_new_tokens (None: no padding)
     pad_id: int | None = None
     ignore_eos: bool = False
+    # text (runtime/detokenizer.py), as vLLM: keep the stop token's text or the stop string in the output text;
+    # leave special tokens' text out of it
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     # vLLM's and TensorRT-LLM's logits processing (runtime/logits_processing.py): the repetition penalty (1 = off)
     # scales the logits of every token already in the prompt or the output, as transformers does; the presence
     # and frequency penalties (0 = off, OpenAI's -2..2) subtract from the logits of tokens already in the output
