@@ -126,6 +126,8 @@ def test_inputs_skip_rows_that_do_not_sample_and_end_bans_at_min_tokens():
     (dict(logit_bias={3: float("nan")}), "biases finite"),
     (dict(top_logprobs=3), "top_logprobs needs return_logprobs=True"),
     (dict(return_logprobs=True, top_logprobs=21), r"top_logprobs must be in \[0, 20\]"),
+    (dict(bad_words_ids=[[1], []]), "bad_words_ids must be a list of non-empty lists"),
+    (dict(bad_words_ids=[3]), "bad_words_ids must be a list of non-empty lists"),
 ])
 def test_bad_settings_are_named(kw, match):
     with pytest.raises(DistLLMError, match=match):
@@ -367,3 +369,69 @@ def test_logprobs_in_the_cli_json(engine_1, tiny_models, tmp_path):
     ids = [[[t for t, _ in step] for step in g["top_logprobs"]] for g in got]
     assert ids[1] == ids[0]
     assert max(abs(a - b) for a, b in zip(got[1]["logprobs"], o["logprobs"])) < 1e-4
+
+
+# ---- bad words --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_words_inputs_and_the_pending_token(backend):
+    """A word's last token is banned where its other tokens end the sequence, the prompt included; where the last
+    of them is still PENDING, the ban holds only if the previous step sampled it."""
+    sampled = torch.tensor([40, 7, 9], dtype=torch.int64)  # the previous step's ids, by its rows
+    words = [[30], [5, 31], [6, 7, 32], [8, 33], [2, 9, 34]]
+    p = SamplingParams(max_new_tokens=9, bad_words_ids=words)
+    known = Sequence([1, 2], p)
+    known.token_ids += [5]  # [5, 31] holds; [6, 7, 32] does not
+    known.num_computed_tokens = 2
+    pending = Sequence([1, 6], p)
+    pending.token_ids += [PENDING]  # 7 if the previous step's row 1 (=7) is it: [6, 7, 32] holds
+    pending.num_computed_tokens, pending.feed = 2, (0, 1)
+    other = Sequence([2], p)
+    other.token_ids += [PENDING]  # row 0 sampled 40, not 8 or 9: [8, 33] and [2, 9, 34] wait on it and fail
+    other.num_computed_tokens, other.feed = 1, (0, 0)
+    prompt_only = Sequence([3, 8], p)  # a prompt's last token counts: [8, 33] holds at the first output
+    li = build_logits_inputs([known, pending, other, prompt_only], [1, 1, 1, 2], lambda seq: set())
+    assert li.bias_conditional
+    logits = torch.zeros(4, 40)
+    got = apply_logits_processing(logits.to(DEVICE), li.to(DEVICE), sampled.to(DEVICE), get_ops(backend).fill_pending)
+    banned = [sorted(torch.nonzero(row == -math.inf).flatten().tolist()) for row in got.cpu()]
+    assert banned == [[30, 31], [30, 32], [30], [30, 33]]
+
+
+def test_bad_words_match_transformers(engine_1, hf_model):
+    """Greedy with bad words taken from the greedy output (one, two and three tokens long, and one that starts in
+    the prompt), each alone, against transformers' bad_words_ids. Overlap scheduling is on, so a word's
+    next-to-last token is still PENDING when the step that must ban its last token is planned."""
+    with in_process(engine_1) as runner:
+        prompts = runner.tokenize(PROMPTS)
+        plain = [o.output_token_ids for o in runner.generate(batch_input_ids=prompts, max_new_tokens=N, end_id=-1)]
+        g, compared = plain[0], 0
+        for word, k, row in (([g[2]], 2, 0), ([g[5], g[6]], 6, 0), ([g[9], g[10], g[11]], 11, 0),
+                             ([prompts[1][-1], plain[1][0]], 0, 1)):
+            if word[-1] in word[:-1] or word[-1] in plain[row][:k]:
+                continue  # (the word's last token earlier on would ban it there first)
+            outs = runner.generate(batch_input_ids=prompts, max_new_tokens=N, end_id=-1, bad_words_ids=[word])
+            for prompt, o in zip(prompts, outs):
+                assert o.output_token_ids == hf_generate(hf_model, prompt, N, bad_words_ids=[word]), word
+            got = outs[row].output_token_ids
+            assert got[:k] == plain[row][:k] and got[k] != plain[row][k], (word, k)  # banned exactly there
+            compared += 1
+    assert compared >= 3
+
+
+def test_bad_words_under_mpirun_on_the_graph_path(tiny_models, hf_model, tmp_path):
+    """tp=2 through the decode graphs' static path ("logits" variant), the flag as JSON."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    ids = tok(PROMPTS[0]).input_ids
+    greedy = hf_generate(hf_model, ids, N)
+    words = [[greedy[3]], [greedy[7], greedy[8]]]
+    engine = convert_and_build(tiny_models["llama"], tmp_path, 2, 1)
+    out = tmp_path / "out.json"
+    run_dist(2, ["--engine_dir", engine, "--device", "cpu", "--input_text", PROMPTS[0], "--max_new_tokens", str(N),
+                 "--end_id", "-1", "--cuda_graphs", "static", "--bad_words_ids", json.dumps(words),
+                 "--output_json", str(out), "--quiet"])
+    got = json.loads(out.read_text())[0]["output_token_ids"]
+    assert got == hf_generate(hf_model, ids, N, bad_words_ids=words) and got != greedy

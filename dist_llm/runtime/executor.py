@@ -108,6 +108,7 @@ class Executor:
             raise DistLLMError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         p = seq.params
         for name, ids in (("logit_bias", p.logit_bias), ("stop_token_ids", p.stop_token_ids),
+                          ("bad_words_ids", [t for w in p.bad_words_ids for t in w]),
                           ("end_id", [] if p.end_id is None else [p.end_id])):
             bad = [t for t in ids if t >= vocab or (t < 0 and name != "end_id")]  # (end_id -1: no EOS)
             if bad:  # (the logits processing indexes the vocabulary with them)

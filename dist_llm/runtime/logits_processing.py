@@ -1,8 +1,10 @@
-"""Per-request logits processing before sampling: logit_bias, min_tokens, and the repetition, presence and
-frequency penalties, with vLLM's and transformers' meanings and order:
+"""Per-request logits processing before sampling: logit_bias, min_tokens, bad words, and the repetition, presence
+and frequency penalties, with vLLM's and transformers' meanings and order:
 
 1. `logit_bias` adds to the logits of its token ids; below `min_tokens` output tokens, the request's stop tokens
-   (EOS or end_id unless ignore_eos, and stop_token_ids) are set to -inf;
+   (EOS or end_id unless ignore_eos, and stop_token_ids) are set to -inf; so is the last token of each of
+   `bad_words_ids` whose other tokens end the sequence so far (transformers' NoBadWordsLogitsProcessor, except
+   that a bad word equal to an EOS id is kept: a request that bans EOS means it);
 2. the repetition penalty divides the positive logits, and multiplies the others, of every token id that is in
    the prompt or the output so far (transformers' `RepetitionPenaltyLogitsProcessor`);
 3. the frequency penalty subtracts penalty × count, the presence penalty subtracts penalty once, for each token
@@ -44,7 +46,12 @@ class LogitsInputs:
     seen_feeds: torch.Tensor  # int64 [B]: the previous step's row that samples the row's PENDING last token, or -1
     bias_rows: torch.Tensor  # int64 [K]
     bias_token_ids: torch.Tensor  # int64 [K]
-    bias_values: torch.Tensor  # fp32 [K]: logit_bias values, and -inf for min_tokens
+    bias_values: torch.Tensor  # fp32 [K]: logit_bias values, and -inf for min_tokens and bad words
+    # a bad word whose next-to-last token is the row's PENDING one applies only if that token turns out to be it:
+    # per entry, the previous step's row that samples it (-1: unconditional) and the token it must be
+    bias_feeds: torch.Tensor  # int64 [K]
+    bias_conditions: torch.Tensor  # int64 [K]
+    bias_conditional: bool = False  # some entry has a feed (the host knows; the device need not check)
 
     def __reduce__(self):  # cheap pickling, as StepPlan's
         return _from_arrays, (LogitsInputs, _to_arrays(self))
@@ -68,20 +75,26 @@ def build_logits_inputs(seqs: list[Sequence], num_new_tokens: list[int], stop_id
     penalties = [[1.0, 0.0, 0.0] for _ in range(b)]
     lengths, prompt_lens, feeds = [0] * b, [0] * b, [-1] * b
     seen: list[int] = []
-    b_rows, b_ids, b_vals = [], [], []
+    b_rows, b_ids, b_vals, b_feeds, b_conds = [], [], [], [], []
+
+    def bias(r: int, t: int, value: float, feed: int = -1, cond: int = 0) -> None:
+        b_rows.append(r)
+        b_ids.append(t)
+        b_vals.append(value)
+        b_feeds.append(feed)
+        b_conds.append(cond)
+
     for r, (seq, end) in enumerate(zip(seqs, ends)):
         if end != len(seq):  # a prompt chunk that does not reach the end: its sample is thrown away
             continue
         p = seq.params
-        for t, bias in p.logit_bias.items():
-            b_rows.append(r)
-            b_ids.append(t)
-            b_vals.append(bias)
+        for t, value in p.logit_bias.items():
+            bias(r, t, value)
         if end - seq.prompt_len < p.min_tokens:  # the token sampled now would be output number end - prompt_len
             for t in sorted(stop_ids(seq)):
-                b_rows.append(r)
-                b_ids.append(t)
-                b_vals.append(float("-inf"))
+                bias(r, t, float("-inf"))
+        for word in p.bad_words_ids:
+            _ban_bad_word(seq, end, word, lambda t, feed=-1, cond=0, r=r: bias(r, t, float("-inf"), feed, cond))
         if p.uses_penalties:
             penalties[r] = [p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
             seen += seq.token_ids[:end]
@@ -101,12 +114,34 @@ def build_logits_inputs(seqs: list[Sequence], num_new_tokens: list[int], stop_id
         bias_rows=torch.tensor(b_rows, dtype=torch.int64),
         bias_token_ids=torch.tensor(b_ids, dtype=torch.int64),
         bias_values=torch.tensor(b_vals, dtype=torch.float32),
+        bias_feeds=torch.tensor(b_feeds, dtype=torch.int64),
+        bias_conditions=torch.tensor(b_conds, dtype=torch.int64),
+        bias_conditional=any(f >= 0 for f in b_feeds),
     )
+
+
+def _ban_bad_word(seq: Sequence, end: int, word: list[int], ban) -> None:
+    """Ban `word`'s last token when the tokens before it end the sequence's first `end` tokens (transformers'
+    NoBadWordsLogitsProcessor: the prompt counts). A PENDING last token is not known yet: the ban is then made
+    conditional on it (`ban(token, feed row, required token)`)."""
+    k = len(word) - 1
+    if k == 0:
+        ban(word[0])
+        return
+    if end < k:
+        return
+    tail = seq.token_ids[end - k : end]
+    if tail[-1] == PENDING:
+        if tail[:-1] == word[: k - 1]:
+            ban(word[-1], seq.feed[1], word[k - 1])
+    elif tail == word[:k]:
+        ban(word[-1])
 
 
 def _needs(seq: Sequence, end: int) -> bool:
     p = seq.params
-    return end == len(seq) and (p.uses_penalties or bool(p.logit_bias) or end - seq.prompt_len < p.min_tokens)
+    return end == len(seq) and (p.uses_penalties or bool(p.logit_bias) or end - seq.prompt_len < p.min_tokens
+                                 or bool(p.bad_words_ids))
 
 
 def apply_logits_processing(logits: torch.Tensor, li: LogitsInputs, sampled: torch.Tensor,
@@ -116,7 +151,11 @@ def apply_logits_processing(logits: torch.Tensor, li: LogitsInputs, sampled: tor
     logits stay as they were (log-probabilities are taken from them). Nothing here waits for the device."""
     x = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
     if li.bias_rows.numel():
-        x.index_put_((li.bias_rows, li.bias_token_ids), li.bias_values, accumulate=True)
+        values = li.bias_values
+        if li.bias_conditional:  # bad words that wait on a PENDING token: applied if it is the one they follow
+            held = sampled[li.bias_feeds.clamp(min=0)] == li.bias_conditions
+            values = torch.where((li.bias_feeds < 0) | held, values, torch.zeros_like(values))
+        x.index_put_((li.bias_rows, li.bias_token_ids), values, accumulate=True)
     if not (li.use_repetition or li.use_output_penalties):
         return x
     bsz, total = x.shape[0], li.seen_token_ids.numel()

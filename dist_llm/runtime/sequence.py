@@ -43,6 +43,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     min_tokens: int = 0  # no stop token (EOS, end_id, stop_token_ids) and no stop string before this many tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
+    # token sequences never to generate (transformers' bad_words_ids, TensorRT-LLM's bad_words_list): the last token
+    # of each is banned wherever the tokens before it (prompt included) end the sequence so far
+    bad_words_ids: list[list[int]] = field(default_factory=list)
     return_logprobs: bool = False  # of each returned token, from the model's logits before any processing
     top_logprobs: int = 0  # with return_logprobs: also the k most likely ids of each step and theirs (OpenAI's, <= 20)
     return_first_logits: bool = False  # debugging: the logits that chose the first new token
@@ -85,6 +88,12 @@ class SamplingParams:
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
         except (AttributeError, TypeError, ValueError):
             raise DistLLMError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from None
+        if not (isinstance(self.bad_words_ids, list | tuple) and all(
+                isinstance(w, list | tuple) and w and all(isinstance(t, int) and t >= 0 for t in w)
+                for w in self.bad_words_ids)):
+            raise DistLLMError(f"bad_words_ids must be a list of non-empty lists of token ids >= 0, "
+                               f"got {self.bad_words_ids!r}")
+        self.bad_words_ids = [list(w) for w in self.bad_words_ids]
         bad = next(((t, b) for t, b in self.logit_bias.items() if t < 0 or not math.isfinite(b)), None)
         if bad:
             raise DistLLMError(f"logit_bias {{{bad[0]}: {bad[1]}}}: token ids must be >= 0 and biases finite")
@@ -105,6 +114,7 @@ class SamplingParams:
             ("temperature > 0", self.temperature > 0), ("repetition_penalty", self.repetition_penalty != 1),
             ("presence_penalty", self.presence_penalty != 0), ("frequency_penalty", self.frequency_penalty != 0),
             ("logit_bias", bool(self.logit_bias)), ("min_tokens", self.min_tokens > 0), ("stop", bool(self.stop)),
+            ("bad_words_ids", bool(self.bad_words_ids)),
             ("return_logprobs", self.return_logprobs), ("return_first_logits", self.return_first_logits)) if on]
         if unsupported:
             raise DistLLMError(f"beam search (num_beams {self.num_beams}) is greedy and takes none of: "
@@ -117,7 +127,7 @@ class SamplingParams:
     @property
     def processes_logits(self) -> bool:
         """Whether any logits processing (runtime/logits_processing.py) may apply to this request."""
-        return self.uses_penalties or bool(self.logit_bias) or self.min_tokens > 0
+        return self.uses_penalties or bool(self.logit_bias) or self.min_tokens > 0 or bool(self.bad_words_ids)
 
 
 class Status(enum.Enum):
