@@ -35,11 +35,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", nargs="*", default=[], help="stop strings")
     p.add_argument("--end_id", type=int, default=None, help="override EOS id (-1: never stop on EOS)")
+    p.add_argument("--stop_token_ids", type=int, nargs="*", default=[], help="more token ids that end a request")
     p.add_argument("--repetition_penalty", type=float, default=1.0,
                    help="> 1 discourages tokens already in the prompt or output (transformers' meaning; 1: off)")
     p.add_argument("--presence_penalty", type=float, default=0.0, help="OpenAI's, over output tokens (-2..2; 0: off)")
     p.add_argument("--frequency_penalty", type=float, default=0.0, help="OpenAI's, over output tokens (-2..2; 0: off)")
     p.add_argument("--min_tokens", type=int, default=0, help="no stop token or stop string before this many tokens")
+    p.add_argument("--logit_bias", type=json.loads, default={},
+                   help="added to the logits of token ids, as JSON, e.g. '{\"17\": 2.5, \"42\": -100}' (OpenAI's)")
     p.add_argument("--bad_words_ids", type=json.loads, default=[],
                    help="token sequences never to generate, as JSON, e.g. '[[15043], [450, 29892]]' (transformers')")
     p.add_argument("--return_logprobs", action="store_true",
@@ -139,7 +142,7 @@ def main(argv=None):
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
         stop=args.stop, end_id=args.end_id, pad_id=args.pad_id, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
-        bad_words_ids=args.bad_words_ids,
+        bad_words_ids=args.bad_words_ids, logit_bias=args.logit_bias, stop_token_ids=args.stop_token_ids,
         return_logprobs=args.return_logprobs, top_logprobs=args.top_logprobs, n=args.n, num_beams=args.num_beams,
         length_penalty=args.length_penalty, early_stopping={"false": False, "true": True}.get(args.early_stopping,
                                                                                             args.early_stopping),

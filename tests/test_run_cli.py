@@ -37,3 +37,12 @@ def test_sampling_is_seeded(tiny_engine_tp2, tmp_path):
         run_dist(2, [*args, str(path)])
         outs.append(json.loads(path.read_text())[0]["output_token_ids"])
     assert outs[0] == outs[1] and len(outs[0]) == 8
+
+
+def test_logit_bias_and_stop_token_ids_flags(tiny_engine_tp2, tmp_path):
+    """A bias of 100 makes token 17 the first output; as a stop token it then ends the request there."""
+    path = tmp_path / "o.json"
+    run_dist(2, ["--engine_dir", tiny_engine_tp2, "--input_text", PROMPTS[0], "--max_new_tokens", "8",
+                 "--end_id", "-1", "--logit_bias", '{"17": 100}', "--stop_token_ids", "17", "--output_json", str(path)])
+    out = json.loads(path.read_text())[0]
+    assert out["output_token_ids"] == [17] and out["finish_reason"] == "stop"
