@@ -49,6 +49,8 @@ def parse_args(argv=None):
                    help="the log-probability of each output token (in --output_json: logprobs)")
     p.add_argument("--top_logprobs", type=int, default=0,
                    help="with --return_logprobs, also each step's k most likely [id, log-prob] pairs (0..20)")
+    p.add_argument("--prompt_logprobs", action="store_true",
+                   help="the log-probability of each prompt token given the ones before (in --output_json)")
     p.add_argument("--pad_id", type=int, default=None,
                    help="also write padded_output_token_ids: max_new_tokens ids, padded with this id")
     p.add_argument("--output_json", help="write [{input_text, output_text, output_token_ids, finish_reason}] (and "
@@ -143,7 +145,8 @@ def main(argv=None):
         stop=args.stop, end_id=args.end_id, pad_id=args.pad_id, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
         bad_words_ids=args.bad_words_ids, logit_bias=args.logit_bias, stop_token_ids=args.stop_token_ids,
-        return_logprobs=args.return_logprobs, top_logprobs=args.top_logprobs, n=args.n, num_beams=args.num_beams,
+        return_logprobs=args.return_logprobs, top_logprobs=args.top_logprobs, prompt_logprobs=args.prompt_logprobs,
+        n=args.n, num_beams=args.num_beams,
         length_penalty=args.length_penalty, early_stopping={"false": False, "true": True}.get(args.early_stopping,
                                                                                             args.early_stopping),
     )

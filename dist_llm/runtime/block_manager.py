@@ -95,7 +95,7 @@ class BlockManager:
 
     def _match_prefix(self, seq: SequenceLike) -> list[tuple[int, int]]:
         """(hash, block) of the cached leading full blocks, capped to leave >= 1 token to compute."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not getattr(seq, "reuses_prefix", True):
             return []
         tokens, bs = seq.token_ids, self._block_size
         hits: list[tuple[int, int]] = []

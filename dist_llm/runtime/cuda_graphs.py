@@ -90,7 +90,8 @@ class DecodeGraphRunner:
         self.logits_steps = 0  # of them, through the "logits" variant
 
     def can_run(self, plan: StepPlan) -> bool:
-        return plan.is_decode and plan.batch_size <= self.max_bs and not plan.return_logits
+        return (plan.is_decode and plan.batch_size <= self.max_bs and not plan.return_logits
+                and plan.prompt_logprob_index is None)
 
     def _forward(self, bucket: int, mode: str) -> None:
         """The captured region: everything reads and writes the static buffers only."""

@@ -53,6 +53,8 @@ class InFlight:
     result: StepResult | None  # None: it comes from the sampler rank
     computed: list[int]  # each request's num_computed_tokens once this step is done
     token_index: list[int | None]  # where each request's sampled token goes in token_ids (None: no sample)
+    # prompt log-probabilities: (row, position of its first target token, how many), in the plan's order
+    prompt_spans: list[tuple[int, int, int]]
 
 
 class Executor:
@@ -193,6 +195,7 @@ class Executor:
 
     def _launch(self, batch: ScheduledBatch) -> None:
         plan = self._plan(batch)
+        spans = self._prompt_logprob_rows(batch, plan)
         comm.broadcast_object(plan)
         result = self.worker.execute(plan)  # the result itself when rank 0 is also the last stage
         computed, token_index = [], []
@@ -207,8 +210,26 @@ class Executor:
             else:  # a prefill chunk that does not reach the end yet: its sample is not used
                 token_index.append(None)
         self.launches += 1
-        self.inflight.append(InFlight(batch, result, computed, token_index))
+        self.inflight.append(InFlight(batch, result, computed, token_index, spans))
         self.max_inflight_seen = max(self.max_inflight_seen, len(self.inflight))
+
+    @staticmethod
+    def _prompt_logprob_rows(batch: ScheduledBatch, plan: StepPlan) -> list[tuple[int, int, int]]:
+        """Fill the plan's prompt_logprob_index and _targets: within each chunk of a request that asks, the token
+        at position p predicts prompt token p + 1. Returns (row, first target position, count) per such row."""
+        index, targets, spans, offset = [], [], [], 0
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            last = min(start + n, seq.prompt_len - 1)  # the last position whose next token is a prompt token
+            if seq.params.prompt_logprobs and last > start:
+                index += range(offset, offset + last - start)
+                targets += seq.token_ids[start + 1 : last + 1]
+                spans.append((row, start + 1, last - start))
+            offset += n
+        if spans:
+            plan.prompt_logprob_index = torch.tensor(index, dtype=torch.int64)
+            plan.prompt_logprob_targets = torch.tensor(targets, dtype=torch.int64)
+        return spans
 
     def step(self) -> list[TokenEvent]:
         """Launch steps until `depth` are in flight, then complete the oldest one."""
@@ -249,6 +270,8 @@ class Executor:
         top = None
         if result.top_logprobs is not None:
             top = list(zip(result.top_logprob_ids.tolist(), result.top_logprobs.tolist()))
+        if done.prompt_spans:
+            self._take_prompt_logprobs(done, result.prompt_logprobs.tolist())
         for i, seq in enumerate(done.batch.seqs):
             if seq.is_finished:  # cancelled or stopped while this step was in flight
                 continue
@@ -278,6 +301,18 @@ class Executor:
                 del self.requests[seq.request_id]
             events.append(TokenEvent(seq.request_id, [token], reason is not None, reason))
         return events
+
+    @staticmethod
+    def _take_prompt_logprobs(done: InFlight, values: list[float]) -> None:
+        """Append each row's prompt log-probabilities in position order (a recomputation after preemption
+        computes them again: those already taken are skipped)."""
+        at = 0
+        for row, first, count in done.prompt_spans:
+            seq = done.batch.seqs[row]
+            for pos in range(first, first + count):
+                if pos == len(seq.prompt_logprobs) + 1:
+                    seq.prompt_logprobs.append(values[at + pos - first])
+            at += count
 
     def _eos_ids(self, p) -> set[int]:
         """EOS for a request: the engine's, or its end_id (-1: none)."""

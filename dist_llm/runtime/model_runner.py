@@ -56,6 +56,8 @@ class GenerationOutput:
     sequence_index: int | None = None  # with n > 1: which of the prompt's n sequences this is (0..n-1)
     stop_string: str | None = None  # the stop string that ended it (vLLM's stop_reason)
     score: float | None = None  # beam search: sum of log-probabilities / length ** length_penalty
+    # with prompt_logprobs: per prompt token, its log-probability given the ones before (None for the first: vLLM's)
+    prompt_logprobs: list[float | None] | None = None
 
     def to_json(self) -> dict:
         out = {
@@ -68,6 +70,8 @@ class GenerationOutput:
             out["sequence_index"] = self.sequence_index
         if self.score is not None:
             out["score"] = self.score
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self.prompt_logprobs
         if self.padded_output_token_ids is not None:
             out["padded_output_token_ids"] = self.padded_output_token_ids
         if self.logprobs:
@@ -203,8 +207,8 @@ class ModelRunner:
 
         `sampling` takes the SamplingParams fields: n, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids,
         end_id, pad_id, ignore_eos, include_stop_str_in_output, skip_special_tokens, repetition_penalty,
-        presence_penalty, frequency_penalty, min_tokens, logit_bias, return_logprobs, top_logprobs,
-        return_first_logits, num_beams, length_penalty, early_stopping. With pad_id, each output also
+        presence_penalty, frequency_penalty, min_tokens, logit_bias, bad_words_ids, return_logprobs, top_logprobs,
+        prompt_logprobs, return_first_logits, num_beams, length_penalty, early_stopping. With pad_id, each output also
         has `padded_output_token_ids`: max_new_tokens ids, padded with pad_id after the request stopped.
         A seed applies to every prompt of the call.
         With `n` > 1, each prompt is sampled n times (sequence j with seed + j): the outputs come prompt by prompt,
@@ -294,6 +298,7 @@ class ModelRunner:
             first_logits=seq.first_logits,
             error=seq.error,
             sequence_index=seq.sequence_index if seq.params.n > 1 else None,
+            prompt_logprobs=[None, *seq.prompt_logprobs] if seq.params.prompt_logprobs else None,
             padded_output_token_ids=None if seq.params.pad_id is None else
             seq.output_token_ids + [seq.params.pad_id] * (seq.params.max_new_tokens - seq.num_generated),
         )

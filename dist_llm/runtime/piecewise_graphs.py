@@ -88,7 +88,9 @@ class PiecewiseGraphRunner:
         self.steps_run = 0
 
     def can_run(self, plan: StepPlan) -> bool:
-        return plan.num_tokens <= self.max_tokens and plan.batch_size <= self.max_bs
+        # (a step with prompt log-probabilities needs every token's hidden state: eager)
+        return (plan.num_tokens <= self.max_tokens and plan.batch_size <= self.max_bs
+                and plan.prompt_logprob_index is None)
 
     # ---- the forward, and where it is cut ----------------------------------------------------------------
 

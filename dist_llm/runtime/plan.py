@@ -76,6 +76,9 @@ class StepPlan:
     # logit_bias, min_tokens and penalties, for steps where some row uses them (runtime/logits_processing.py)
     logits_inputs: LogitsInputs | None = None
     min_p: torch.Tensor | None = None  # fp32 [B]; None: no row uses min-p
+    # prompt log-probabilities: the step's token rows whose hidden states predict a prompt token, and that token
+    prompt_logprob_index: torch.Tensor | None = None  # int64 [P]
+    prompt_logprob_targets: torch.Tensor | None = None  # int64 [P]
 
     def __reduce__(self):  # rank 0 pickles a plan per step for every rank (see _to_arrays)
         return _from_arrays, (StepPlan, _to_arrays(self))
@@ -100,6 +103,7 @@ class StepResult:
     ready: object = None  # a torch.cuda.Event recorded after the device-to-host copy, or None
     top_logprob_ids: torch.Tensor | None = None  # int64 [B, k]
     top_logprobs: torch.Tensor | None = None  # fp32 [B, k]
+    prompt_logprobs: torch.Tensor | None = None  # fp32 [P], in the plan's prompt_logprob_index order
 
     def __reduce__(self):  # sent from the last stage to rank 0 every step (pp > 1); only once waited for
         assert self.ready is None, "wait() for a StepResult before sending it"

@@ -48,6 +48,9 @@ class SamplingParams:
     bad_words_ids: list[list[int]] = field(default_factory=list)
     return_logprobs: bool = False  # of each returned token, from the model's logits before any processing
     top_logprobs: int = 0  # with return_logprobs: also the k most likely ids of each step and theirs (OpenAI's, <= 20)
+    # the log-probability of each prompt token after the first, given the ones before (vLLM's prompt_logprobs=0,
+    # TensorRT-LLM's context logits reduced): its prompt is computed in full, not taken from the prefix cache
+    prompt_logprobs: bool = False
     return_first_logits: bool = False  # debugging: the logits that chose the first new token
     # beam search (runtime/beam_search.py), transformers' num_beams, length_penalty and early_stopping (False, True
     # or "never"); n <= num_beams hypotheses come back, best first. Greedy only: no sampling, penalties or stop strings
@@ -115,7 +118,8 @@ class SamplingParams:
             ("presence_penalty", self.presence_penalty != 0), ("frequency_penalty", self.frequency_penalty != 0),
             ("logit_bias", bool(self.logit_bias)), ("min_tokens", self.min_tokens > 0), ("stop", bool(self.stop)),
             ("bad_words_ids", bool(self.bad_words_ids)),
-            ("return_logprobs", self.return_logprobs), ("return_first_logits", self.return_first_logits)) if on]
+            ("return_logprobs", self.return_logprobs), ("return_first_logits", self.return_first_logits),
+            ("prompt_logprobs", self.prompt_logprobs)) if on]
         if unsupported:
             raise DistLLMError(f"beam search (num_beams {self.num_beams}) is greedy and takes none of: "
                                f"{', '.join(unsupported)}; drop them or use num_beams 1")
@@ -162,6 +166,7 @@ class Sequence:
         self.stop_string: str | None = None  # the stop string that finished it (vLLM's stop_reason)
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []  # per output token: (id, log-prob), most likely first
+        self.prompt_logprobs: list[float] = []  # with params.prompt_logprobs: of prompt tokens 1, 2, ... so far
         self.first_logits = None
         self.num_preemptions = 0
         self.arrival_time = time.perf_counter()
@@ -193,6 +198,11 @@ class Sequence:
     def num_sampled(self) -> int:
         """Generated tokens, those still in flight included (what the scheduler plans with)."""
         return len(self.token_ids) - self.prompt_len
+
+    @property
+    def reuses_prefix(self) -> bool:
+        """Whether the prefix cache may serve its prompt (not when the prompt's log-probabilities are asked for)."""
+        return not self.params.prompt_logprobs
 
     @property
     def is_finished(self) -> bool:

@@ -261,6 +261,7 @@ class Worker:
         if not m.is_last_stage:
             self.send_to_next_stage(torch.stack(out))
             return None
+        extras = self.prompt_logprobs(plan, out)
         if plan.num_tokens == plan.seq_lens.shape[0]:  # one token a sequence: every row is a last token
             hidden = out  # (and a `DeferredNorm`, the folded final norm of one token, cannot be indexed)
         else:
@@ -269,14 +270,31 @@ class Worker:
         # next step only after this one is done (a gap on the GPU after every eager step)
         params = {f: None if getattr(plan, f) is None else getattr(plan, f).to(dev, non_blocking=True)
                   for f in SAMPLING_FIELDS}
-        return self.sample_and_return(plan, hidden, params)
+        return self.sample_and_return(plan, hidden, params, extras)
 
-    def sample_and_return(self, plan: StepPlan, hidden: torch.Tensor, params: dict) -> StepResult:
+    def prompt_logprobs(self, plan: StepPlan, out) -> dict[str, torch.Tensor] | None:
+        """{"prompt_logprobs": fp32 [P]}: at each of the plan's prompt_logprob_index rows of the forward's output,
+        the log-probability of its target token; the LM head runs over 256 rows at a time (a long prompt's
+        [T, V] logits would not fit). None when the plan asks for none."""
+        if plan.prompt_logprob_index is None:
+            return None
+        dev = self.device
+        index, targets = plan.prompt_logprob_index.to(dev), plan.prompt_logprob_targets.to(dev)
+        hidden = out if plan.num_tokens == 1 else out[index]  # (one token: a folded norm, not indexable)
+        values = []
+        for i in range(0, targets.shape[0], 256):
+            h = hidden if plan.num_tokens == 1 else hidden[i : i + 256]
+            logp = torch.log_softmax(self.model.compute_logits(h).float(), dim=-1)
+            values.append(logp.gather(1, targets[i : i + 256, None]).squeeze(1))
+        return {"prompt_logprobs": torch.cat(values)}
+
+    def sample_and_return(self, plan: StepPlan, hidden: torch.Tensor, params: dict,
+                          extras: dict | None = None) -> StepResult:  # fmt: skip
         """The LM head over `hidden` (each sequence's last token), sampling with `params` ({SAMPLING_FIELDS name:
         its rows on the device}), and the ids (and logits or log-probabilities if the plan asks) on their way."""
-        return self.sample_logits(plan, self.model.compute_logits(hidden), params)
+        return self.sample_logits(plan, self.model.compute_logits(hidden), params, extras)
 
-    def sample_logits(self, plan: StepPlan, logits: torch.Tensor, params) -> StepResult:
+    def sample_logits(self, plan: StepPlan, logits: torch.Tensor, params, extras: dict | None = None) -> StepResult:
         """`sample_and_return` from the logits [B, V] (the model's dtype: the samplers read them as fp32), which
         are left as they are."""
         processed = logits
@@ -284,7 +302,7 @@ class Worker:
             li = plan.logits_inputs.to(self.device)
             processed = apply_logits_processing(logits, li, self.sampled, self.ops.fill_pending)
         tokens = self.ops.sample(processed, **params, mode=plan.sampling_mode, out=self.sampled[: logits.shape[0]])
-        extras = {}
+        extras = dict(extras or {})
         if plan.return_logprobs:  # on their way with the ids: no wait here, so overlap scheduling goes on
             logp = torch.log_softmax(logits.float(), dim=-1)
             extras["logprobs"] = logp.gather(1, tokens[:, None]).squeeze(1)
