@@ -53,8 +53,6 @@ class InFlight:
     result: StepResult | None  # None: it comes from the sampler rank
     computed: list[int]  # each request's num_computed_tokens once this step is done
     token_index: list[int | None]  # where each request's sampled token goes in token_ids (None: no sample)
-    # prompt log-probabilities: (row, position of its first target token, how many), in the plan's order
-    prompt_spans: list[tuple[int, int, int]]
 
 
 class Executor:
@@ -166,6 +164,12 @@ class Executor:
             rows.append(table + [0] * (max_blocks - len(table)))
         params = [s.params for s in batch.seqs]
         min_p = [p.min_p for p in params]
+        index, targets = [], []
+        if any(p.prompt_logprobs for p in params):
+            starts = [s.num_computed_tokens for s in batch.seqs]
+            for row, first, count in prompt_logprob_spans(batch.seqs, starts, batch.num_new_tokens):
+                index += range(cu[row], cu[row] + count)  # the chunk's tokens at positions first - 1, ...
+                targets += batch.seqs[row].token_ids[first : first + count]
         return StepPlan(
             input_ids=torch.tensor(ids, dtype=torch.int64),
             positions=torch.tensor(pos, dtype=torch.int64),
@@ -185,6 +189,8 @@ class Executor:
             return_logprobs=any(p.return_logprobs for p in params),
             top_logprobs=max(p.top_logprobs for p in params),
             min_p=torch.tensor(min_p, dtype=torch.float32) if any(min_p) else None,
+            prompt_logprob_index=torch.tensor(index, dtype=torch.int64) if index else None,
+            prompt_logprob_targets=torch.tensor(targets, dtype=torch.int64) if index else None,
             prev_index=None if prev is None else torch.tensor(prev, dtype=torch.int64),
             # the scheduler lists rows of one query token first
             num_decode_rows=next((i for i, n in enumerate(batch.num_new_tokens) if n != 1), len(batch))
@@ -195,7 +201,6 @@ class Executor:
 
     def _launch(self, batch: ScheduledBatch) -> None:
         plan = self._plan(batch)
-        spans = self._prompt_logprob_rows(batch, plan)
         comm.broadcast_object(plan)
         result = self.worker.execute(plan)  # the result itself when rank 0 is also the last stage
         computed, token_index = [], []
@@ -210,26 +215,8 @@ class Executor:
             else:  # a prefill chunk that does not reach the end yet: its sample is not used
                 token_index.append(None)
         self.launches += 1
-        self.inflight.append(InFlight(batch, result, computed, token_index, spans))
+        self.inflight.append(InFlight(batch, result, computed, token_index))
         self.max_inflight_seen = max(self.max_inflight_seen, len(self.inflight))
-
-    @staticmethod
-    def _prompt_logprob_rows(batch: ScheduledBatch, plan: StepPlan) -> list[tuple[int, int, int]]:
-        """Fill the plan's prompt_logprob_index and _targets: within each chunk of a request that asks, the token
-        at position p predicts prompt token p + 1. Returns (row, first target position, count) per such row."""
-        index, targets, spans, offset = [], [], [], 0
-        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start = seq.num_computed_tokens
-            last = min(start + n, seq.prompt_len - 1)  # the last position whose next token is a prompt token
-            if seq.params.prompt_logprobs and last > start:
-                index += range(offset, offset + last - start)
-                targets += seq.token_ids[start + 1 : last + 1]
-                spans.append((row, start + 1, last - start))
-            offset += n
-        if spans:
-            plan.prompt_logprob_index = torch.tensor(index, dtype=torch.int64)
-            plan.prompt_logprob_targets = torch.tensor(targets, dtype=torch.int64)
-        return spans
 
     def step(self) -> list[TokenEvent]:
         """Launch steps until `depth` are in flight, then complete the oldest one."""
@@ -270,7 +257,7 @@ class Executor:
         top = None
         if result.top_logprobs is not None:
             top = list(zip(result.top_logprob_ids.tolist(), result.top_logprobs.tolist()))
-        if done.prompt_spans:
+        if result.prompt_logprobs is not None:
             self._take_prompt_logprobs(done, result.prompt_logprobs.tolist())
         for i, seq in enumerate(done.batch.seqs):
             if seq.is_finished:  # cancelled or stopped while this step was in flight
@@ -306,8 +293,10 @@ class Executor:
     def _take_prompt_logprobs(done: InFlight, values: list[float]) -> None:
         """Append each row's prompt log-probabilities in position order (a recomputation after preemption
         computes them again: those already taken are skipped)."""
+        counts = done.batch.num_new_tokens
+        starts = [c - n for c, n in zip(done.computed, counts)]  # each row's num_computed_tokens at launch
         at = 0
-        for row, first, count in done.prompt_spans:
+        for row, first, count in prompt_logprob_spans(done.batch.seqs, starts, counts):
             seq = done.batch.seqs[row]
             for pos in range(first, first + count):
                 if pos == len(seq.prompt_logprobs) + 1:
@@ -357,6 +346,18 @@ class Executor:
         comm.broadcast_object(SHUTDOWN)
         comm.flush_broadcasts()
         comm.barrier()
+
+
+def prompt_logprob_spans(seqs: list[Sequence], starts: list[int], counts: list[int]) -> list[tuple[int, int, int]]:
+    """For each row of a step whose request asks for prompt log-probabilities: (row, position of the first prompt
+    token its chunk predicts, how many). The token at position p predicts prompt token p + 1, so a chunk of
+    positions [start, start + n) predicts tokens start + 1 .. min(start + n, prompt_len - 1)."""
+    spans = []
+    for row, (seq, start, n) in enumerate(zip(seqs, starts, counts)):
+        last = min(start + n, seq.prompt_len - 1)
+        if seq.params.prompt_logprobs and last > start:
+            spans.append((row, start + 1, last - start))
+    return spans
 
 
 def sampling_mode(params) -> str:
