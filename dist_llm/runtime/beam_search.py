@@ -31,6 +31,7 @@ class Hypothesis:
     tokens: list[int]  # generated tokens (a final EOS included)
     score: float  # sum of log-probabilities / len(tokens) ** length_penalty
     finished: bool  # ended by a stop (EOS or max_new_tokens), not a placeholder
+    stopped: bool = False  # its last token is an EOS id (finish reason "stop", not "length")
 
 
 class BeamSearch:
@@ -40,7 +41,7 @@ class BeamSearch:
     def __init__(self, num_beams: int, eos_ids: set[int], max_new_tokens: int, length_penalty: float = 1.0,
                  early_stopping: bool | str = False):  # fmt: skip
         self.width, self.eos = num_beams, set(eos_ids)
-        self.k = max(2, 1 + len(self.eos)) * num_beams
+        self.k = candidates_per_step(num_beams, self.eos)
         self.max_new, self.length_penalty, self.early_stopping = max_new_tokens, length_penalty, early_stopping
         self.beams: list[list[int]] = [[]]  # one running beam at first: transformers' others start at -1e9
         self.scores = torch.zeros(1, dtype=torch.float32)
@@ -73,9 +74,11 @@ class BeamSearch:
             scored = scored + NEG
         scored = scored + (~done_now).float() * NEG
         merged = torch.cat((self.finished_scores, scored))
-        pool = self.finished + [Hypothesis(c, 0.0, bool(d)) for c, d in zip(candidates, done_now.tolist())]
+        pool = self.finished + [Hypothesis(c, 0.0, bool(d), c[-1] in self.eos)
+                                for c, d in zip(candidates, done_now.tolist())]
         best = torch.topk(merged, w).indices.tolist()
-        self.finished = [Hypothesis(pool[i].tokens, float(merged[i]), pool[i].finished) for i in best]
+        self.finished = [Hypothesis(pool[i].tokens, float(merged[i]), pool[i].finished, pool[i].stopped)
+                         for i in best]
         self.finished_scores = merged[best]
         self.beams, self.scores = [candidates[i] for i in keep], running[keep]
         self.generated += 1
@@ -95,9 +98,14 @@ class BeamSearch:
         return self.finished[:n]
 
 
+def candidates_per_step(num_beams: int, eos_ids: set[int]) -> int:
+    """transformers' K: enough continuations that num_beams are left running after every EOS among them."""
+    return max(2, 1 + len(eos_ids)) * num_beams
+
+
 def check_beam_params(params: SamplingParams, eos_ids: set[int]) -> int:
     """K, the candidates a step needs per beam; a clear error where the search cannot take the settings."""
-    k = max(2, 1 + len(eos_ids)) * params.num_beams
+    k = candidates_per_step(params.num_beams, eos_ids)
     if k > MAX_TOP_LOGPROBS:
         raise DistLLMError(
             f"num_beams {params.num_beams} with {len(eos_ids)} EOS ids needs the {k} most likely tokens a step; "
@@ -111,7 +119,7 @@ def run_beam_search(executor, prompts: list[list[int]], params: SamplingParams,
     refused it. Every step of every beam is one request (see the module docstring), with the prompt's priority;
     other requests already in the executor run on beside them."""
     priorities = priorities or [0] * len(prompts)
-    eos = executor.stop_token_ids(Sequence([0], params))  # EOS or end_id, and stop_token_ids (unless ignore_eos)
+    eos = executor.stop_token_ids(params)  # EOS or end_id, and stop_token_ids (unless ignore_eos)
     k = check_beam_params(params, eos)
     searches: list[BeamSearch | str] = []
     for prompt in prompts:

@@ -33,7 +33,7 @@ from dist_llm.runtime.detokenizer import stop_string_at
 from dist_llm.runtime.logits_processing import build_logits_inputs
 from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult, mixed_decode_split
 from dist_llm.runtime.scheduler import ScheduledBatch, Scheduler
-from dist_llm.runtime.sequence import PENDING, Sequence
+from dist_llm.runtime.sequence import PENDING, SamplingParams, Sequence
 from dist_llm.runtime.worker import Worker
 
 
@@ -307,9 +307,9 @@ class Executor:
         """EOS for a request: the engine's, or its end_id (-1: none)."""
         return self.eos_ids if p.end_id is None else ({p.end_id} if p.end_id >= 0 else set())
 
-    def stop_token_ids(self, seq: Sequence) -> set[int]:
-        """The token ids that end `seq`: its stop_token_ids, and EOS unless ignore_eos (_stop_reason's test)."""
-        p = seq.params
+    def stop_token_ids(self, p: SamplingParams) -> set[int]:
+        """The token ids that end a request with these settings: its stop_token_ids, and EOS unless ignore_eos
+        (_stop_reason's test)."""
         return set(p.stop_token_ids) | (set() if p.ignore_eos else self._eos_ids(p))
 
     def _stop_reason(self, seq: Sequence, idx: int) -> str | None:

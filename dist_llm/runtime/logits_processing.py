@@ -66,7 +66,7 @@ class LogitsInputs:
 
 def build_logits_inputs(seqs: list[Sequence], num_new_tokens: list[int], stop_ids) -> LogitsInputs | None:
     """The step's rows, as the coordinator plans them (before their num_computed_tokens moves on); a PENDING last
-    token is sampled by the previous step, at the row `seq.feed` names. `stop_ids(seq)`: the token ids that would
+    token is sampled by the previous step, at the row `seq.feed` names. `stop_ids(params)`: the token ids that would
     stop it. None when no row that samples needs any processing."""
     ends = [seq.num_computed_tokens + n for seq, n in zip(seqs, num_new_tokens)]
     if not any(_needs(seq, end) for seq, end in zip(seqs, ends)):
@@ -91,7 +91,7 @@ def build_logits_inputs(seqs: list[Sequence], num_new_tokens: list[int], stop_id
         for t, value in p.logit_bias.items():
             bias(r, t, value)
         if end - seq.prompt_len < p.min_tokens:  # the token sampled now would be output number end - prompt_len
-            for t in sorted(stop_ids(seq)):
+            for t in sorted(stop_ids(p)):
                 bias(r, t, float("-inf"))
         for word in p.bad_words_ids:
             _ban_bad_word(seq, end, word, lambda t, feed=-1, cond=0, r=r: bias(r, t, float("-inf"), feed, cond))

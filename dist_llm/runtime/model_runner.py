@@ -263,7 +263,6 @@ class ModelRunner:
     def _beam_search(self, input_texts, batch_input_ids, params: SamplingParams, priority) -> list[GenerationOutput]:
         texts, prompts = self._prompts(input_texts, batch_input_ids)
         priorities = self._priorities(priority, len(prompts))
-        eos = self.executor.stop_token_ids(Sequence([0], params))
         outputs = []
         for i, (prompt, found) in enumerate(zip(prompts, run_beam_search(self.executor, prompts, params, priorities))):
             if isinstance(found, str):
@@ -275,7 +274,7 @@ class ModelRunner:
                     seq.finish_reason, seq.error = "rejected", found
                 else:
                     seq.token_ids += found[j].tokens
-                    seq.stopped_on_token = bool(found[j].tokens) and found[j].tokens[-1] in eos
+                    seq.stopped_on_token = found[j].stopped
                     seq.finish_reason = "stop" if seq.stopped_on_token else "length"
                 out = self._output(seq, texts[i] if texts else None)
                 out.score = None if isinstance(found, str) else found[j].score
