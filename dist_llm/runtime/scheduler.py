@@ -77,7 +77,7 @@ class Scheduler:
     def _queue(self, seq: Sequence, front: bool) -> None:
         """Into the waiting queue: by rank under the "priority" policy; else at the back, or the front (preempted)."""
         if self.by_priority:
-            self.waiting.insert(bisect.bisect(list(map(self._rank, self.waiting)), self._rank(seq)), seq)
+            self.waiting.insert(bisect.bisect(self.waiting, self._rank(seq), key=self._rank), seq)
         elif front:
             self.waiting.appendleft(seq)
         else:
