@@ -134,8 +134,10 @@ def sample(
     """
     assert logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}"
     bsz, vocab = logits.shape
-    for name, t in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
-                    ("offsets", offsets), ("min_p", temperature if min_p is None else min_p)):  # fmt: skip
+    rows = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seeds": seeds, "offsets": offsets}
+    if min_p is not None:
+        rows["min_p"] = min_p
+    for name, t in rows.items():
         assert t.shape == (bsz,), f"{name} must be [{bsz}], got {tuple(t.shape)}"
         assert t.device == logits.device, f"{name} is on {t.device}, logits on {logits.device}"
     if mode == "greedy":

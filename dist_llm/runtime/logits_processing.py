@@ -94,7 +94,9 @@ def build_logits_inputs(seqs: list[Sequence], num_new_tokens: list[int], stop_id
             for t in sorted(stop_ids(p)):
                 bias(r, t, float("-inf"))
         for word in p.bad_words_ids:
-            _ban_bad_word(seq, end, word, lambda t, feed=-1, cond=0, r=r: bias(r, t, float("-inf"), feed, cond))
+            ban = _bad_word_ban(seq, end, word)
+            if ban is not None:
+                bias(r, ban[0], float("-inf"), *ban[1:])
         if p.uses_penalties:
             penalties[r] = [p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
             seen += seq.token_ids[:end]
@@ -120,22 +122,20 @@ def build_logits_inputs(seqs: list[Sequence], num_new_tokens: list[int], stop_id
     )
 
 
-def _ban_bad_word(seq: Sequence, end: int, word: list[int], ban) -> None:
-    """Ban `word`'s last token when the tokens before it end the sequence's first `end` tokens (transformers'
-    NoBadWordsLogitsProcessor: the prompt counts). A PENDING last token is not known yet: the ban is then made
-    conditional on it (`ban(token, feed row, required token)`)."""
+def _bad_word_ban(seq: Sequence, end: int, word: list[int]) -> tuple[int, int, int] | None:
+    """(token to ban, feed row, required token) when the tokens before `word`'s last end the sequence's first
+    `end` tokens (transformers' NoBadWordsLogitsProcessor: the prompt counts), else None. Feed row -1: the ban is
+    unconditional; else the sequence's last token is PENDING, and the ban holds if the previous step's row
+    `feed` samples the required token."""
     k = len(word) - 1
     if k == 0:
-        ban(word[0])
-        return
+        return word[0], -1, 0
     if end < k:
-        return
+        return None
     tail = seq.token_ids[end - k : end]
     if tail[-1] == PENDING:
-        if tail[:-1] == word[: k - 1]:
-            ban(word[-1], seq.feed[1], word[k - 1])
-    elif tail == word[:k]:
-        ban(word[-1])
+        return (word[-1], seq.feed[1], word[k - 1]) if tail[:-1] == word[: k - 1] else None
+    return (word[-1], -1, 0) if tail == word[:k] else None
 
 
 def _needs(seq: Sequence, end: int) -> bool:

@@ -280,12 +280,12 @@ class Worker:
             return None
         dev = self.device
         index, targets = plan.prompt_logprob_index.to(dev), plan.prompt_logprob_targets.to(dev)
-        hidden = out if plan.num_tokens == 1 else out[index]  # (one token: a folded norm, not indexable)
+        # (one token: a folded norm, which cannot be indexed, and one target at most)
+        chunks = [out] if plan.num_tokens == 1 else [out[index[i : i + 256]] for i in range(0, len(index), 256)]
         values = []
-        for i in range(0, targets.shape[0], 256):
-            h = hidden if plan.num_tokens == 1 else hidden[i : i + 256]
-            logp = torch.log_softmax(self.model.compute_logits(h).float(), dim=-1)
-            values.append(logp.gather(1, targets[i : i + 256, None]).squeeze(1))
+        for i, hidden in enumerate(chunks):
+            logp = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
+            values.append(logp.gather(1, targets[i * 256 : (i + 1) * 256, None]).squeeze(1))
         return {"prompt_logprobs": torch.cat(values)}
 
     def sample_and_return(self, plan: StepPlan, hidden: torch.Tensor, params: dict,
