@@ -185,11 +185,8 @@ class ModelRunner:
                                f"got {priority!r}")
         return priorities
 
-    def _submit(self, input_texts, batch_input_ids, max_new_tokens: int, sampling: dict, priority=0):
+    def _submit(self, input_texts, batch_input_ids, params: SamplingParams, priority=0):
         input_texts, prompts = self._prompts(input_texts, batch_input_ids)
-        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
-        if params.num_beams > 1:
-            raise DistLLMError("streaming takes no beam search (num_beams > 1): use generate")
         priorities = self._priorities(priority, len(prompts))
         # prompt by prompt, n sequences each
         seqs = [s for p, prio in zip(prompts, priorities) for s in fan_out(p, params, prio)]
@@ -225,14 +222,13 @@ class ModelRunner:
         """
         if not self.is_leader:
             return None
-        if sampling.get("num_beams", 1) > 1:
-            return self._beam_search(input_texts, batch_input_ids, SamplingParams(max_new_tokens=max_new_tokens,
-                                                                                  **sampling), priority)
-        texts, seqs = self._submit(input_texts, batch_input_ids, max_new_tokens, sampling, priority)
+        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+        if params.num_beams > 1:
+            return self._beam_search(input_texts, batch_input_ids, params, priority)
+        texts, seqs = self._submit(input_texts, batch_input_ids, params, priority)
         while any(not s.is_finished for s in seqs):
             self.executor.step()
-        n = seqs[0].params.n if seqs else 1
-        return [self._output(s, texts[i // n] if texts else None) for i, s in enumerate(seqs)]
+        return [self._output(s, texts[i // params.n] if texts else None) for i, s in enumerate(seqs)]
 
     def generate_stream(self, input_texts: list[str] | None = None, batch_input_ids=None, max_new_tokens: int = 16,
                         priority: int | list[int] = 0, **sampling) -> Iterator[StreamChunk]:
@@ -240,9 +236,11 @@ class ModelRunner:
         text it adds (`StreamChunk.text`)."""
         if not self.is_leader:
             return
-        texts, seqs = self._submit(input_texts, batch_input_ids, max_new_tokens, sampling, priority)
-        n = seqs[0].params.n if seqs else 1
-        index = {s.request_id: i // n for i, s in enumerate(seqs)}
+        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+        if params.num_beams > 1:
+            raise DistLLMError("streaming takes no beam search (num_beams > 1): use generate")
+        texts, seqs = self._submit(input_texts, batch_input_ids, params, priority)
+        index = {s.request_id: i // params.n for i, s in enumerate(seqs)}
         for s in seqs:
             if s.finish_reason == "rejected":
                 yield StreamChunk(index[s.request_id], s.request_id, [], True, "rejected", s.sequence_index)
