@@ -100,7 +100,8 @@ class Scheduler:
         """Whether `seq` (sequence j > 0 of a prompt sampled n times) should wait until sequence 0 has computed
         the prompt, so that the prefix cache serves it the prompt's full blocks instead of computing them again."""
         src = seq.prefix_source
-        return (src is not None and self.bm.enable_prefix_caching and not src.is_finished and src.num_generated == 0
+        return (src is not None and self.bm.enable_prefix_caching and seq.reuses_prefix and not src.is_finished
+                and src.num_generated == 0  # (nothing to wait for when the cache will not serve it, below)
                 and seq.prompt_len > self.bm.block_size)  # (a prompt of one partial block has nothing to share)
 
     def _preempt(self, seq: Sequence) -> None:
