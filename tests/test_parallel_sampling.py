@@ -135,3 +135,12 @@ def test_cli_num_return_sequences_under_mpirun(tiny_engine_tp2, tmp_path):
         (PROMPTS[0], 0), (PROMPTS[0], 1), (PROMPTS[1], 0), (PROMPTS[1], 1)]
     assert [o["output_token_ids"] for o in runs["n2"][1::2]] == [o["output_token_ids"] for o in runs["s8"]]
     assert runs["n2"][0]["output_token_ids"] != runs["n2"][1]["output_token_ids"]
+
+
+def test_sequences_that_the_cache_will_not_serve_do_not_wait():
+    """With prompt_logprobs every sequence computes the prompt itself, so waiting for sequence 0 gains nothing."""
+    sched = Scheduler(BlockManager(64, 4), max_batch_size=8, max_num_tokens=64)
+    group = fan_out(list(range(1, 11)), SamplingParams(max_new_tokens=4, n=3, prompt_logprobs=True))
+    for seq in group:
+        sched.add(seq)
+    assert sched.schedule().seqs == group
