@@ -80,6 +80,12 @@ def parse_args(argv=None):
                    "admit a request only if it and every running request can reach max_new_tokens")
     p.add_argument("--scheduling_policy", default="fcfs", choices=["fcfs", "priority"],
                    help="fcfs: arrival order; priority: --input_file JSONL's 'priority' field, lower first")
+    p.add_argument("--log_stats_interval", type=float, default=0.0,
+                   help="log throughput, running/waiting requests, KV cache usage and prefix-cache hit rate every "
+                   "this many seconds (0, the default: off)")
+    p.add_argument("--output_metrics", action="store_true",
+                   help="in --output_json, each output's timeline: arrival, first scheduled, first token, finished, "
+                   "time in queue, TTFT, TPOT, latency")
     p.add_argument("--quiet", action="store_true", help="do not print the outputs")
     return p.parse_args(argv)
 
@@ -160,6 +166,7 @@ def main(argv=None):
         cuda_graphs="off" if args.enforce_eager else args.cuda_graphs, overlap=not args.disable_overlap_scheduler,
         capacity_scheduler_policy=args.capacity_scheduler_policy, kv_cache_dtype=args.kv_cache_dtype,
         piecewise_graph_max_tokens=args.piecewise_graph_max_tokens, scheduling_policy=args.scheduling_policy,
+        log_stats_interval=args.log_stats_interval,
     )
     if not runner.is_leader:
         return
@@ -178,7 +185,7 @@ def main(argv=None):
             print(f"[{tag}] output: {o.output_text!r}\n[{tag}] tokens: {o.output_token_ids} ({o.finish_reason})")
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump([o.to_json() for o in outputs], f, indent=2)
+            json.dump([o.to_json(metrics=args.output_metrics) for o in outputs], f, indent=2)
     if args.output_first_logits:
         import torch
 

@@ -69,6 +69,8 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # LRU first
         self._seqs: dict[int, _SeqState] = {}
+        # the prefix cache's record (runtime/stats.py): full blocks found / not found, prompt tokens looked up / found
+        self.reused_blocks = self.missed_blocks = self.queried_tokens = self.hit_tokens = 0
 
     @property
     def num_blocks(self) -> int:
@@ -82,6 +84,11 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         """Blocks that can be handed out now: free ones plus evictable cached ones."""
         return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks referenced by at least one sequence."""
+        return self._num_blocks - self.num_free_blocks
 
     @property
     def num_cached_blocks(self) -> int:
@@ -143,6 +150,11 @@ class BlockManager:
         seq.block_table = table
         seq.num_cached_tokens = len(hits) * self._block_size
         self._seqs[id(seq)] = _SeqState(seq, len(hits), hits[-1][0] if hits else None)
+        if self.enable_prefix_caching and getattr(seq, "reuses_prefix", True):
+            self.reused_blocks += len(hits)
+            self.missed_blocks += (len(seq.token_ids) - 1) // self._block_size - len(hits)
+            self.queried_tokens += len(seq.token_ids)
+            self.hit_tokens += seq.num_cached_tokens
 
     def _take_block(self) -> int:
         if self._free:

@@ -34,6 +34,7 @@ from dist_llm.runtime.logits_processing import build_logits_inputs
 from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult, mixed_decode_split
 from dist_llm.runtime.scheduler import ScheduledBatch, Scheduler
 from dist_llm.runtime.sequence import PENDING, SamplingParams, Sequence
+from dist_llm.runtime.stats import IterationStats, KvCacheStats, RequestMetrics, StatsLogger, WallClock
 from dist_llm.runtime.worker import Worker
 
 
@@ -53,12 +54,16 @@ class InFlight:
     result: StepResult | None  # None: it comes from the sampler rank
     computed: list[int]  # each request's num_computed_tokens once this step is done
     token_index: list[int | None]  # where each request's sampled token goes in token_ids (None: no sample)
+    launch_time: float = 0.0
+    context_rows: int = 0  # rows computing prompt tokens (prefill chunks, recomputations), and their tokens
+    context_tokens: int = 0
 
 
 class Executor:
     def __init__(self, worker: Worker, engine: EngineConfig, num_blocks: int, tokenizer=None,
                  overlap: bool = True, capacity_scheduler_policy: str = "max_utilization",
-                 scheduling_policy: str = "fcfs"):  # fmt: skip
+                 scheduling_policy: str = "fcfs", log_stats_interval: float = 0.0):  # fmt: skip
+        """`log_stats_interval`: seconds between vLLM-style stats lines while there is work (0: none)."""
         self.worker, self.engine, self.tokenizer = worker, engine, tokenizer
         b = engine.build
         self.block_manager = BlockManager(num_blocks, b.tokens_per_block)
@@ -80,6 +85,18 @@ class Executor:
         # set to a list to record (completion time, prefill tokens, decode rows) per completed step: benchmarks
         # split a run's time between prefill-carrying and decode-only steps with it
         self.step_log: list[tuple[float, int, int]] | None = None
+        # runtime/stats.py: totals since start-up and the last completed step
+        self.prompt_tokens = self.generation_tokens = self.num_finished = 0
+        self.last_step: InFlight | None = None
+        self.last_step_latency = 0.0
+        self.stats_logger = StatsLogger(log_stats_interval) if log_stats_interval > 0 else None
+        self.wall_clock = WallClock()
+
+    def request_metrics(self, seq: Sequence) -> RequestMetrics:
+        """A request's timeline in wall-clock time (runtime/stats.py)."""
+        wall = self.wall_clock
+        return RequestMetrics(wall(seq.arrival_time), wall(seq.first_scheduled_time), wall(seq.first_token_time),
+                              wall(seq.finished_time), seq.num_preemptions, seq.num_generated)
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -203,8 +220,10 @@ class Executor:
         plan = self._plan(batch)
         comm.broadcast_object(plan)
         result = self.worker.execute(plan)  # the result itself when rank 0 is also the last stage
-        computed, token_index = [], []
+        computed, token_index, context_rows, context_tokens = [], [], 0, 0
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if n > 1 or seq.num_computed_tokens < seq.prompt_len:  # (a decode row: one token after the prompt)
+                context_rows, context_tokens = context_rows + 1, context_tokens + n
             seq.num_computed_tokens += n
             computed.append(seq.num_computed_tokens)
             if seq.num_computed_tokens == len(seq):  # this step samples the request's next token
@@ -215,7 +234,8 @@ class Executor:
             else:  # a prefill chunk that does not reach the end yet: its sample is not used
                 token_index.append(None)
         self.launches += 1
-        self.inflight.append(InFlight(batch, result, computed, token_index))
+        self.inflight.append(InFlight(batch, result, computed, token_index, time.perf_counter(), context_rows,
+                                      context_tokens))
         self.max_inflight_seen = max(self.max_inflight_seen, len(self.inflight))
 
     def step(self) -> list[TokenEvent]:
@@ -245,9 +265,36 @@ class Executor:
             decode_rows = done.batch.num_new_tokens.count(1)  # a one-token prefill chunk costs what a decode row does
             self.step_log.append((t1, sum(done.batch.num_new_tokens) - decode_rows, decode_rows))
         events = self._complete(done, result)
+        self.last_step, self.last_step_latency = done, t1 - done.launch_time
+        self.prompt_tokens += done.context_tokens
+        self.generation_tokens += len(events)
+        self.num_finished += sum(ev.finished for ev in events)  # (stopped or at their length; not cancelled)
         t["wait"] += t1 - t0
         t["complete"] += clock() - t1
+        if self.stats_logger is not None:
+            self.stats_logger.maybe_log(self.stats, force=not self.has_unfinished())
         return events
+
+    def stats(self) -> IterationStats:
+        """The scheduler, the KV pool and the last completed step now (runtime/stats.py)."""
+        bm, last = self.block_manager, self.last_step
+        rows = len(last.batch) if last else 0
+        return IterationStats(
+            iteration=self.steps, timestamp=time.time(),
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_in_flight_steps=len(self.inflight), num_scheduled_requests=rows,
+            num_context_requests=last.context_rows if last else 0,
+            num_context_tokens=last.context_tokens if last else 0,
+            num_generation_requests=rows - (last.context_rows if last else 0),
+            iter_latency_ms=1e3 * self.last_step_latency,
+            prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens,
+            num_finished=self.num_finished, num_preemptions=self.scheduler.num_preemptions,
+            kv=KvCacheStats(
+                max_num_blocks=bm.num_blocks, free_num_blocks=bm.num_free_blocks, used_num_blocks=bm.num_used_blocks,
+                tokens_per_block=bm.block_size, cached_num_blocks=bm.num_cached_blocks,
+                reused_blocks=bm.reused_blocks, missed_blocks=bm.missed_blocks,
+                prefix_queried_tokens=bm.queried_tokens, prefix_hit_tokens=bm.hit_tokens),
+        )
 
     def _complete(self, done: InFlight, result: StepResult) -> list[TokenEvent]:
         now = time.perf_counter()

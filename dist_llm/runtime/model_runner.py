@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ from dist_llm.runtime.piecewise_graphs import MIN_BUCKET
 from dist_llm.runtime.profile import run_compile_warmup
 from dist_llm.runtime.scheduler import POLICIES, SCHEDULING_POLICIES
 from dist_llm.runtime.sequence import SamplingParams, Sequence, Status, fan_out
+from dist_llm.runtime.stats import RequestMetrics
 from dist_llm.runtime.worker import Worker
 
 log = logging.getLogger("dist_llm")
@@ -58,8 +60,11 @@ class GenerationOutput:
     score: float | None = None  # beam search: sum of log-probabilities / length ** length_penalty
     # with prompt_logprobs: per prompt token, its log-probability given the ones before (None for the first: vLLM's)
     prompt_logprobs: list[float | None] | None = None
+    # its timeline: arrival, first scheduled, first token, finished (wall clock), time in queue, TTFT, TPOT, latency
+    metrics: RequestMetrics | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self, metrics: bool = False) -> dict:
+        """The output as JSON; `metrics`: with its timeline (`RequestMetrics.to_json`)."""
         out = {
             "input_text": self.input_text,
             "output_text": self.output_text,
@@ -74,6 +79,8 @@ class GenerationOutput:
             out["prompt_logprobs"] = self.prompt_logprobs
         if self.padded_output_token_ids is not None:
             out["padded_output_token_ids"] = self.padded_output_token_ids
+        if metrics and self.metrics is not None:
+            out["metrics"] = self.metrics.to_json()
         if self.logprobs:
             out["logprobs"] = self.logprobs
         if self.top_logprobs:
@@ -107,7 +114,8 @@ class ModelRunner:
                  kv_cache_free_gpu_mem_fraction: float = 0.9, num_kv_blocks: int | None = None,
                  cuda_graphs: str = "auto", overlap: bool = True,
                  capacity_scheduler_policy: str = "max_utilization", kv_cache_dtype: str = "auto",
-                 piecewise_graph_max_tokens: int = 512, scheduling_policy: str = "fcfs") -> ModelRunner:
+                 piecewise_graph_max_tokens: int = 512, scheduling_policy: str = "fcfs",
+                 log_stats_interval: float = 0.0) -> ModelRunner:
         """`cuda_graphs`: "on" (decode steps replayed from CUDA graphs: GPU, one rank or NCCL), "off" (eager),
         "auto" (on where it can be, else off) or "static" (the graphs' static-buffer path run eagerly, for
         testing on the CPU). `overlap`: schedule step N+1 while step N runs (one pipeline stage).
@@ -117,10 +125,14 @@ class ModelRunner:
         request preempted when blocks run out is the one of the highest value).
         `kv_cache_dtype`: "auto" (the model's dtype) or "fp8" (e4m3, scales 1.0: half the KV bytes).
         `piecewise_graph_max_tokens`: with graphs on (or static), prefill and mixed steps of up to this many tokens
-        replay graphs cut at attention (runtime/piecewise_graphs.py); 0: they run eagerly."""
+        replay graphs cut at attention (runtime/piecewise_graphs.py); 0: they run eagerly.
+        `log_stats_interval`: log throughput, queue, KV usage and prefix-hit figures every this many seconds while
+        there is work (vLLM's stats line; 0: never). `runner.executor.stats()` gives them at any time."""
         if piecewise_graph_max_tokens and piecewise_graph_max_tokens < MIN_BUCKET:
             raise DistLLMError(f"--piecewise_graph_max_tokens must be 0 (off) or at least {MIN_BUCKET}, got "
                                f"{piecewise_graph_max_tokens}")
+        if not log_stats_interval >= 0:
+            raise DistLLMError(f"--log_stats_interval must be >= 0 seconds (0: off), got {log_stats_interval}")
         if capacity_scheduler_policy not in POLICIES:
             raise DistLLMError(f"unknown --capacity_scheduler_policy {capacity_scheduler_policy!r}; "
                                f"choose one of {', '.join(POLICIES)}")
@@ -151,7 +163,8 @@ class ModelRunner:
             return cls(engine, None, None, is_leader=False)
         tokenizer = load_tokenizer(tokenizer_dir or engine_dir)
         executor = Executor(worker, engine, num_blocks, tokenizer, overlap=overlap,
-                            capacity_scheduler_policy=capacity_scheduler_policy, scheduling_policy=scheduling_policy)
+                            capacity_scheduler_policy=capacity_scheduler_policy, scheduling_policy=scheduling_policy,
+                            log_stats_interval=log_stats_interval)
         bs = engine.build.tokens_per_block
         log.info("KV cache: %d blocks of %d tokens = %d tokens in flight at most (%s)", num_blocks, bs,
                  num_blocks * bs, str(worker.kv_dtype).removeprefix("torch."))
@@ -195,6 +208,7 @@ class ModelRunner:
                 self.executor.enqueue(s)
             except DistLLMError as e:  # refused at admission; the others run on
                 s.status, s.finish_reason, s.error = Status.FINISHED, "rejected", str(e)
+                s.finished_time = time.perf_counter()
                 log.error("request %d rejected: %s", s.request_id, e)
         return input_texts, seqs
 
@@ -296,6 +310,9 @@ class ModelRunner:
             error=seq.error,
             sequence_index=seq.sequence_index if seq.params.n > 1 else None,
             prompt_logprobs=[None, *seq.prompt_logprobs] if seq.params.prompt_logprobs else None,
+            # (none for a beam search's hypotheses, which are not requests of their own)
+            metrics=None if seq.first_scheduled_time is None and seq.finish_reason != "rejected" else
+            self.executor.request_metrics(seq),
             padded_output_token_ids=None if seq.params.pad_id is None else
             seq.output_token_ids + [seq.params.pad_id] * (seq.params.max_new_tokens - seq.num_generated),
         )

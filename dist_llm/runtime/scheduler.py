@@ -25,6 +25,7 @@ request that is in flight (`protected`), nor one already taken into the batch be
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -173,6 +174,7 @@ class Scheduler:
             seq.num_computed_tokens = seq.num_cached_tokens
             if seq.num_preemptions == 0:
                 seq.reported_cached_tokens = seq.num_cached_tokens
+                seq.first_scheduled_time = time.perf_counter()
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(len(seq) - seq.num_computed_tokens, budget)
@@ -194,3 +196,4 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        seq.finished_time = time.perf_counter()

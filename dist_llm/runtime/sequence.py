@@ -170,7 +170,9 @@ class Sequence:
         self.first_logits = None
         self.num_preemptions = 0
         self.arrival_time = time.perf_counter()
+        self.first_scheduled_time: float | None = None  # first admission (perf_counter, like the other times)
         self.first_token_time: float | None = None
+        self.finished_time: float | None = None
         self.token_times: list[float] = []
         self.seed = params.seed
         self.feed: tuple[int, int] | None = None  # (launch number, row) that samples the newest PENDING token
