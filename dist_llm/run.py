@@ -80,6 +80,13 @@ def parse_args(argv=None):
                    "admit a request only if it and every running request can reach max_new_tokens")
     p.add_argument("--scheduling_policy", default="fcfs", choices=["fcfs", "priority"],
                    help="fcfs: arrival order; priority: --input_file JSONL's 'priority' field, lower first")
+    p.add_argument("--speculative_method", choices=["ngram"], default=None,
+                   help="speculative decoding for greedy requests: ngram drafts the tokens that followed the last "
+                   "occurrence of the newest n tokens, and one step checks them all (the same output; faster where "
+                   "the text repeats its context)")
+    p.add_argument("--num_speculative_tokens", type=int, default=4, help="the most draft tokens a step (1..16)")
+    p.add_argument("--prompt_lookup_min", type=int, default=1, help="ngram: the shortest suffix looked up")
+    p.add_argument("--prompt_lookup_max", type=int, default=4, help="ngram: the longest suffix looked up")
     p.add_argument("--log_stats_interval", type=float, default=0.0,
                    help="log throughput, running/waiting requests, KV cache usage and prefix-cache hit rate every "
                    "this many seconds (0, the default: off)")
@@ -157,6 +164,12 @@ def main(argv=None):
                                                                                             args.early_stopping),
     )
     SamplingParams(max_new_tokens=args.max_new_tokens, **sampling)  # the same: a bad value is named now
+    speculative = None
+    if args.speculative_method:
+        from dist_llm.runtime.speculative import SpeculativeConfig
+
+        speculative = SpeculativeConfig(args.speculative_method, args.num_speculative_tokens, args.prompt_lookup_min,
+                                        args.prompt_lookup_max)
     if texts is not None:
         check_tokenizer(args)
     runner = ModelRunner.from_dir(
@@ -166,7 +179,7 @@ def main(argv=None):
         cuda_graphs="off" if args.enforce_eager else args.cuda_graphs, overlap=not args.disable_overlap_scheduler,
         capacity_scheduler_policy=args.capacity_scheduler_policy, kv_cache_dtype=args.kv_cache_dtype,
         piecewise_graph_max_tokens=args.piecewise_graph_max_tokens, scheduling_policy=args.scheduling_policy,
-        log_stats_interval=args.log_stats_interval,
+        log_stats_interval=args.log_stats_interval, speculative_config=speculative,
     )
     if not runner.is_leader:
         return

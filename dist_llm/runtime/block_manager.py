@@ -190,6 +190,21 @@ class BlockManager:
             )
         seq.block_table.extend(self._take_block() for _ in range(need))
 
+    def trim(self, seq: SequenceLike) -> None:
+        """Give back the blocks beyond what `seq.token_ids` needs (after tokens were cut from its end: rejected
+        speculative drafts). The blocks given back are its newest, never hashed (commit covers computed tokens
+        only, and the caller commits only the kept ones), held by no other sequence."""
+        state = self._seqs.get(id(seq))
+        if state is None:
+            raise ValueError("trim: sequence is not allocated")
+        keep = self.blocks_needed(len(seq.token_ids))
+        for block in seq.block_table[keep:]:
+            assert self._ref[block] == 1 and self._hash_of[block] is None, "trim: a shared or hashed block"
+            self._ref[block] = 0
+            self._free.append(block)
+        del seq.block_table[keep:]
+        assert state.num_hashed <= keep, "trim: a hashed block would go"
+
     # ---- prefix cache ----------------------------------------------------------------------------
 
     def commit(self, seq: SequenceLike, num_computed_tokens: int) -> None:

@@ -91,7 +91,7 @@ class DecodeGraphRunner:
 
     def can_run(self, plan: StepPlan) -> bool:
         return (plan.is_decode and plan.batch_size <= self.max_bs and not plan.return_logits
-                and plan.prompt_logprob_index is None)
+                and plan.prompt_logprob_index is None and plan.sample_index is None)
 
     def _forward(self, bucket: int, mode: str) -> None:
         """The captured region: everything reads and writes the static buffers only."""

@@ -17,6 +17,7 @@ back, and is resolved, in launch order, by `_complete`.
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections import deque
@@ -34,6 +35,7 @@ from dist_llm.runtime.logits_processing import build_logits_inputs
 from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult, mixed_decode_split
 from dist_llm.runtime.scheduler import ScheduledBatch, Scheduler
 from dist_llm.runtime.sequence import PENDING, SamplingParams, Sequence
+from dist_llm.runtime.speculative import SpeculativeConfig, accept, can_draft, ngram_draft
 from dist_llm.runtime.stats import IterationStats, KvCacheStats, RequestMetrics, StatsLogger, WallClock
 from dist_llm.runtime.worker import Worker
 
@@ -54,6 +56,8 @@ class InFlight:
     result: StepResult | None  # None: it comes from the sampler rank
     computed: list[int]  # each request's num_computed_tokens once this step is done
     token_index: list[int | None]  # where each request's sampled token goes in token_ids (None: no sample)
+    sample_row: list[int] | None = None  # each row's (last) row of the sampled ids; None: row i's is i
+    drafts: list[int] | None = None  # each row's speculative draft tokens (runtime/speculative.py); None: none
     launch_time: float = 0.0
     context_rows: int = 0  # rows computing prompt tokens (prefill chunks, recomputations), and their tokens
     context_tokens: int = 0
@@ -62,13 +66,18 @@ class InFlight:
 class Executor:
     def __init__(self, worker: Worker, engine: EngineConfig, num_blocks: int, tokenizer=None,
                  overlap: bool = True, capacity_scheduler_policy: str = "max_utilization",
-                 scheduling_policy: str = "fcfs", log_stats_interval: float = 0.0):  # fmt: skip
-        """`log_stats_interval`: seconds between vLLM-style stats lines while there is work (0: none)."""
+                 scheduling_policy: str = "fcfs", log_stats_interval: float = 0.0,
+                 speculative: SpeculativeConfig | None = None):  # fmt: skip
+        """`log_stats_interval`: seconds between vLLM-style stats lines while there is work (0: none).
+        `speculative`: draft tokens by n-gram lookup for greedy requests (runtime/speculative.py); None: off."""
         self.worker, self.engine, self.tokenizer = worker, engine, tokenizer
         b = engine.build
         self.block_manager = BlockManager(num_blocks, b.tokens_per_block)
+        self.speculative = speculative
         self.scheduler = Scheduler(self.block_manager, b.max_batch_size, b.max_num_tokens,
-                                   capacity_scheduler_policy, b.max_seq_len, scheduling_policy)
+                                   capacity_scheduler_policy, b.max_seq_len, scheduling_policy,
+                                   propose=self._propose if speculative else None)
+        self.num_draft_tokens = self.num_accepted_tokens = 0  # speculative drafts proposed and accepted, in all
         self.requests: dict[int, Sequence] = {}  # unfinished requests only
         self.eos_ids = set(engine.model.eos_token_ids)
         self.decode_split = mixed_decode_split()
@@ -131,6 +140,13 @@ class Executor:
             if bad:  # (the logits processing indexes the vocabulary with them)
                 raise DistLLMError(f"{name} token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
+    def _propose(self, seq: Sequence) -> list[int]:
+        """Draft tokens for a decoding request (the scheduler's `propose`), by n-gram lookup in its tokens."""
+        c = self.speculative
+        if not can_draft(seq):
+            return []
+        return ngram_draft(seq.token_ids, c.num_speculative_tokens, c.prompt_lookup_min, c.prompt_lookup_max)
+
     def enqueue(self, seq: Sequence) -> int:
         self.check_admissible(seq)
         if seq.seed is None:
@@ -179,7 +195,15 @@ class Executor:
             seq_lens.append(end)
             cu.append(cu[-1] + n)
             rows.append(table + [0] * (max_blocks - len(table)))
-        params = [s.params for s in batch.seqs]
+        params, seqs, counts = [s.params for s in batch.seqs], batch.seqs, batch.num_new_tokens
+        sample_index = None
+        drafts = [s.num_drafts for s in batch.seqs]
+        if any(drafts):  # a drafting row samples at its last 1 + d tokens, every other row at its last one
+            sample_index = [cu[i + 1] - 1 - d + j for i, d in enumerate(drafts) for j in range(d + 1)]
+            params = [p for p, d in zip(params, drafts) for _ in range(d + 1)]
+            seqs = [s for s, d in zip(batch.seqs, drafts) for _ in range(d + 1)]
+            # (the logits processing's rows: a drafting request needs none, its extra rows end nowhere)
+            counts = [m for n, d in zip(counts, drafts) for m in [0] * d + [n]]
         min_p = [p.min_p for p in params]
         index, targets = [], []
         if any(p.prompt_logprobs for p in params):
@@ -199,10 +223,10 @@ class Executor:
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.int32),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
-            seeds=torch.tensor([s.seed for s in batch.seqs], dtype=torch.int64),
-            offsets=torch.tensor([s.num_sampled for s in batch.seqs], dtype=torch.int64),
+            seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64),
+            offsets=torch.tensor([s.num_sampled for s in seqs], dtype=torch.int64),
             sampling_mode=sampling_mode(params),
-            return_logits=any(p.return_first_logits and s.num_sampled == 0 for p, s in zip(params, batch.seqs)),
+            return_logits=any(p.return_first_logits and s.num_sampled == 0 for p, s in zip(params, seqs)),
             return_logprobs=any(p.return_logprobs for p in params),
             top_logprobs=max(p.top_logprobs for p in params),
             min_p=torch.tensor(min_p, dtype=torch.float32) if any(min_p) else None,
@@ -212,8 +236,9 @@ class Executor:
             # the scheduler lists rows of one query token first
             num_decode_rows=next((i for i, n in enumerate(batch.num_new_tokens) if n != 1), len(batch))
             if self.decode_split else 0,
-            logits_inputs=build_logits_inputs(batch.seqs, batch.num_new_tokens, self.stop_token_ids)
+            logits_inputs=build_logits_inputs(seqs, counts, self.stop_token_ids)
             if any(p.processes_logits for p in params) else None,
+            sample_index=None if sample_index is None else torch.tensor(sample_index, dtype=torch.int64),
         )
 
     def _launch(self, batch: ScheduledBatch) -> None:
@@ -221,7 +246,14 @@ class Executor:
         comm.broadcast_object(plan)
         result = self.worker.execute(plan)  # the result itself when rank 0 is also the last stage
         computed, token_index, context_rows, context_tokens = [], [], 0, 0
+        drafts = [s.num_drafts for s in batch.seqs] if plan.sample_index is not None else None
+        sample_row = list(itertools.accumulate(d + 1 for d in drafts)) if drafts else None
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if seq.num_drafts:  # the newest token and its drafts: what comes back is settled in _complete
+                seq.num_computed_tokens += n
+                computed.append(seq.num_computed_tokens)
+                token_index.append(None)
+                continue
             if n > 1 or seq.num_computed_tokens < seq.prompt_len:  # (a decode row: one token after the prompt)
                 context_rows, context_tokens = context_rows + 1, context_tokens + n
             seq.num_computed_tokens += n
@@ -230,12 +262,12 @@ class Executor:
                 token_index.append(len(seq))
                 seq.token_ids.append(PENDING)
                 seq.num_pending += 1
-                seq.feed = (self.launches, row)
+                seq.feed = (self.launches, row if sample_row is None else sample_row[row] - 1)
             else:  # a prefill chunk that does not reach the end yet: its sample is not used
                 token_index.append(None)
         self.launches += 1
-        self.inflight.append(InFlight(batch, result, computed, token_index, time.perf_counter(), context_rows,
-                                      context_tokens))
+        self.inflight.append(InFlight(batch, result, computed, token_index, sample_row and [r - 1 for r in sample_row],
+                                      drafts, time.perf_counter(), context_rows, context_tokens))
         self.max_inflight_seen = max(self.max_inflight_seen, len(self.inflight))
 
     def step(self) -> list[TokenEvent]:
@@ -244,7 +276,11 @@ class Executor:
         while len(self.inflight) < self.depth:
             t0 = clock()
             in_flight = {s.request_id for f in self.inflight for s in f.batch.seqs}
-            batch = self.scheduler.schedule(busy=set() if self.overlap else in_flight, protected=in_flight)
+            busy = in_flight
+            if self.overlap:  # requests that may draft wait for their step: what it accepts is their next input
+                busy = {s.request_id for f in self.inflight for s in f.batch.seqs if can_draft(s)} \
+                    if self.speculative else set()
+            batch = self.scheduler.schedule(busy=busy, protected=in_flight)
             t1 = clock()
             t["schedule"] += t1 - t0
             if not batch.seqs:
@@ -267,7 +303,7 @@ class Executor:
         events = self._complete(done, result)
         self.last_step, self.last_step_latency = done, t1 - done.launch_time
         self.prompt_tokens += done.context_tokens
-        self.generation_tokens += len(events)
+        self.generation_tokens += sum(len(ev.new_token_ids) for ev in events)
         self.num_finished += sum(ev.finished for ev in events)  # (stopped or at their length; not cancelled)
         t["wait"] += t1 - t0
         t["complete"] += clock() - t1
@@ -294,6 +330,7 @@ class Executor:
                 tokens_per_block=bm.block_size, cached_num_blocks=bm.num_cached_blocks,
                 reused_blocks=bm.reused_blocks, missed_blocks=bm.missed_blocks,
                 prefix_queried_tokens=bm.queried_tokens, prefix_hit_tokens=bm.hit_tokens),
+            num_draft_tokens=self.num_draft_tokens, num_accepted_tokens=self.num_accepted_tokens,
         )
 
     def _complete(self, done: InFlight, result: StepResult) -> list[TokenEvent]:
@@ -309,22 +346,26 @@ class Executor:
         for i, seq in enumerate(done.batch.seqs):
             if seq.is_finished:  # cancelled or stopped while this step was in flight
                 continue
+            r = i if done.sample_row is None else done.sample_row[i]  # its (last) row of the sampled ids
+            if done.drafts and done.drafts[i]:
+                events.append(self._settle_drafts(seq, done.drafts[i], tokens[r - done.drafts[i] : r + 1], now))
+                continue
             self.block_manager.commit(seq, done.computed[i])
             idx = done.token_index[i]
             if idx is None:
                 continue
-            token = tokens[i]
+            token = tokens[r]
             seq.token_ids[idx] = token
             seq.num_pending -= 1
             if seq.num_pending == 0:
                 seq.feed = None
             if result.logits is not None and idx == seq.prompt_len and seq.params.return_first_logits:
-                seq.first_logits = result.logits[i].clone()
+                seq.first_logits = result.logits[r].clone()
             if logprobs is not None and seq.params.return_logprobs:
-                seq.logprobs.append(logprobs[i])
+                seq.logprobs.append(logprobs[r])
                 if top is not None and seq.params.top_logprobs:
                     k = seq.params.top_logprobs
-                    seq.top_logprobs.append(list(zip(top[i][0][:k], top[i][1][:k])))
+                    seq.top_logprobs.append(list(zip(top[r][0][:k], top[r][1][:k])))
             seq.token_times.append(now)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -335,6 +376,34 @@ class Executor:
                 del self.requests[seq.request_id]
             events.append(TokenEvent(seq.request_id, [token], reason is not None, reason))
         return events
+
+    def _settle_drafts(self, seq: Sequence, num_drafts: int, sampled: list[int], now: float) -> TokenEvent:
+        """A drafting request's step is back (runtime/speculative.py): keep the drafts that greedy decoding
+        confirms and the token after them, stop where a stop condition says, move its computed length back to the
+        kept tokens and give back the blocks it no longer needs."""
+        start = len(seq) - num_drafts  # its first draft; the tokens before it have their KV now
+        new = accept(seq.token_ids[start:], sampled)
+        del seq.token_ids[start:]
+        seq.num_drafts = 0
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += len(new) - 1
+        reason = None
+        for token in new:  # one at a time, as decoding would have given them
+            seq.token_ids.append(token)
+            seq.token_times.append(now)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = self._stop_reason(seq, len(seq) - 1)
+            if reason:
+                break
+        seq.num_computed_tokens = len(seq) - 1  # the accepted drafts' KV is written; the last token's is not
+        self.block_manager.commit(seq, seq.num_computed_tokens)
+        if reason:
+            self.scheduler.finish(seq, reason)
+            del self.requests[seq.request_id]
+        else:
+            self.block_manager.trim(seq)
+        return TokenEvent(seq.request_id, seq.token_ids[start:], reason is not None, reason)
 
     @staticmethod
     def _take_prompt_logprobs(done: InFlight, values: list[float]) -> None:

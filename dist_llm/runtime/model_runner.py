@@ -34,6 +34,7 @@ from dist_llm.runtime.piecewise_graphs import MIN_BUCKET
 from dist_llm.runtime.profile import run_compile_warmup
 from dist_llm.runtime.scheduler import POLICIES, SCHEDULING_POLICIES
 from dist_llm.runtime.sequence import SamplingParams, Sequence, Status, fan_out
+from dist_llm.runtime.speculative import SpeculativeConfig
 from dist_llm.runtime.stats import RequestMetrics
 from dist_llm.runtime.worker import Worker
 
@@ -115,7 +116,8 @@ class ModelRunner:
                  cuda_graphs: str = "auto", overlap: bool = True,
                  capacity_scheduler_policy: str = "max_utilization", kv_cache_dtype: str = "auto",
                  piecewise_graph_max_tokens: int = 512, scheduling_policy: str = "fcfs",
-                 log_stats_interval: float = 0.0) -> ModelRunner:
+                 log_stats_interval: float = 0.0, speculative_config: SpeculativeConfig | None = None
+                 ) -> ModelRunner:  # fmt: skip
         """`cuda_graphs`: "on" (decode steps replayed from CUDA graphs: GPU, one rank or NCCL), "off" (eager),
         "auto" (on where it can be, else off) or "static" (the graphs' static-buffer path run eagerly, for
         testing on the CPU). `overlap`: schedule step N+1 while step N runs (one pipeline stage).
@@ -127,7 +129,9 @@ class ModelRunner:
         `piecewise_graph_max_tokens`: with graphs on (or static), prefill and mixed steps of up to this many tokens
         replay graphs cut at attention (runtime/piecewise_graphs.py); 0: they run eagerly.
         `log_stats_interval`: log throughput, queue, KV usage and prefix-hit figures every this many seconds while
-        there is work (vLLM's stats line; 0: never). `runner.executor.stats()` gives them at any time."""
+        there is work (vLLM's stats line; 0: never). `runner.executor.stats()` gives them at any time.
+        `speculative_config`: speculative decoding by n-gram lookup for greedy requests (runtime/speculative.py):
+        the same tokens, several a step where the text repeats its context; None: off."""
         if piecewise_graph_max_tokens and piecewise_graph_max_tokens < MIN_BUCKET:
             raise DistLLMError(f"--piecewise_graph_max_tokens must be 0 (off) or at least {MIN_BUCKET}, got "
                                f"{piecewise_graph_max_tokens}")
@@ -164,7 +168,7 @@ class ModelRunner:
         tokenizer = load_tokenizer(tokenizer_dir or engine_dir)
         executor = Executor(worker, engine, num_blocks, tokenizer, overlap=overlap,
                             capacity_scheduler_policy=capacity_scheduler_policy, scheduling_policy=scheduling_policy,
-                            log_stats_interval=log_stats_interval)
+                            log_stats_interval=log_stats_interval, speculative=speculative_config)
         bs = engine.build.tokens_per_block
         log.info("KV cache: %d blocks of %d tokens = %d tokens in flight at most (%s)", num_blocks, bs,
                  num_blocks * bs, str(worker.kv_dtype).removeprefix("torch."))

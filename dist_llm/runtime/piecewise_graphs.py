@@ -37,13 +37,15 @@ PIECEWISE_FIELDS = (
     ("prev_index", torch.int64, -1, "token"),
     ("seq_lens", torch.int32, 1, "row"),
     ("cu_seqlens_q", torch.int32, 0, "row+1"),
-    ("last_index", torch.int64, 0, "row"),  # each sequence's last token: the LM head's rows
-    ("temperature", torch.float32, 0.0, "row"),
-    ("top_k", torch.int32, 0, "row"),
-    ("top_p", torch.float32, 1.0, "row"),
-    ("min_p", torch.float32, 0.0, "row"),
-    ("seeds", torch.int64, 0, "row"),
-    ("offsets", torch.int64, 0, "row"),
+    # the LM head's rows: each sequence's last token, or the plan's sample_index (speculative drafts), and the
+    # sampling parameters of each
+    ("last_index", torch.int64, 0, "sample"),
+    ("temperature", torch.float32, 0.0, "sample"),
+    ("top_k", torch.int32, 0, "sample"),
+    ("top_p", torch.float32, 1.0, "sample"),
+    ("min_p", torch.float32, 0.0, "sample"),
+    ("seeds", torch.int64, 0, "sample"),
+    ("offsets", torch.int64, 0, "sample"),
 )
 MIN_BUCKET = 16  # at one row the GEMVs fold norms (`DeferredNorm`): buckets stay above that
 
@@ -160,10 +162,10 @@ class PiecewiseGraphRunner:
     # ---- one step -------------------------------------------------------------------------------------
 
     def _load(self, plan: StepPlan, bucket: int) -> None:
-        t, b = plan.num_tokens, plan.batch_size
+        t, b, n = plan.num_tokens, plan.batch_size, plan.num_samples
         values = {name: getattr(plan, name, None) for name, *_ in PIECEWISE_FIELDS}
-        values["last_index"] = plan.cu_seqlens_q[1:].long() - 1
-        counts = {"token": (t, bucket), "row": (b, b), "row+1": (b + 1, b + 1)}
+        values["last_index"] = plan.cu_seqlens_q[1:].long() - 1 if plan.sample_index is None else plan.sample_index
+        counts = {"token": (t, bucket), "row": (b, b), "row+1": (b + 1, b + 1), "sample": (n, n)}
         self.inputs.load(values, counts, plan.block_tables, b)
 
     @torch.inference_mode()
@@ -196,5 +198,6 @@ class PiecewiseGraphRunner:
         if not self.last:  # a copy: the next replay rewrites stage_out while this send may be in flight
             w.send_to_next_stage(out[:, :t].clone())
             return None
-        return w.sample_and_return(plan, out[self.last_index[:b]], self.inputs.sampling(b))
+        n = plan.num_samples
+        return w.sample_and_return(plan, out[self.last_index[:n]], self.inputs.sampling(n))
 

@@ -79,6 +79,9 @@ class StepPlan:
     # prompt log-probabilities: the step's token rows whose hidden states predict a prompt token, and that token
     prompt_logprob_index: torch.Tensor | None = None  # int64 [P]
     prompt_logprob_targets: torch.Tensor | None = None  # int64 [P]
+    # speculative drafts (runtime/speculative.py): the token rows to sample, a drafting sequence's last 1 + d and
+    # every other's last one; the sampling fields above then have a row per sampled row. None: each sequence's last
+    sample_index: torch.Tensor | None = None  # int64 [S]
 
     def __reduce__(self):  # rank 0 pickles a plan per step for every rank (see _to_arrays)
         return _from_arrays, (StepPlan, _to_arrays(self))
@@ -91,13 +94,18 @@ class StepPlan:
     def batch_size(self) -> int:
         return int(self.seq_lens.shape[0])
 
+    @property
+    def num_samples(self) -> int:
+        """Rows sampled: one per sequence, or sample_index's."""
+        return self.batch_size if self.sample_index is None else int(self.sample_index.shape[0])
+
 
 @dataclass
 class StepResult:
     """A step's sampled ids. On the GPU they may still be on their way to pinned host memory: call
     `wait()` before reading `token_ids` (the coordinator does so only after launching the next step)."""
 
-    token_ids: torch.Tensor  # int64 [B]
+    token_ids: torch.Tensor  # int64 [B], or [S] (the plan's sample_index)
     logprobs: torch.Tensor | None = None  # fp32 [B]
     logits: torch.Tensor | None = None  # fp32 [B, V]
     ready: object = None  # a torch.cuda.Event recorded after the device-to-host copy, or None

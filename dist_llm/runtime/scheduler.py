@@ -54,7 +54,9 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_tokens: int,
                  policy: str = "max_utilization", max_seq_len: int | None = None,
-                 scheduling_policy: str = "fcfs"):  # fmt: skip
+                 scheduling_policy: str = "fcfs", propose=None):  # fmt: skip
+        """`propose(seq) -> list[int]`: speculative draft tokens for a decoding request (runtime/speculative.py),
+        or None (no speculation)."""
         if policy not in POLICIES:
             raise ValueError(f"unknown capacity scheduler policy {policy!r}; choose one of {', '.join(POLICIES)}")
         if scheduling_policy not in SCHEDULING_POLICIES:
@@ -69,6 +71,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.propose = propose
 
     @staticmethod
     def _rank(seq: Sequence) -> tuple:
@@ -104,6 +107,19 @@ class Scheduler:
         return (src is not None and self.bm.enable_prefix_caching and seq.reuses_prefix and not src.is_finished
                 and src.num_generated == 0  # (nothing to wait for when the cache will not serve it, below)
                 and seq.prompt_len > self.bm.block_size)  # (a prompt of one partial block has nothing to share)
+
+    def _draft(self, seq: Sequence, most: int) -> int:
+        """Append up to `most` speculative draft tokens to a decoding request (runtime/speculative.py): as many as
+        `propose` gives, leave room for the token the step adds after them within max_new_tokens, and fit in the
+        free blocks (drafts never preempt anything). Returns how many."""
+        most = min(most, seq.params.max_new_tokens - seq.num_sampled - 1)
+        drafts = self.propose(seq)[:most] if most > 0 else []
+        while drafts and self.bm.blocks_needed(len(seq) + len(drafts)) - len(seq.block_table) > \
+                self.bm.num_free_blocks:
+            drafts.pop()
+        seq.token_ids += drafts
+        seq.num_drafts = len(drafts)
+        return len(drafts)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -147,6 +163,8 @@ class Scheduler:
                 continue  # its last token is in flight: it finishes when that step comes back
             remaining = len(seq) - seq.num_computed_tokens
             if remaining == 1:  # decode: the newest token needs a slot
+                if self.propose is not None and budget > 1 and not seq.num_pending:
+                    remaining += self._draft(seq, budget - 1)
                 if not self.bm.can_append(seq) and not self._make_room(seq, protected, preempted):
                     continue
                 self.bm.append_slot(seq)

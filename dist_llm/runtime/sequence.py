@@ -177,24 +177,25 @@ class Sequence:
         self.seed = params.seed
         self.feed: tuple[int, int] | None = None  # (launch number, row) that samples the newest PENDING token
         self.num_pending = 0  # PENDING tokens at the end of token_ids
+        self.num_drafts = 0  # speculative draft tokens at the end of token_ids, in a step in flight (speculative.py)
         self.sequence_index = 0  # which of its prompt's params.n sequences this is
         # sequence 0 of the prompt, for the others (fan_out): they are admitted once it has computed the prompt
         self.prefix_source: Sequence | None = None
 
     def drop_pending(self) -> None:
-        """Forget tokens still in flight (the request finished before they came back)."""
-        if self.num_pending:
-            del self.token_ids[-self.num_pending :]
-        self.num_pending, self.feed = 0, None
+        """Forget tokens still in flight (the request finished before they came back), speculative drafts too."""
+        if self.num_pending or self.num_drafts:
+            del self.token_ids[-(self.num_pending + self.num_drafts) :]
+        self.num_pending, self.feed, self.num_drafts = 0, None, 0
 
     @property
     def output_token_ids(self) -> list[int]:
-        """The generated tokens the host has seen (not those still in flight)."""
-        return self.token_ids[self.prompt_len : len(self.token_ids) - self.num_pending]
+        """The generated tokens the host has seen (not those still in flight, nor drafts being checked)."""
+        return self.token_ids[self.prompt_len : len(self.token_ids) - self.num_pending - self.num_drafts]
 
     @property
     def num_generated(self) -> int:
-        return len(self.token_ids) - self.prompt_len - self.num_pending
+        return len(self.token_ids) - self.prompt_len - self.num_pending - self.num_drafts
 
     @property
     def num_sampled(self) -> int:

@@ -9,7 +9,7 @@ stages them), so the host could not run a step ahead of the GPU; pinned memory k
 Two pinned mirrors are used in turn, each with an event recorded after its copy: the host may be one
 step ahead of the GPU, so it refills a mirror only once the copy that read it two steps ago has run.
 
-A field counts rows (sequences), rows + 1 (`cu_seqlens_q`) or tokens: `sizes` gives the largest count of
+A field counts rows (sequences), rows + 1 (`cu_seqlens_q`), tokens or sampled rows: `sizes` gives the largest count of
 each. block_tables, [rows, max_blocks], comes last, so a step copies only its live rows of it.
 """
 
@@ -58,7 +58,9 @@ class StaticInputs:
     def __init__(self, max_bs: int, max_blocks: int, device: torch.device, fields=DECODE_FIELDS,
                  max_tokens: int = 0):  # fmt: skip
         self.fields = fields
-        self.layout, nbytes = _layout(fields, {"row": max_bs, "token": max_tokens}, max_blocks)
+        # ("sample": the rows a step samples, one per sequence or more with speculative drafts; never above its tokens)
+        sizes = {"row": max_bs, "token": max_tokens, "sample": max(max_bs, max_tokens)}
+        self.layout, nbytes = _layout(fields, sizes, max_blocks)
         self.table_offset, self.table_row_bytes = self.layout["block_tables"][0], max_blocks * 4
         self.buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self.dev = _views(self.buffer, self.layout)  # what the graphs read

@@ -63,10 +63,18 @@ class IterationStats:
     num_finished: int
     num_preemptions: int
     kv: KvCacheStats
+    # speculative decoding (runtime/speculative.py): draft tokens proposed and accepted, in total
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["kv"].update(usage=self.kv.usage, cache_hit_rate=self.kv.cache_hit_rate)
+        out["draft_acceptance_rate"] = self.draft_acceptance_rate
         return out
 
 
@@ -138,5 +146,7 @@ class StatsLogger:
                 f"Running: {s.num_running} reqs, Waiting: {s.num_waiting} reqs, Preempted: {s.num_preemptions} "
                 f"in all, KV cache usage: {100 * s.kv.usage:.1f}%, Prefix cache hit rate: "
                 f"{100 * s.kv.cache_hit_rate:.1f}%")
+        if s.num_draft_tokens:
+            line += f", Draft acceptance rate: {100 * s.draft_acceptance_rate:.1f}%"
         log.info(line)
         return line

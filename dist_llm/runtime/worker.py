@@ -133,8 +133,10 @@ class Worker:
         self.piecewise_runner = None
         self.decode_workspace = self._decode_workspace()
         # the last step's sampled ids stay on the device: an overlapped next step reads its inputs here
-        self.sampled = torch.zeros(engine.build.max_batch_size, dtype=torch.int64, device=self.device)
-        self.token_return = TokenReturn(engine.build.max_batch_size, self.device)
+        # (a step samples a row per sequence, or per token of a speculative request's drafts: max_num_tokens at most)
+        rows = max(engine.build.max_batch_size, engine.build.max_num_tokens)
+        self.sampled = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self.token_return = TokenReturn(rows, self.device)
         # benchmarks set it to [] on a CUDA device: each step then appends (start event, end event, is_decode),
         # recorded on the stream around the step, which shows the GPU's idle gaps between steps
         self.timeline: list | None = None
@@ -262,7 +264,9 @@ class Worker:
             self.send_to_next_stage(torch.stack(out))
             return None
         extras = self.prompt_logprobs(plan, out)
-        if plan.num_tokens == plan.seq_lens.shape[0]:  # one token a sequence: every row is a last token
+        if plan.sample_index is not None:  # speculative drafts: several rows of some sequences
+            hidden = out[plan.sample_index.to(dev, non_blocking=True)]
+        elif plan.num_tokens == plan.seq_lens.shape[0]:  # one token a sequence: every row is a last token
             hidden = out  # (and a `DeferredNorm`, the folded final norm of one token, cannot be indexed)
         else:
             hidden = out[(plan.cu_seqlens_q[1:] - 1).to(dev, non_blocking=True).long()]
