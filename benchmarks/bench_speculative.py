@@ -78,7 +78,16 @@ def main():
     truth, plain_tok_s, plain_steps = run(runner, prompt, args.output_len)
     rows = [dict(k=0, drafts="off (plain decode)", tok_s=plain_tok_s, steps=plain_steps, same=True)]
     tokens, tok_s, steps = run(runner, prompt, args.output_len, lambda s: [], spec)
-    rows.append(dict(k=0, drafts="on, none found (no overlap)", tok_s=tok_s, steps=steps, same=tokens == truth))
+    rows.append(dict(k=0, drafts="on, none found, no back-off (no overlap)", tok_s=tok_s, steps=steps,
+                     same=tokens == truth))
+
+    def missing(seq):  # every lookup misses, and the request backs off as after real misses
+        ex._missed(seq)
+        return []
+
+    tokens, tok_s, steps = run(runner, prompt, args.output_len, missing, spec)
+    rows.append(dict(k=0, drafts="on, every lookup misses (backs off)", tok_s=tok_s, steps=steps,
+                     same=tokens == truth))
     for k in args.ks:
         for kind in ("right", "half", "wrong"):
             drafts = made_drafts(truth, args.input_len, k, kind)

@@ -118,12 +118,14 @@ def baseline(engine):
 
 
 @pytest.mark.parametrize("graphs", ["off", "static"])
-def test_ngram_gives_the_greedy_tokens(engine, baseline, graphs):
-    _, expected, _ = baseline
+def test_ngram_gives_the_greedy_tokens(engine, graphs):
+    plain, plain_stats = _generate(engine, ALL, max_new_tokens=100, end_id=-1)
     outs, stats = _generate(engine, ALL, SpeculativeConfig(num_speculative_tokens=4), cuda_graphs=graphs,
-                            max_new_tokens=30, end_id=-1)
-    assert [o.output_token_ids for o in outs] == expected
-    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0  # the repeats in the outputs are found
+                            max_new_tokens=100, end_id=-1)
+    assert [o.output_token_ids for o in outs] == [o.output_token_ids for o in plain]
+    # the random model's outputs repeat now and then, and the lookup finds it
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
+    assert stats.iteration <= plain_stats.iteration  # (drafting requests never split the batch in two)
     assert stats.kv.used_num_blocks == 0
 
 
@@ -252,11 +254,35 @@ def test_cancel_while_drafts_are_in_flight(engine, baseline):
     assert seq.output_token_ids == truth[tuple(prompt)][: len(seq.output_token_ids)]  # no draft left in it
 
 
+def test_misses_back_off_to_overlapped_decoding(engine, baseline, monkeypatch):
+    """When lookups find nothing, the request decodes 1, 2, 4, 8, 8, ... plain steps between lookups, overlapped."""
+    import dist_llm.runtime.executor as executor_module
+
+    _, expected, _ = baseline
+    lookups = []
+    monkeypatch.setattr(executor_module, "ngram_draft", lambda tokens, *a: lookups.append(len(tokens)) or [])
+    from dist_llm.parallel.state import destroy
+    from dist_llm.runtime import ModelRunner
+
+    try:
+        runner = ModelRunner.from_dir(engine, device="cpu", speculative_config=SpeculativeConfig())
+        out = runner.generate(input_texts=ALL[:1], max_new_tokens=30, end_id=-1)[0]
+        inflight = runner.executor.max_inflight_seen
+        runner.shutdown()
+    finally:
+        destroy()
+    assert out.output_token_ids == expected[0]
+    assert inflight == 2  # the plain steps between lookups overlap
+    prompt_len = len(out.prompt_token_ids)
+    # lookups after outputs 1, 3, 6, 11 and 20 (each miss skips 1, 2, 4, 8 steps; at 29 no draft fits in 30)
+    assert [n - prompt_len for n in lookups] == [1, 3, 6, 11, 20]
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_under_mpirun(tiny_models, tmp_path_factory, tp, pp):
     root = tmp_path_factory.mktemp(f"spec_tp{tp}_pp{pp}")
     eng = convert_and_build(tiny_models["llama"], root, tp, pp)
-    base = ["--engine_dir", eng, "--input_text", *ALL, "--max_new_tokens", "30", "--end_id", "-1", "--output_json"]
+    base = ["--engine_dir", eng, "--input_text", *ALL, "--max_new_tokens", "100", "--end_id", "-1", "--output_json"]
     plain, fast = root / "plain.json", root / "fast.json"
     run_dist(tp * pp, [*base, str(plain)])
     proc = run_dist(tp * pp, [*base, str(fast), "--speculative_method", "ngram", "--num_speculative_tokens", "4",

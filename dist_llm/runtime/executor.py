@@ -35,7 +35,7 @@ from dist_llm.runtime.logits_processing import build_logits_inputs
 from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult, mixed_decode_split
 from dist_llm.runtime.scheduler import ScheduledBatch, Scheduler
 from dist_llm.runtime.sequence import PENDING, SamplingParams, Sequence
-from dist_llm.runtime.speculative import SpeculativeConfig, accept, can_draft, ngram_draft
+from dist_llm.runtime.speculative import MAX_SPEC_SKIP, SpeculativeConfig, accept, can_draft, ngram_draft
 from dist_llm.runtime.stats import IterationStats, KvCacheStats, RequestMetrics, StatsLogger, WallClock
 from dist_llm.runtime.worker import Worker
 
@@ -145,7 +145,17 @@ class Executor:
         c = self.speculative
         if not can_draft(seq):
             return []
-        return ngram_draft(seq.token_ids, c.num_speculative_tokens, c.prompt_lookup_min, c.prompt_lookup_max)
+        drafts = ngram_draft(seq.token_ids, c.num_speculative_tokens, c.prompt_lookup_min, c.prompt_lookup_max)
+        if not drafts:
+            self._missed(seq)
+        return drafts
+
+    @staticmethod
+    def _missed(seq: Sequence) -> None:
+        """A lookup found nothing, or a drafting step kept no draft: the request decodes the next 1, 2, 4, then 8
+        steps (while the misses go on) without drafting, and with overlap scheduling, before it looks again."""
+        seq.spec_misses += 1
+        seq.spec_skip = min(2 ** (seq.spec_misses - 1), MAX_SPEC_SKIP)
 
     def enqueue(self, seq: Sequence) -> int:
         self.check_admissible(seq)
@@ -274,13 +284,11 @@ class Executor:
         """Launch steps until `depth` are in flight, then complete the oldest one."""
         t, clock = self.host_seconds, time.perf_counter
         while len(self.inflight) < self.depth:
+            if self.overlap and self.speculative and self._drafting_in_flight():
+                break  # its next input depends on what the step accepts: the whole batch waits for it, not half
             t0 = clock()
             in_flight = {s.request_id for f in self.inflight for s in f.batch.seqs}
-            busy = in_flight
-            if self.overlap:  # requests that may draft wait for their step: what it accepts is their next input
-                busy = {s.request_id for f in self.inflight for s in f.batch.seqs if can_draft(s)} \
-                    if self.speculative else set()
-            batch = self.scheduler.schedule(busy=busy, protected=in_flight)
+            batch = self.scheduler.schedule(busy=set() if self.overlap else in_flight, protected=in_flight)
             t1 = clock()
             t["schedule"] += t1 - t0
             if not batch.seqs:
@@ -332,6 +340,12 @@ class Executor:
                 prefix_queried_tokens=bm.queried_tokens, prefix_hit_tokens=bm.hit_tokens),
             num_draft_tokens=self.num_draft_tokens, num_accepted_tokens=self.num_accepted_tokens,
         )
+
+    def _drafting_in_flight(self) -> bool:
+        """Whether a step in flight holds a request that may draft next (runtime/speculative.py): overlap
+        scheduling then waits for it, since what the step accepts is that request's next input. (Leaving such
+        requests out of an overlapped step instead splits a full batch into two halves that take turns.)"""
+        return any(can_draft(s) and not s.spec_skip and not s.is_finished for f in self.inflight for s in f.batch.seqs)
 
     def _complete(self, done: InFlight, result: StepResult) -> list[TokenEvent]:
         now = time.perf_counter()
@@ -387,6 +401,10 @@ class Executor:
         seq.num_drafts = 0
         self.num_draft_tokens += num_drafts
         self.num_accepted_tokens += len(new) - 1
+        if len(new) == 1:
+            self._missed(seq)
+        else:
+            seq.spec_misses = 0
         reason = None
         for token in new:  # one at a time, as decoding would have given them
             seq.token_ids.append(token)

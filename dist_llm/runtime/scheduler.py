@@ -163,7 +163,9 @@ class Scheduler:
                 continue  # its last token is in flight: it finishes when that step comes back
             remaining = len(seq) - seq.num_computed_tokens
             if remaining == 1:  # decode: the newest token needs a slot
-                if self.propose is not None and budget > 1 and not seq.num_pending:
+                if self.propose is not None and seq.spec_skip:
+                    seq.spec_skip -= 1  # (drafting backs off after misses: see runtime/speculative.py)
+                elif self.propose is not None and budget > 1 and not seq.num_pending:
                     remaining += self._draft(seq, budget - 1)
                 if not self.bm.can_append(seq) and not self._make_room(seq, protected, preempted):
                     continue

@@ -178,6 +178,8 @@ class Sequence:
         self.feed: tuple[int, int] | None = None  # (launch number, row) that samples the newest PENDING token
         self.num_pending = 0  # PENDING tokens at the end of token_ids
         self.num_drafts = 0  # speculative draft tokens at the end of token_ids, in a step in flight (speculative.py)
+        self.spec_skip = 0  # decode steps to run (overlapped) before drafting again, after lookups that found nothing
+        self.spec_misses = 0  # such lookups in a row
         self.sequence_index = 0  # which of its prompt's params.n sequences this is
         # sequence 0 of the prompt, for the others (fan_out): they are admitted once it has computed the prompt
         self.prefix_source: Sequence | None = None

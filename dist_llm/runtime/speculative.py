@@ -18,8 +18,11 @@ What the rest of the runtime does with it:
   accepted (the KV written for rejected drafts is overwritten later; no block holding it was hashed) and blocks
   beyond the tokens go back to the pool (`BlockManager.trim`).
 A request that drafts waits for its step to come back before its next one is planned (its next input depends on
-what was accepted): it does not take part in overlap scheduling. Requests that sample (temperature > 0), process
-logits (penalties, logit_bias, bad words, min_tokens) or return log-probabilities never draft.
+what was accepted): it does not take part in overlap scheduling. So that text which does not repeat costs little,
+a lookup that finds nothing, or a step that keeps no draft, is a miss: the request then decodes 1, 2, 4, then up to
+8 steps (doubling while the misses go on) the plain way, overlapped, before it looks again; a kept draft resets it.
+Requests that sample (temperature > 0), process logits (penalties, logit_bias, bad words, min_tokens) or return
+log-probabilities never draft.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from dist_llm.errors import DistLLMError
 
 METHODS = ("ngram",)
+MAX_SPEC_SKIP = 8  # the longest run of plain decode steps between two lookups, after misses in a row
 
 
 @dataclass(frozen=True)
