@@ -345,7 +345,8 @@ class Executor:
         """Whether a step in flight holds a request that may draft next (runtime/speculative.py): overlap
         scheduling then waits for it, since what the step accepts is that request's next input. (Leaving such
         requests out of an overlapped step instead splits a full batch into two halves that take turns.)"""
-        return any(can_draft(s) and not s.spec_skip and not s.is_finished for f in self.inflight for s in f.batch.seqs)
+        return any(s.num_computed_tokens >= s.prompt_len and not s.spec_skip and not s.is_finished and can_draft(s)
+                   for f in self.inflight for s in f.batch.seqs)  # (a prompt chunk short of the end: no wait)
 
     def _complete(self, done: InFlight, result: StepResult) -> list[TokenEvent]:
         now = time.perf_counter()
