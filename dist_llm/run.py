@@ -81,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--scheduling_policy", default="fcfs", choices=["fcfs", "priority"],
                    help="fcfs: arrival order; priority: --input_file JSONL's 'priority' field, lower first")
     p.add_argument("--speculative_method", choices=["ngram"], default=None,
-                   help="speculative decoding for greedy requests: ngram drafts the tokens that followed the last "
+                   help="speculative decoding: ngram drafts the tokens that followed the last "
                    "occurrence of the newest n tokens, and one step checks them all (the same output; faster where "
                    "the text repeats its context)")
     p.add_argument("--num_speculative_tokens", type=int, default=4, help="the most draft tokens a step (1..16)")

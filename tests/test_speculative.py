@@ -162,9 +162,26 @@ def test_stops_inside_accepted_drafts(engine, baseline):
         assert stats.num_accepted_tokens > 0 and stats.kv.used_num_blocks == 0
 
 
+@pytest.mark.parametrize("graphs", ["off", "static"])
+def test_sampled_requests_draw_what_plain_sampling_draws(engine, graphs):
+    """Seeded sampling (temperature, top-k, top-p, min-p) with drafts from its own plain run, right or wrong at a
+    moving place: token for token the plain run's, with drafts kept."""
+    sampling = dict(temperature=0.9, top_k=40, top_p=0.95, min_p=0.02, seed=11, max_new_tokens=30, end_id=-1)
+    plain, _ = _generate(engine, ALL, **sampling)
+    truth = {tuple(o.prompt_token_ids): o.output_token_ids for o in plain}
+    assert len({tuple(o.output_token_ids) for o in plain}) == len(ALL)
+    for wrong_at in (None, lambda s: len(s) % 4):
+        fast, stats = _generate(engine, ALL, SpeculativeConfig(num_speculative_tokens=3), _oracle(truth, 3, wrong_at),
+                                cuda_graphs=graphs, **sampling)
+        assert [o.output_token_ids for o in fast] == [o.output_token_ids for o in plain]
+        assert stats.num_accepted_tokens > 0
+        if wrong_at is None:
+            assert stats.num_accepted_tokens == stats.num_draft_tokens
+
+
 def test_requests_that_do_not_draft_run_beside(engine, baseline):
-    """Seeded sampling, penalties and log-probabilities never draft; in the same batch as drafting requests they give
-    what they give without speculation."""
+    """Penalties and log-probabilities never draft; in the same steps as drafting requests (greedy and sampled) they
+    give what they give without speculation."""
     truth, _, _ = baseline
     from dist_llm.parallel.state import destroy
     from dist_llm.runtime import ModelRunner

@@ -206,12 +206,15 @@ class Executor:
             cu.append(cu[-1] + n)
             rows.append(table + [0] * (max_blocks - len(table)))
         params, seqs, counts = [s.params for s in batch.seqs], batch.seqs, batch.num_new_tokens
-        sample_index = None
+        sample_index, offsets = None, [s.num_sampled for s in batch.seqs]
         drafts = [s.num_drafts for s in batch.seqs]
         if any(drafts):  # a drafting row samples at its last 1 + d tokens, every other row at its last one
             sample_index = [cu[i + 1] - 1 - d + j for i, d in enumerate(drafts) for j in range(d + 1)]
             params = [p for p, d in zip(params, drafts) for _ in range(d + 1)]
             seqs = [s for s, d in zip(batch.seqs, drafts) for _ in range(d + 1)]
+            # each sampled row draws the noise of the output position it samples (seed, offset), as decoding one
+            # token at a time would: a kept draft is the token that sampling gives there
+            offsets = [o - d + j for o, d in zip(offsets, drafts) for j in range(d + 1)]
             # (the logits processing's rows: a drafting request needs none, its extra rows end nowhere)
             counts = [m for n, d in zip(counts, drafts) for m in [0] * d + [n]]
         min_p = [p.min_p for p in params]
@@ -234,7 +237,7 @@ class Executor:
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.int32),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
             seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64),
-            offsets=torch.tensor([s.num_sampled for s in seqs], dtype=torch.int64),
+            offsets=torch.tensor(offsets, dtype=torch.int64),
             sampling_mode=sampling_mode(params),
             return_logits=any(p.return_first_logits and s.num_sampled == 0 for p, s in zip(params, seqs)),
             return_logprobs=any(p.return_logprobs for p in params),

@@ -130,8 +130,8 @@ class ModelRunner:
         replay graphs cut at attention (runtime/piecewise_graphs.py); 0: they run eagerly.
         `log_stats_interval`: log throughput, queue, KV usage and prefix-hit figures every this many seconds while
         there is work (vLLM's stats line; 0: never). `runner.executor.stats()` gives them at any time.
-        `speculative_config`: speculative decoding by n-gram lookup for greedy requests (runtime/speculative.py):
-        the same tokens, several a step where the text repeats its context; None: off."""
+        `speculative_config`: speculative decoding by n-gram lookup (runtime/speculative.py): the same
+        tokens, greedy or seeded sampling, several a step where the text repeats its context; None: off."""
         if piecewise_graph_max_tokens and piecewise_graph_max_tokens < MIN_BUCKET:
             raise DistLLMError(f"--piecewise_graph_max_tokens must be 0 (off) or at least {MIN_BUCKET}, got "
                                f"{piecewise_graph_max_tokens}")

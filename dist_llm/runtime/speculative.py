@@ -1,13 +1,19 @@
 """Speculative decoding by n-gram lookup (vLLM's "ngram" method, TensorRT-LLM's prompt-lookup decoding).
 
-A greedy request that is decoding proposes up to `num_speculative_tokens` draft tokens: the tokens that followed
-the most recent earlier occurrence of its last n tokens (prompt and output), for n from `prompt_lookup_max` down to
+A request that is decoding proposes up to `num_speculative_tokens` draft tokens: the tokens that followed the most
+recent earlier occurrence of its last n tokens (prompt and output), for n from `prompt_lookup_max` down to
 `prompt_lookup_min`. One step then computes its newest token and the drafts together, as a short prefill chunk,
-and samples at each of those positions: the argmax after the newest token, after draft 1, and so on. The drafts
-are accepted while each equals the argmax before it; the first argmax that differs (or the one after the last
-draft) is a token of its own. So a step yields 1 to 1 + k tokens, and they are exactly the tokens that greedy
-decoding gives one at a time. Text that repeats its context (code edits, summaries, extraction, quoting) takes
-several tokens a step; text that does not costs a chunk of 1 + k tokens a step instead of one.
+and samples at each of those positions: the token after the newest one, after draft 1, and so on. The drafts are
+kept while each equals the token sampled before it; the first sampled token that differs (or the one after the
+last draft) is a token of its own. So a step yields 1 to 1 + k tokens, and they are exactly the tokens that
+decoding one at a time gives:
+* greedy: the argmax at each position;
+* sampling: the sampler draws its noise from (seed, output position), so each row samples what decoding would have
+  sampled at that position, and a draft is kept when it is that token. A draft d is then kept with probability
+  p(d), the acceptance of rejection sampling against a one-token proposal, and the output is the seeded output of
+  plain sampling, token for token.
+Text that repeats its context (code edits, summaries, extraction, quoting) takes several tokens a step; text that
+does not costs a chunk of 1 + k tokens a step instead of one.
 
 What the rest of the runtime does with it:
 * the scheduler appends the drafts to the request's tokens when it plans its step (`Scheduler(propose=...)`),
@@ -21,8 +27,8 @@ A request that drafts waits for its step to come back before its next one is pla
 what was accepted): it does not take part in overlap scheduling. So that text which does not repeat costs little,
 a lookup that finds nothing, or a step that keeps no draft, is a miss: the request then decodes 1, 2, 4, then up to
 8 steps (doubling while the misses go on) the plain way, overlapped, before it looks again; a kept draft resets it.
-Requests that sample (temperature > 0), process logits (penalties, logit_bias, bad words, min_tokens) or return
-log-probabilities never draft.
+Requests that process logits (penalties, logit_bias, bad words, min_tokens: their inputs are per sampled token)
+or return log-probabilities never draft.
 """
 
 from __future__ import annotations
@@ -85,7 +91,6 @@ def accept(drafts: list[int], sampled: list[int]) -> list[int]:
 
 
 def can_draft(seq) -> bool:
-    """Whether a request may draft: greedy, no logits processing, no log-probabilities asked for."""
+    """Whether a request may draft: no logits processing, no log-probabilities asked for."""
     p = seq.params
-    return (p.temperature == 0 and not p.processes_logits and not p.return_logprobs and not p.prompt_logprobs
-            and not p.return_first_logits)
+    return not p.processes_logits and not p.return_logprobs and not p.prompt_logprobs and not p.return_first_logits
