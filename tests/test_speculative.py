@@ -179,32 +179,41 @@ def test_sampled_requests_draw_what_plain_sampling_draws(engine, graphs):
             assert stats.num_accepted_tokens == stats.num_draft_tokens
 
 
-def test_requests_that_do_not_draft_run_beside(engine, baseline):
-    """Penalties and log-probabilities never draft; in the same steps as drafting requests (greedy and sampled) they
-    give what they give without speculation."""
-    truth, _, _ = baseline
+def test_logits_processing_and_logprobs_with_drafts(engine):
+    """Penalties, min_tokens with a stop token, bad words, logit_bias, log-probabilities and prompt log-probabilities,
+    each beside the others in the same steps, with drafts from their own plain runs (right, or wrong at a moving
+    place): the plain runs' tokens and log-probabilities, with drafts kept where a request may draft."""
     from dist_llm.parallel.state import destroy
     from dist_llm.runtime import ModelRunner
     from dist_llm.runtime.sequence import SamplingParams, Sequence
-    from dist_llm.runtime.speculative import can_draft
 
-    asks = [dict(temperature=0.9, seed=3), dict(repetition_penalty=1.3), dict(return_logprobs=True, top_logprobs=2),
-            dict()]
-    oracle = _oracle(truth, 4)
+    asks = [dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4),
+            dict(min_tokens=12, logit_bias={1: 100.0}),  # EOS (end_id 1) as soon as min_tokens allows
+            dict(bad_words_ids=[[7], [3, 9]], logit_bias={5: 2.0, 11: -1.0}),
+            dict(return_logprobs=True, top_logprobs=3), dict(temperature=0.8, seed=5, repetition_penalty=1.2),
+            dict(prompt_logprobs=True), dict()]
 
-    def gated(seq):  # (as the n-gram proposer does: only requests that may draft)
-        return oracle(seq) if can_draft(seq) else []
-
-    results = []
-    for spec in (None, SpeculativeConfig(num_speculative_tokens=4)):
+    def run(spec=None, truth=None, wrong_at=None):
         try:
             runner = ModelRunner.from_dir(engine, device="cpu", speculative_config=spec)
             ex = runner.executor
-            if spec:
-                ex.scheduler.propose = gated
-            seqs = [Sequence(p, SamplingParams(max_new_tokens=20, end_id=-1, **a))
-                    for a in asks for p in runner.tokenize(ALL)]
-            for seq in seqs:  # all at once: drafting and other requests share steps
+            prompts = runner.tokenize(ALL)
+            seqs = [Sequence(p, SamplingParams(max_new_tokens=24, end_id=1 if "min_tokens" in a else -1, **a))
+                    for a in asks for p in prompts]
+            if truth is not None:
+                by_seq = {id(s): t for s, t in zip(seqs, truth)}
+
+                def propose(seq):
+                    if not can_draft(seq):
+                        return []
+                    done = len(seq) - seq.prompt_len
+                    drafts = list(by_seq[id(seq)][done : done + 4])
+                    j = wrong_at(seq) if wrong_at else None
+                    if j is not None and j < len(drafts):
+                        drafts[j] = (drafts[j] + 1) % 100
+                    return drafts
+                ex.scheduler.propose = propose
+            for seq in seqs:  # all at once: every kind of request shares steps with the others
                 ex.enqueue(seq)
             while ex.has_unfinished():
                 ex.step()
@@ -212,14 +221,25 @@ def test_requests_that_do_not_draft_run_beside(engine, baseline):
             runner.shutdown()
         finally:
             destroy()
-        results.append(([s.output_token_ids for s in seqs], [s.logprobs for s in seqs], [s.top_logprobs for s in seqs]))
-        if spec:
-            assert stats.num_accepted_tokens > 0
-    assert results[0][0] == results[1][0]
-    flat = [[x for row in r[1] for x in row] for r in results]
-    assert flat[0] == pytest.approx(flat[1], abs=1e-5) and len(flat[0]) == 20 * len(ALL)
-    assert [[[t for t, _ in step] for step in row] for row in results[0][2]] == \
-        [[[t for t, _ in step] for step in row] for row in results[1][2]]
+        return seqs, stats
+
+    from dist_llm.runtime.speculative import can_draft
+
+    plain, _ = run()
+    truth = [s.output_token_ids for s in plain]
+    assert all(len(s.output_token_ids) == 13 and s.finish_reason == "stop" for s in plain[len(ALL) : 2 * len(ALL)])
+    for wrong_at in (None, lambda s: len(s) % 5):
+        fast, stats = run(SpeculativeConfig(num_speculative_tokens=4), truth, wrong_at)
+        assert [s.output_token_ids for s in fast] == truth
+        assert [s.finish_reason for s in fast] == [s.finish_reason for s in plain]
+        assert stats.num_accepted_tokens > 0
+        for a, b in zip(plain, fast):
+            assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4) and len(b.logprobs) == len(a.logprobs)
+            ids = [[[t for t, _ in step] for step in x.top_logprobs] for x in (a, b)]
+            assert ids[0] == ids[1]
+            assert b.prompt_logprobs == pytest.approx(a.prompt_logprobs, abs=1e-4)
+        if wrong_at is None:  # every request but the prompt_logprobs ones kept all its drafts
+            assert stats.num_accepted_tokens == stats.num_draft_tokens
 
 
 def test_short_token_budget_and_small_pool(engine, engine_small_budget, baseline):

@@ -206,7 +206,7 @@ class Executor:
             cu.append(cu[-1] + n)
             rows.append(table + [0] * (max_blocks - len(table)))
         params, seqs, counts = [s.params for s in batch.seqs], batch.seqs, batch.num_new_tokens
-        sample_index, offsets = None, [s.num_sampled for s in batch.seqs]
+        sample_index, offsets, samples = None, [s.num_sampled for s in batch.seqs], None
         drafts = [s.num_drafts for s in batch.seqs]
         if any(drafts):  # a drafting row samples at its last 1 + d tokens, every other row at its last one
             sample_index = [cu[i + 1] - 1 - d + j for i, d in enumerate(drafts) for j in range(d + 1)]
@@ -215,8 +215,10 @@ class Executor:
             # each sampled row draws the noise of the output position it samples (seed, offset), as decoding one
             # token at a time would: a kept draft is the token that sampling gives there
             offsets = [o - d + j for o, d in zip(offsets, drafts) for j in range(d + 1)]
-            # (the logits processing's rows: a drafting request needs none, its extra rows end nowhere)
-            counts = [m for n, d in zip(counts, drafts) for m in [0] * d + [n]]
+            # the logits processing's rows: a drafting request's row j sees its tokens up to draft j
+            counts = [m for n, d in zip(counts, drafts) for m in (range(1, d + 2) if d else [n])]
+            samples = [bool(d) or s.num_computed_tokens + n == len(s) for s, n, d in zip(batch.seqs,
+                       batch.num_new_tokens, drafts) for _ in range(d + 1)]
         min_p = [p.min_p for p in params]
         index, targets = [], []
         if any(p.prompt_logprobs for p in params):
@@ -249,7 +251,7 @@ class Executor:
             # the scheduler lists rows of one query token first
             num_decode_rows=next((i for i, n in enumerate(batch.num_new_tokens) if n != 1), len(batch))
             if self.decode_split else 0,
-            logits_inputs=build_logits_inputs(seqs, counts, self.stop_token_ids)
+            logits_inputs=build_logits_inputs(seqs, counts, self.stop_token_ids, samples)
             if any(p.processes_logits for p in params) else None,
             sample_index=None if sample_index is None else torch.tensor(sample_index, dtype=torch.int64),
         )
@@ -366,7 +368,12 @@ class Executor:
                 continue
             r = i if done.sample_row is None else done.sample_row[i]  # its (last) row of the sampled ids
             if done.drafts and done.drafts[i]:
-                events.append(self._settle_drafts(seq, done.drafts[i], tokens[r - done.drafts[i] : r + 1], now))
+                first = r - done.drafts[i]
+                event = self._settle_drafts(seq, done.drafts[i], tokens[first : r + 1], now)
+                if logprobs is not None and seq.params.return_logprobs:  # of each token kept, from its own row
+                    for j in range(len(event.new_token_ids)):
+                        self._take_logprobs(seq, logprobs[first + j], top and top[first + j])
+                events.append(event)
                 continue
             self.block_manager.commit(seq, done.computed[i])
             idx = done.token_index[i]
@@ -380,10 +387,7 @@ class Executor:
             if result.logits is not None and idx == seq.prompt_len and seq.params.return_first_logits:
                 seq.first_logits = result.logits[r].clone()
             if logprobs is not None and seq.params.return_logprobs:
-                seq.logprobs.append(logprobs[r])
-                if top is not None and seq.params.top_logprobs:
-                    k = seq.params.top_logprobs
-                    seq.top_logprobs.append(list(zip(top[r][0][:k], top[r][1][:k])))
+                self._take_logprobs(seq, logprobs[r], top and top[r])
             seq.token_times.append(now)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -394,6 +398,13 @@ class Executor:
                 del self.requests[seq.request_id]
             events.append(TokenEvent(seq.request_id, [token], reason is not None, reason))
         return events
+
+    @staticmethod
+    def _take_logprobs(seq: Sequence, logprob: float, top: tuple[list[int], list[float]] | None) -> None:
+        seq.logprobs.append(logprob)
+        if top is not None and seq.params.top_logprobs:
+            k = seq.params.top_logprobs
+            seq.top_logprobs.append(list(zip(top[0][:k], top[1][:k])))
 
     def _settle_drafts(self, seq: Sequence, num_drafts: int, sampled: list[int], now: float) -> TokenEvent:
         """A drafting request's step is back (runtime/speculative.py): keep the drafts that greedy decoding

@@ -64,12 +64,16 @@ class LogitsInputs:
         return LogitsInputs(**moved)
 
 
-def build_logits_inputs(seqs: list[Sequence], num_new_tokens: list[int], stop_ids) -> LogitsInputs | None:
+def build_logits_inputs(seqs: list[Sequence], num_new_tokens: list[int], stop_ids,
+                        samples: list[bool] | None = None) -> LogitsInputs | None:  # fmt: skip
     """The step's rows, as the coordinator plans them (before their num_computed_tokens moves on); a PENDING last
     token is sampled by the previous step, at the row `seq.feed` names. `stop_ids(params)`: the token ids that would
-    stop it. None when no row that samples needs any processing."""
+    stop it. A row's sample is used when its tokens reach the end of the sequence, or where `samples` says so (a
+    speculative draft's row: the sequence so far ends at that draft). None when no such row needs any processing."""
     ends = [seq.num_computed_tokens + n for seq, n in zip(seqs, num_new_tokens)]
-    if not any(_needs(seq, end) for seq, end in zip(seqs, ends)):
+    if samples is None:
+        samples = [end == len(seq) for seq, end in zip(seqs, ends)]
+    if not any(used and _needs(seq, end) for seq, end, used in zip(seqs, ends, samples)):
         return None
     b = len(seqs)
     penalties = [[1.0, 0.0, 0.0] for _ in range(b)]
@@ -84,8 +88,8 @@ def build_logits_inputs(seqs: list[Sequence], num_new_tokens: list[int], stop_id
         b_feeds.append(feed)
         b_conds.append(cond)
 
-    for r, (seq, end) in enumerate(zip(seqs, ends)):
-        if end != len(seq):  # a prompt chunk that does not reach the end: its sample is thrown away
+    for r, (seq, end, used) in enumerate(zip(seqs, ends, samples)):
+        if not used:  # a prompt chunk that does not reach the end: its sample is thrown away
             continue
         p = seq.params
         for t, value in p.logit_bias.items():
@@ -140,8 +144,7 @@ def _bad_word_ban(seq: Sequence, end: int, word: list[int]) -> tuple[int, int, i
 
 def _needs(seq: Sequence, end: int) -> bool:
     p = seq.params
-    return end == len(seq) and (p.uses_penalties or bool(p.logit_bias) or end - seq.prompt_len < p.min_tokens
-                                 or bool(p.bad_words_ids))
+    return p.uses_penalties or bool(p.logit_bias) or end - seq.prompt_len < p.min_tokens or bool(p.bad_words_ids)
 
 
 def apply_logits_processing(logits: torch.Tensor, li: LogitsInputs, sampled: torch.Tensor,

@@ -27,8 +27,9 @@ A request that drafts waits for its step to come back before its next one is pla
 what was accepted): it does not take part in overlap scheduling. So that text which does not repeat costs little,
 a lookup that finds nothing, or a step that keeps no draft, is a miss: the request then decodes 1, 2, 4, then up to
 8 steps (doubling while the misses go on) the plain way, overlapped, before it looks again; a kept draft resets it.
-Requests that process logits (penalties, logit_bias, bad words, min_tokens: their inputs are per sampled token)
-or return log-probabilities never draft.
+Logits processing applies to each sampled row as to a sequence that ends at that row's draft (penalties count the
+drafts before it, min_tokens and bad words look at them), and log-probabilities come from each kept token's own
+row, so those requests draft too; only requests that ask for prompt log-probabilities or first-step logits do not.
 """
 
 from __future__ import annotations
@@ -91,6 +92,6 @@ def accept(drafts: list[int], sampled: list[int]) -> list[int]:
 
 
 def can_draft(seq) -> bool:
-    """Whether a request may draft: no logits processing, no log-probabilities asked for."""
+    """Whether a request may draft: any but those that ask for prompt log-probabilities or first-step logits."""
     p = seq.params
-    return not p.processes_logits and not p.return_logprobs and not p.prompt_logprobs and not p.return_first_logits
+    return not p.prompt_logprobs and not p.return_first_logits
