@@ -1,6 +1,7 @@
-"""Speculative decoding (runtime/speculative.py): the drafts' lookup and acceptance, and end to end the same greedy
-tokens as plain decoding, with drafts that are right, wrong or right in part, across stops, a short token budget,
-preemption, cancellation, requests that do not draft, the piecewise graphs' path, and tp=2 and pp=2 under mpirun."""
+"""Speculative decoding (runtime/speculative.py): the drafts' lookup and acceptance, and end to end the same tokens as
+plain decoding, greedy and sampled, with drafts that are right, wrong or right in part, across stops, logits
+processing and log-probabilities, a short token budget, preemption, cancellation, misses, the piecewise graphs'
+path, and tp=2 and pp=2 under mpirun."""
 
 from __future__ import annotations
 
