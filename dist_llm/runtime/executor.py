@@ -69,7 +69,7 @@ class Executor:
                  scheduling_policy: str = "fcfs", log_stats_interval: float = 0.0,
                  speculative: SpeculativeConfig | None = None):  # fmt: skip
         """`log_stats_interval`: seconds between vLLM-style stats lines while there is work (0: none).
-        `speculative`: draft tokens by n-gram lookup for greedy requests (runtime/speculative.py); None: off."""
+        `speculative`: draft tokens by n-gram lookup (runtime/speculative.py); None: off."""
         self.worker, self.engine, self.tokenizer = worker, engine, tokenizer
         b = engine.build
         self.block_manager = BlockManager(num_blocks, b.tokens_per_block)
@@ -262,7 +262,8 @@ class Executor:
         result = self.worker.execute(plan)  # the result itself when rank 0 is also the last stage
         computed, token_index, context_rows, context_tokens = [], [], 0, 0
         drafts = [s.num_drafts for s in batch.seqs] if plan.sample_index is not None else None
-        sample_row = list(itertools.accumulate(d + 1 for d in drafts)) if drafts else None
+        # each row's (last) row of the sampled ids: a drafting row has 1 + d of them
+        last_row = [r - 1 for r in itertools.accumulate(d + 1 for d in drafts)] if drafts else None
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.num_drafts:  # the newest token and its drafts: what comes back is settled in _complete
                 seq.num_computed_tokens += n
@@ -277,12 +278,12 @@ class Executor:
                 token_index.append(len(seq))
                 seq.token_ids.append(PENDING)
                 seq.num_pending += 1
-                seq.feed = (self.launches, row if sample_row is None else sample_row[row] - 1)
+                seq.feed = (self.launches, row if last_row is None else last_row[row])
             else:  # a prefill chunk that does not reach the end yet: its sample is not used
                 token_index.append(None)
         self.launches += 1
-        self.inflight.append(InFlight(batch, result, computed, token_index, sample_row and [r - 1 for r in sample_row],
-                                      drafts, time.perf_counter(), context_rows, context_tokens))
+        self.inflight.append(InFlight(batch, result, computed, token_index, last_row, drafts, time.perf_counter(),
+                                      context_rows, context_tokens))
         self.max_inflight_seen = max(self.max_inflight_seen, len(self.inflight))
 
     def step(self) -> list[TokenEvent]:
@@ -407,7 +408,7 @@ class Executor:
             seq.top_logprobs.append(list(zip(top[0][:k], top[1][:k])))
 
     def _settle_drafts(self, seq: Sequence, num_drafts: int, sampled: list[int], now: float) -> TokenEvent:
-        """A drafting request's step is back (runtime/speculative.py): keep the drafts that greedy decoding
+        """A drafting request's step is back (runtime/speculative.py): keep the drafts that the step's sampling
         confirms and the token after them, stop where a stop condition says, move its computed length back to the
         kept tokens and give back the blocks it no longer needs."""
         start = len(seq) - num_drafts  # its first draft; the tokens before it have their KV now
