@@ -94,6 +94,10 @@ class StepPlan:
     def batch_size(self) -> int:
         return int(self.seq_lens.shape[0])
 
+    def sample_rows(self) -> torch.Tensor:
+        """int64 [S]: the token rows the LM head samples, each sequence's last token or sample_index's."""
+        return self.cu_seqlens_q[1:].long() - 1 if self.sample_index is None else self.sample_index
+
     @property
     def num_samples(self) -> int:
         """Rows sampled: one per sequence, or sample_index's."""

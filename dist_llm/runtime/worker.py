@@ -264,12 +264,10 @@ class Worker:
             self.send_to_next_stage(torch.stack(out))
             return None
         extras = self.prompt_logprobs(plan, out)
-        if plan.sample_index is not None:  # speculative drafts: several rows of some sequences
-            hidden = out[plan.sample_index.to(dev, non_blocking=True)]
-        elif plan.num_tokens == plan.seq_lens.shape[0]:  # one token a sequence: every row is a last token
+        if plan.num_tokens == plan.batch_size:  # one token a sequence (so no drafts): every row is sampled
             hidden = out  # (and a `DeferredNorm`, the folded final norm of one token, cannot be indexed)
         else:
-            hidden = out[(plan.cu_seqlens_q[1:] - 1).to(dev, non_blocking=True).long()]
+            hidden = out[plan.sample_rows().to(dev, non_blocking=True)]
         # non_blocking: a blocking copy would wait for the whole forward, and the host would then launch the
         # next step only after this one is done (a gap on the GPU after every eager step)
         params = {f: None if getattr(plan, f) is None else getattr(plan, f).to(dev, non_blocking=True)
