@@ -27,7 +27,7 @@ from dist_llm.layers.context import AttentionMetadata, get_metadata, set_metadat
 from dist_llm.parallel import comm
 from dist_llm.runtime.cuda_graphs import stage_forward
 from dist_llm.runtime.plan import StepPlan, StepResult
-from dist_llm.runtime.static_inputs import StaticInputs
+from dist_llm.runtime.static_inputs import StaticInputs, sampling_fields
 
 # name, dtype, padding value, what the length counts (see static_inputs.py)
 PIECEWISE_FIELDS = (
@@ -40,12 +40,7 @@ PIECEWISE_FIELDS = (
     # the LM head's rows: each sequence's last token, or the plan's sample_index (speculative drafts), and the
     # sampling parameters of each
     ("last_index", torch.int64, 0, "sample"),
-    ("temperature", torch.float32, 0.0, "sample"),
-    ("top_k", torch.int32, 0, "sample"),
-    ("top_p", torch.float32, 1.0, "sample"),
-    ("min_p", torch.float32, 0.0, "sample"),
-    ("seeds", torch.int64, 0, "sample"),
-    ("offsets", torch.int64, 0, "sample"),
+    *sampling_fields("sample"),
 )
 MIN_BUCKET = 16  # at one row the GEMVs fold norms (`DeferredNorm`): buckets stay above that
 
@@ -164,7 +159,7 @@ class PiecewiseGraphRunner:
     def _load(self, plan: StepPlan, bucket: int) -> None:
         t, b, n = plan.num_tokens, plan.batch_size, plan.num_samples
         values = {name: getattr(plan, name, None) for name, *_ in PIECEWISE_FIELDS}
-        values["last_index"] = plan.cu_seqlens_q[1:].long() - 1 if plan.sample_index is None else plan.sample_index
+        values["last_index"] = plan.sample_rows()
         counts = {"token": (t, bucket), "row": (b, b), "row+1": (b + 1, b + 1), "sample": (n, n)}
         self.inputs.load(values, counts, plan.block_tables, b)
 

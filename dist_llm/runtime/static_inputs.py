@@ -21,18 +21,21 @@ import torch
 
 from dist_llm.runtime.plan import SAMPLING_FIELDS
 
+
+def sampling_fields(kind: str) -> tuple:
+    """The sampler's arguments (plan.SAMPLING_FIELDS) as fields whose length counts `kind`; padding rows are greedy."""
+    specs = {"temperature": (torch.float32, 0.0), "top_k": (torch.int32, 0), "top_p": (torch.float32, 1.0),
+             "min_p": (torch.float32, 0.0), "seeds": (torch.int64, 0), "offsets": (torch.int64, 0)}
+    return tuple((name, *specs[name], kind) for name in SAMPLING_FIELDS)
+
+
 # the decode graphs' fields: name, dtype, value in padding rows (and at start-up), what the length counts
 DECODE_FIELDS = (
     ("input_ids", torch.int64, 0, "row"),
     ("positions", torch.int64, 0, "row"),
     ("slot_mapping", torch.int64, -1, "row"),  # padding rows write no KV
     ("seq_lens", torch.int32, 1, "row"),  # and attend to one token of block 0
-    ("temperature", torch.float32, 0.0, "row"),
-    ("top_k", torch.int32, 0, "row"),
-    ("top_p", torch.float32, 1.0, "row"),
-    ("min_p", torch.float32, 0.0, "row"),
-    ("seeds", torch.int64, 0, "row"),
-    ("offsets", torch.int64, 0, "row"),
+    *sampling_fields("row"),
     ("prev_index", torch.int64, -1, "row"),
 )
 _ALIGN = 256
