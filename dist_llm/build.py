@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--dummy_weights", action="store_true",
                    help="random weights made on the device at load time (benchmarks); needs --model")
     p.add_argument("--model", help="preset for --dummy_weights: llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, "
-                   "mistral-7b, tiny")
+                   "mistral-7b, llama-68m, tinyllama-1.1b (drafts), tiny")
     p.add_argument("--tp_size", type=int, default=1, help="with --dummy_weights")
     p.add_argument("--pp_size", type=int, default=1, help="with --dummy_weights")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],

@@ -80,10 +80,13 @@ def parse_args(argv=None):
                    "admit a request only if it and every running request can reach max_new_tokens")
     p.add_argument("--scheduling_policy", default="fcfs", choices=["fcfs", "priority"],
                    help="fcfs: arrival order; priority: --input_file JSONL's 'priority' field, lower first")
-    p.add_argument("--speculative_method", choices=["ngram"], default=None,
+    p.add_argument("--speculative_method", choices=["ngram", "draft_model"], default=None,
                    help="speculative decoding: ngram drafts the tokens that followed the last "
-                   "occurrence of the newest n tokens, and one step checks them all (the same output; faster where "
-                   "the text repeats its context)")
+                   "occurrence of the newest n tokens; draft_model drafts with a small model (--draft_engine_dir). "
+                   "One step checks all the drafts: the same output, faster where the drafts are right")
+    p.add_argument("--draft_engine_dir", default=None,
+                   help="draft_model: a draft engine of the same vocabulary, built with --tp_size 1 --pp_size 1; it "
+                   "runs whole on rank 0")
     p.add_argument("--num_speculative_tokens", type=int, default=4, help="the most draft tokens a step (1..16)")
     p.add_argument("--prompt_lookup_min", type=int, default=1, help="ngram: the shortest suffix looked up")
     p.add_argument("--prompt_lookup_max", type=int, default=4, help="ngram: the longest suffix looked up")
@@ -169,7 +172,7 @@ def main(argv=None):
         from dist_llm.runtime.speculative import SpeculativeConfig
 
         speculative = SpeculativeConfig(args.speculative_method, args.num_speculative_tokens, args.prompt_lookup_min,
-                                        args.prompt_lookup_max)
+                                        args.prompt_lookup_max, args.draft_engine_dir)
     if texts is not None:
         check_tokenizer(args)
     runner = ModelRunner.from_dir(

@@ -20,6 +20,11 @@ PRESETS = {
     "mistral-7b": {**_LLAMA, "architectures": ["MistralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
                    "max_position_embeddings": 32768, "rope_theta": 1000000.0, "sliding_window": None},
+    # draft models for speculative decoding against the Llama-2 vocabulary (JackFram/llama-68m, TinyLlama-1.1B)
+    "llama-68m": {**_LLAMA, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 2,
+                  "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 2048},
+    "tinyllama-1.1b": {**_LLAMA, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                       "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048},
     # tiny, for CPU tests of the dummy path and the scaling benchmark
     "tiny": {**_LLAMA, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "vocab_size": 512,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024},

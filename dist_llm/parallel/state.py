@@ -9,6 +9,7 @@ Two planes:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -153,6 +154,20 @@ def set_single_process_state(device: torch.device) -> ParallelState:
     info = RankInfo(0, 1, 0, 1, "127.0.0.1", 0, "single")
     _state = ParallelState(mapping=Mapping(), info=info, backend="gloo", device=device)
     return _state
+
+
+@contextlib.contextmanager
+def single_rank_scope():
+    """Inside it, collectives see a one-rank world on this rank's device: a model built and run there is whole on
+    this rank (tp = pp = 1), whatever the job's mapping. A speculative draft model on rank 0 runs so
+    (runtime/draft_model.py) beside the target model's shard. The job's state comes back on exit."""
+    global _state
+    outer = get_state()
+    _state = ParallelState(mapping=Mapping(), info=outer.info, backend=outer.backend, device=outer.device)
+    try:
+        yield _state
+    finally:
+        _state = outer
 
 
 def destroy() -> None:

@@ -32,9 +32,9 @@ from dist_llm.parallel import comm
 from dist_llm.runtime.block_manager import BlockManager
 from dist_llm.runtime.detokenizer import stop_string_at
 from dist_llm.runtime.logits_processing import build_logits_inputs
-from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult, mixed_decode_split
+from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult, mixed_decode_split, paged_inputs
 from dist_llm.runtime.scheduler import ScheduledBatch, Scheduler
-from dist_llm.runtime.sequence import PENDING, SamplingParams, Sequence
+from dist_llm.runtime.sequence import PENDING, SamplingParams, Sequence, Status
 from dist_llm.runtime.speculative import MAX_SPEC_SKIP, SpeculativeConfig, accept, can_draft, ngram_draft
 from dist_llm.runtime.stats import IterationStats, KvCacheStats, RequestMetrics, StatsLogger, WallClock
 from dist_llm.runtime.worker import Worker
@@ -67,13 +67,17 @@ class Executor:
     def __init__(self, worker: Worker, engine: EngineConfig, num_blocks: int, tokenizer=None,
                  overlap: bool = True, capacity_scheduler_policy: str = "max_utilization",
                  scheduling_policy: str = "fcfs", log_stats_interval: float = 0.0,
-                 speculative: SpeculativeConfig | None = None):  # fmt: skip
+                 speculative: SpeculativeConfig | None = None, drafter=None):  # fmt: skip
         """`log_stats_interval`: seconds between vLLM-style stats lines while there is work (0: none).
-        `speculative`: draft tokens by n-gram lookup (runtime/speculative.py); None: off."""
+        `speculative`: speculative decoding (runtime/speculative.py); None: off. `drafter`: with the "draft_model"
+        method, the draft engine on this rank (runtime/draft_model.py: DraftModel)."""
         self.worker, self.engine, self.tokenizer = worker, engine, tokenizer
         b = engine.build
         self.block_manager = BlockManager(num_blocks, b.tokens_per_block)
-        self.speculative = speculative
+        self.speculative, self.drafter = speculative, drafter
+        if speculative is not None and (speculative.method == "draft_model") != (drafter is not None):
+            raise ValueError("a draft model goes with the draft_model speculative method, and only with it")
+        self.proposals: dict[int, list[int]] = {}  # the draft model's drafts for the step being scheduled
         self.scheduler = Scheduler(self.block_manager, b.max_batch_size, b.max_num_tokens,
                                    capacity_scheduler_policy, b.max_seq_len, scheduling_policy,
                                    propose=self._propose if speculative else None)
@@ -90,7 +94,7 @@ class Executor:
         self.launches = 0
         self.max_inflight_seen = 0
         # the coordinator's own seconds, by phase (benchmarks read them: is the host hidden behind the GPU?)
-        self.host_seconds = dict(schedule=0.0, launch=0.0, wait=0.0, complete=0.0)
+        self.host_seconds = dict(schedule=0.0, launch=0.0, wait=0.0, complete=0.0, draft=0.0)
         # set to a list to record (completion time, prefill tokens, decode rows) per completed step: benchmarks
         # split a run's time between prefill-carrying and decode-only steps with it
         self.step_log: list[tuple[float, int, int]] | None = None
@@ -141,14 +145,27 @@ class Executor:
                 raise DistLLMError(f"{name} token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
     def _propose(self, seq: Sequence) -> list[int]:
-        """Draft tokens for a decoding request (the scheduler's `propose`), by n-gram lookup in its tokens."""
+        """Draft tokens for a decoding request (the scheduler's `propose`): the draft model's, made for the step
+        beforehand (`_run_draft_model`), or by n-gram lookup in its tokens."""
         c = self.speculative
         if not can_draft(seq):
             return []
-        drafts = ngram_draft(seq.token_ids, c.num_speculative_tokens, c.prompt_lookup_min, c.prompt_lookup_max)
+        if self.drafter is not None:
+            drafts = self.proposals.pop(seq.request_id, [])
+        else:
+            drafts = ngram_draft(seq.token_ids, c.num_speculative_tokens, c.prompt_lookup_min, c.prompt_lookup_max)
         if not drafts:
             self._missed(seq)
         return drafts
+
+    def _run_draft_model(self) -> None:
+        """The draft model's drafts for every running request that the next schedule may let draft (decoding,
+        its newest token known, not backing off), in one batch."""
+        d, k = self.drafter, self.speculative.num_speculative_tokens
+        seqs = [s for s in self.scheduler.running if s.status is Status.RUNNING and not s.num_pending
+                and not s.spec_skip and len(s) - s.num_computed_tokens == 1 and can_draft(s)]
+        ks = [min(k, s.params.max_new_tokens - s.num_sampled - 1) for s in seqs]
+        self.proposals = dict(zip((s.request_id for s in seqs), d.propose(seqs, ks))) if seqs else {}
 
     @staticmethod
     def _missed(seq: Sequence) -> None:
@@ -166,10 +183,17 @@ class Executor:
         return seq.request_id
 
     def cancel(self, request_id: int) -> None:
-        seq = self.requests.pop(request_id, None)
+        seq = self.requests.get(request_id)
         if seq is not None and not seq.is_finished:
-            self.scheduler.finish(seq, "cancelled")
-            seq.drop_pending()
+            self._finish(seq, "cancelled")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """A request leaves: its blocks (and its draft model state) go at once; tokens still in flight are dropped."""
+        self.scheduler.finish(seq, reason)
+        seq.drop_pending()
+        del self.requests[seq.request_id]
+        if self.drafter is not None:
+            self.drafter.release(seq.request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self.inflight)
@@ -183,28 +207,15 @@ class Executor:
 
     def _plan(self, batch: ScheduledBatch) -> StepPlan:
         """Plain lists, one tensor per field at the end: this runs every step, for every request."""
-        bs = self.engine.build.tokens_per_block
-        ids, pos, slots, seq_lens, cu, rows, prev = [], [], [], [], [0], [], None
-        max_blocks = max(len(s.block_table) for s in batch.seqs)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start, end, table = seq.num_computed_tokens, seq.num_computed_tokens + n, seq.block_table
-            ids += seq.token_ids[start:end]
-            if ids[-1] == PENDING:  # sampled by the step in flight: the device fills it in
+        ids, pos, slots, seq_lens, cu, rows = paged_inputs(batch.seqs, batch.num_new_tokens,
+                                                           self.engine.build.tokens_per_block)
+        prev = None
+        for i, seq in enumerate(batch.seqs):
+            if ids[cu[i + 1] - 1] == PENDING:  # sampled by the step in flight: the device fills it in
                 launch, row = seq.feed
                 assert launch == self.launches - 1, "a PENDING token must come from the previous launch"
-                prev = prev or [-1] * (len(ids) - 1)
-                prev.append(row)
-            elif prev is not None:
-                prev += [-1] * (len(ids) - len(prev))
-            if n == 1:  # decode: the common case
-                pos.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                pos += range(start, end)
-                slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            seq_lens.append(end)
-            cu.append(cu[-1] + n)
-            rows.append(table + [0] * (max_blocks - len(table)))
+                prev = prev or [-1] * len(ids)
+                prev[cu[i + 1] - 1] = row
         params, seqs, counts = [s.params for s in batch.seqs], batch.seqs, batch.num_new_tokens
         sample_index, offsets, samples = None, [s.num_sampled for s in batch.seqs], None
         drafts = [s.num_drafts for s in batch.seqs]
@@ -293,6 +304,10 @@ class Executor:
             if self.overlap and self.speculative and self._drafting_in_flight():
                 break  # its next input depends on what the step accepts: the whole batch waits for it, not half
             t0 = clock()
+            if self.drafter is not None:
+                self._run_draft_model()
+                t["draft"] += clock() - t0
+                t0 = clock()
             in_flight = {s.request_id for f in self.inflight for s in f.batch.seqs}
             batch = self.scheduler.schedule(busy=set() if self.overlap else in_flight, protected=in_flight)
             t1 = clock()
@@ -394,9 +409,7 @@ class Executor:
                 seq.first_token_time = now
             reason = self._stop_reason(seq, idx)
             if reason:
-                self.scheduler.finish(seq, reason)
-                seq.drop_pending()  # tokens sampled after the stop, still in flight
-                del self.requests[seq.request_id]
+                self._finish(seq, reason)  # (tokens sampled after the stop, still in flight, are dropped)
             events.append(TokenEvent(seq.request_id, [token], reason is not None, reason))
         return events
 
@@ -433,8 +446,7 @@ class Executor:
         seq.num_computed_tokens = len(seq) - 1  # the accepted drafts' KV is written; the last token's is not
         self.block_manager.commit(seq, seq.num_computed_tokens)
         if reason:
-            self.scheduler.finish(seq, reason)
-            del self.requests[seq.request_id]
+            self._finish(seq, reason)
         else:
             self.block_manager.trim(seq)
         return TokenEvent(seq.request_id, seq.token_ids[start:], reason is not None, reason)

@@ -130,8 +130,9 @@ class ModelRunner:
         replay graphs cut at attention (runtime/piecewise_graphs.py); 0: they run eagerly.
         `log_stats_interval`: log throughput, queue, KV usage and prefix-hit figures every this many seconds while
         there is work (vLLM's stats line; 0: never). `runner.executor.stats()` gives them at any time.
-        `speculative_config`: speculative decoding by n-gram lookup (runtime/speculative.py): the same
-        tokens, greedy or seeded sampling, several a step where the text repeats its context; None: off."""
+        `speculative_config`: speculative decoding (runtime/speculative.py), by n-gram lookup or with a draft model
+        (runtime/draft_model.py, which runs on rank 0): the same tokens, greedy or seeded sampling, several a step
+        where the drafts are right; None: off."""
         if piecewise_graph_max_tokens and piecewise_graph_max_tokens < MIN_BUCKET:
             raise DistLLMError(f"--piecewise_graph_max_tokens must be 0 (off) or at least {MIN_BUCKET}, got "
                                f"{piecewise_graph_max_tokens}")
@@ -148,12 +149,20 @@ class ModelRunner:
         if kernel_backend == "auto":
             kernel_backend = "triton" if pstate.device.type == "cuda" else "torch"
         worker = Worker(engine_dir, engine, pstate, kernel_backend, kv_cache_dtype)
+        if cuda_graphs == "auto":
+            cuda_graphs = "on" if graphs_possible(pstate) else "off"
+        drafter = None
+        if speculative_config is not None and speculative_config.method == "draft_model" and pstate.mapping.rank == 0:
+            from dist_llm.runtime.draft_model import DraftModel
+
+            # (before the KV pool is sized: the draft's weights and its own pool take their memory first)
+            drafter = DraftModel(speculative_config.draft_engine_dir, engine, kernel_backend,
+                                 speculative_config.num_speculative_tokens,
+                                 {"on": "capture", "static": "static"}.get(cuda_graphs, "off"))
         num_blocks = decide_num_blocks(worker, kv_cache_free_gpu_mem_fraction, num_kv_blocks)
         worker.allocate_kv_cache(num_blocks)
         if worker.ops.backend == "triton" and worker.device.type == "cuda":  # compile the eager variants now
             run_compile_warmup(worker, num_blocks)
-        if cuda_graphs == "auto":
-            cuda_graphs = "on" if graphs_possible(pstate) else "off"
         if cuda_graphs != "off":
             check_cuda_graphs(cuda_graphs, pstate)
             worker.enable_decode_graphs("capture" if cuda_graphs == "on" else "static")
@@ -168,7 +177,7 @@ class ModelRunner:
         tokenizer = load_tokenizer(tokenizer_dir or engine_dir)
         executor = Executor(worker, engine, num_blocks, tokenizer, overlap=overlap,
                             capacity_scheduler_policy=capacity_scheduler_policy, scheduling_policy=scheduling_policy,
-                            log_stats_interval=log_stats_interval, speculative=speculative_config)
+                            log_stats_interval=log_stats_interval, speculative=speculative_config, drafter=drafter)
         bs = engine.build.tokens_per_block
         log.info("KV cache: %d blocks of %d tokens = %d tokens in flight at most (%s)", num_blocks, bs,
                  num_blocks * bs, str(worker.kv_dtype).removeprefix("torch."))
@@ -329,6 +338,8 @@ class ModelRunner:
         self._closed = True
         self.executor.shutdown()
         self.executor.worker.close()
+        if self.executor.drafter is not None:
+            self.executor.drafter.close()
         destroy()
 
     def __enter__(self):

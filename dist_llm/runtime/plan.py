@@ -48,6 +48,27 @@ def mixed_decode_split() -> bool:
     return value == "1"
 
 
+def paged_inputs(seqs, counts: list[int], block_size: int) -> tuple[list[int], ...]:
+    """The attention inputs of a step that computes each sequence's next `n` tokens, from its
+    `num_computed_tokens` on, as plain lists: (token ids, positions, slot mapping, seq_lens, cu_seqlens_q, block
+    table rows padded with 0 to the longest). Every sequence's `block_table` must cover its new tokens."""
+    ids, pos, slots, seq_lens, cu, rows = [], [], [], [], [0], []
+    max_blocks = max(len(s.block_table) for s in seqs)
+    for seq, n in zip(seqs, counts):
+        start, end, table = seq.num_computed_tokens, seq.num_computed_tokens + n, seq.block_table
+        ids += seq.token_ids[start:end]
+        if n == 1:  # decode: the common case
+            pos.append(start)
+            slots.append(table[start // block_size] * block_size + start % block_size)
+        else:
+            pos += range(start, end)
+            slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+        seq_lens.append(end)
+        cu.append(cu[-1] + n)
+        rows.append(table + [0] * (max_blocks - len(table)))
+    return ids, pos, slots, seq_lens, cu, rows
+
+
 @dataclass
 class StepPlan:
     input_ids: torch.Tensor  # int64 [T]

@@ -1,4 +1,5 @@
-"""Speculative decoding by n-gram lookup (vLLM's "ngram" method, TensorRT-LLM's prompt-lookup decoding).
+"""Speculative decoding by n-gram lookup (vLLM's "ngram" method, TensorRT-LLM's prompt-lookup decoding), and how
+a step checks drafts, whatever proposes them (a draft model: runtime/draft_model.py).
 
 A request that is decoding proposes up to `num_speculative_tokens` draft tokens: the tokens that followed the most
 recent earlier occurrence of its last n tokens (prompt and output), for n from `prompt_lookup_max` down to
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 
 from dist_llm.errors import DistLLMError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")  # draft_model: runtime/draft_model.py
 MAX_SPEC_SKIP = 8  # the longest run of plain decode steps between two lookups, after misses in a row
 
 
@@ -49,6 +50,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4  # the most draft tokens a step
     prompt_lookup_min: int = 1  # the shortest suffix matched
     prompt_lookup_max: int = 4  # the longest suffix matched (tried first)
+    draft_engine_dir: str | None = None  # "draft_model": the draft's engine, built with tp = pp = 1
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -56,6 +58,9 @@ class SpeculativeConfig:
                                f"{', '.join(METHODS)}")
         if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 16:
             raise DistLLMError(f"--num_speculative_tokens must be in 1..16, got {self.num_speculative_tokens!r}")
+        if (self.method == "draft_model") != (self.draft_engine_dir is not None):
+            raise DistLLMError("--draft_engine_dir goes with --speculative_method draft_model, and that method needs "
+                               "it: the directory of a draft engine built with --tp_size 1 --pp_size 1")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise DistLLMError(f"need 1 <= --prompt_lookup_min ({self.prompt_lookup_min}) <= --prompt_lookup_max "
                                f"({self.prompt_lookup_max})")
