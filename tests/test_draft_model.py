@@ -86,16 +86,22 @@ def test_another_model_as_draft_gives_the_same_tokens(engines, plain, graphs):
 
 
 def test_sampled_and_stopped_requests(engines):
-    """Seeded sampling with the target as draft: plain sampling's tokens (the greedy drafts are kept where sampling
-    draws them); and a stop string and max_new_tokens that fall among kept drafts end where plain decoding ends."""
+    """Seeded sampling (temperature, top-k, top-p, min-p): plain sampling's tokens, with the target as draft (its
+    drafts draw with the request's own noise, so the target keeps them all) and with another model; a stop string
+    and max_new_tokens that fall among kept drafts end where plain decoding ends."""
     target = engines["target"]
-    sampling = dict(temperature=0.7, top_k=20, seed=3, max_new_tokens=30, end_id=-1)
-    for kw in (sampling, dict(max_new_tokens=11, end_id=-1), dict(stop=["e"], max_new_tokens=30, end_id=-1)):
+    sampling = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, seed=3, max_new_tokens=30, end_id=-1)
+    for draft, kw in (("self", sampling), ("other", sampling), ("self", dict(max_new_tokens=11, end_id=-1)),
+                      ("self", dict(stop=["e"], max_new_tokens=30, end_id=-1))):
         base, _, _ = _generate(target, ALL, **kw)
-        fast, stats, work = _generate(target, ALL, _spec(engines, "self", 6), **kw)
+        fast, stats, work = _generate(target, ALL, _spec(engines, draft, 6), **kw)
         assert [(o.output_token_ids, o.output_text, o.finish_reason) for o in fast] == \
             [(o.output_token_ids, o.output_text, o.finish_reason) for o in base], kw
         assert stats.num_accepted_tokens > 0 and work[2:] == (0, 0)
+        if draft == "self":
+            assert stats.num_accepted_tokens == stats.num_draft_tokens
+        else:
+            assert stats.num_accepted_tokens < stats.num_draft_tokens
 
 
 def test_small_draft_pool_and_budget_and_small_target_pool(engines, plain):

@@ -15,9 +15,12 @@ tokens the draft has KV for, which are the request's tokens, then the drafts it 
      draft's last draft when all were kept), which samples draft 1 (greedy);
   3. feeds each draft back for the next, k - 1 decode steps in all. They replay the draft's decode CUDA graphs, and
      each reads its input from the previous step's sampled ids on the device, so the host waits once, at the end.
-Drafts are greedy, also for sampled requests: the target keeps a draft where its seeded sampling draws that token,
-so the output is exactly plain sampling's, with fewer drafts kept than rejection sampling against the draft's
-probabilities would keep.
+Each draft is sampled as its request samples (greedy, or its temperature, top-k, top-p and min-p), with the
+request's seed at the output position it drafts: the same noise as the target's own sampling there. The target
+keeps a draft where its sampling draws that token (runtime/speculative.py), so the output is exactly plain
+sampling's; with the noise shared, a draft that is close to the target draws what the target draws most of the
+time (the Gumbel-max coupling of the two distributions), where an independent or greedy draft would not.
+Logits processing (penalties, biases, bad words) is the target's alone: the draft does not apply it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dist_llm.config import EngineConfig
 from dist_llm.errors import DistLLMError
 from dist_llm.parallel.state import single_rank_scope
 from dist_llm.runtime.block_manager import BlockManager
-from dist_llm.runtime.plan import StepPlan, StepResult, mixed_decode_split, paged_inputs
+from dist_llm.runtime.plan import StepPlan, StepResult, mixed_decode_split, paged_inputs, sampling_mode
 from dist_llm.runtime.sequence import PENDING
 from dist_llm.runtime.worker import TokenReturn, Worker
 
@@ -45,6 +48,7 @@ class DraftState:
 
     def __init__(self, request_id: int, tokens: list[int]):
         self.request_id = request_id
+        self.request = None  # the request now drafted for (its sampling parameters and seed)
         self.token_ids = list(tokens)
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
@@ -129,6 +133,7 @@ class DraftModel:
         state.token_ids += [PENDING] * (k - 1)  # the slots of the drafts it will feed itself, taken now
         bm.append_slot(state)
         del state.token_ids[len(tokens) :]
+        state.request = seq
         return state
 
     # ---- drafting ---------------------------------------------------------------------------------
@@ -203,17 +208,24 @@ class DraftModel:
             states[i].num_computed_tokens += n
             if states[i].num_computed_tokens == len(states[i].token_ids):
                 where[i].append((f, r))  # this row samples its next draft
-        b = len(rows)
+        # each row samples as its request does, with its seed at the output position it drafts: the target keeps a
+        # draft where its own sampling, with the same noise, draws it
+        params = [states[i].request.params for i, _ in rows]
+        offsets = [states[i].request.num_sampled + len(where[i]) - 1 for i, _ in rows]
+        min_p = [p.min_p for p in params]
         plan = StepPlan(
             input_ids=torch.tensor(ids, dtype=torch.int64), positions=torch.tensor(pos, dtype=torch.int64),
             slot_mapping=torch.tensor(slots, dtype=torch.int64), block_tables=torch.tensor(table, dtype=torch.int32),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32), cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
             max_seqlen_q=max(counts), is_decode=all(n == 1 for n in counts),
-            temperature=torch.zeros(b), top_k=torch.zeros(b, dtype=torch.int32), top_p=torch.ones(b),
-            seeds=torch.zeros(b, dtype=torch.int64), offsets=torch.zeros(b, dtype=torch.int64),
-            sampling_mode="greedy",
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int32),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            min_p=torch.tensor(min_p, dtype=torch.float32) if any(min_p) else None,
+            seeds=torch.tensor([states[i].request.seed for i, _ in rows], dtype=torch.int64),
+            offsets=torch.tensor(offsets, dtype=torch.int64), sampling_mode=sampling_mode(params),
             prev_index=None if prev is None else torch.tensor(prev, dtype=torch.int64),
-            num_decode_rows=next((r for r, n in enumerate(counts) if n != 1), b) if self.decode_split else 0,
+            num_decode_rows=next((r for r, n in enumerate(counts) if n != 1), len(rows)) if self.decode_split else 0,
         )
         self.forwards += 1
         self.tokens_computed += len(ids)

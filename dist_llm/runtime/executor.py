@@ -32,7 +32,7 @@ from dist_llm.parallel import comm
 from dist_llm.runtime.block_manager import BlockManager
 from dist_llm.runtime.detokenizer import stop_string_at
 from dist_llm.runtime.logits_processing import build_logits_inputs
-from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult, mixed_decode_split, paged_inputs
+from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult, mixed_decode_split, paged_inputs, sampling_mode
 from dist_llm.runtime.scheduler import ScheduledBatch, Scheduler
 from dist_llm.runtime.sequence import PENDING, SamplingParams, Sequence, Status
 from dist_llm.runtime.speculative import MAX_SPEC_SKIP, SpeculativeConfig, accept, can_draft, ngram_draft
@@ -520,14 +520,6 @@ def prompt_logprob_spans(seqs: list[Sequence], starts: list[int], counts: list[i
         if seq.params.prompt_logprobs and last > start:
             spans.append((row, start + 1, last - start))
     return spans
-
-
-def sampling_mode(params) -> str:
-    if all(p.temperature == 0 for p in params):
-        return "greedy"
-    if all(p.temperature == 0 or (p.top_k == 0 and p.top_p >= 1 and p.min_p == 0) for p in params):
-        return "plain"
-    return "full"
 
 
 def serve_worker(worker: Worker) -> None:

@@ -48,6 +48,15 @@ def mixed_decode_split() -> bool:
     return value == "1"
 
 
+def sampling_mode(params) -> str:
+    """The sampler's mode for a step whose sampled rows have these SamplingParams (a plan's `sampling_mode`)."""
+    if all(p.temperature == 0 for p in params):
+        return "greedy"
+    if all(p.temperature == 0 or (p.top_k == 0 and p.top_p >= 1 and p.min_p == 0) for p in params):
+        return "plain"
+    return "full"
+
+
 def paged_inputs(seqs, counts: list[int], block_size: int) -> tuple[list[int], ...]:
     """The attention inputs of a step that computes each sequence's next `n` tokens, from its
     `num_computed_tokens` on, as plain lists: (token ids, positions, slot mapping, seq_lens, cu_seqlens_q, block
