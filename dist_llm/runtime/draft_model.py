@@ -34,6 +34,7 @@ from dist_llm.config import EngineConfig
 from dist_llm.errors import DistLLMError
 from dist_llm.parallel.state import single_rank_scope
 from dist_llm.runtime.block_manager import BlockManager
+from dist_llm.runtime.piecewise_graphs import MIN_BUCKET
 from dist_llm.runtime.plan import StepPlan, StepResult, mixed_decode_split, paged_inputs, sampling_mode
 from dist_llm.runtime.sequence import PENDING
 from dist_llm.runtime.worker import TokenReturn, Worker
@@ -71,10 +72,11 @@ def check_draft_engine(draft: EngineConfig, target: EngineConfig, engine_dir: st
 
 
 class DraftModel:
-    """The draft engine on rank 0 and each request's draft state. `cuda_graphs`: "capture", "static" or "off"."""
+    """The draft engine on rank 0 and each request's draft state. `cuda_graphs`: "capture", "static" or "off", for
+    decode steps and for steps of up to `piecewise_graph_max_tokens` tokens (as the target's)."""
 
     def __init__(self, engine_dir: str, target: EngineConfig, kernel_backend: str, num_speculative_tokens: int,
-                 cuda_graphs: str = "off"):  # fmt: skip
+                 cuda_graphs: str = "off", piecewise_graph_max_tokens: int = 512):  # fmt: skip
         if not os.path.isfile(os.path.join(engine_dir, "engine.json")):
             raise DistLLMError(f"no draft engine at {engine_dir!r} (engine.json is missing): build one with "
                                "`python -m dist_llm.build ... --tp_size 1` and pass its directory")
@@ -92,8 +94,11 @@ class DraftModel:
                 from dist_llm.runtime.profile import run_compile_warmup
 
                 run_compile_warmup(w, num_blocks)
-            if cuda_graphs != "off":
+            if cuda_graphs != "off":  # (the catch-up forwards of two tokens a request replay the piecewise ones)
                 w.enable_decode_graphs(cuda_graphs)
+                most = min(piecewise_graph_max_tokens, b.max_num_tokens)
+                if most >= MIN_BUCKET:
+                    w.enable_piecewise_graphs(cuda_graphs, most)
         self.engine, self.block_manager = engine, BlockManager(num_blocks, b.tokens_per_block)
         self.states: dict[int, DraftState] = {}
         self.decode_split = mixed_decode_split()

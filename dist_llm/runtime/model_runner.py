@@ -158,7 +158,8 @@ class ModelRunner:
             # (before the KV pool is sized: the draft's weights and its own pool take their memory first)
             drafter = DraftModel(speculative_config.draft_engine_dir, engine, kernel_backend,
                                  speculative_config.num_speculative_tokens,
-                                 {"on": "capture", "static": "static"}.get(cuda_graphs, "off"))
+                                 {"on": "capture", "static": "static"}.get(cuda_graphs, "off"),
+                                 piecewise_graph_max_tokens)
         num_blocks = decide_num_blocks(worker, kv_cache_free_gpu_mem_fraction, num_kv_blocks)
         worker.allocate_kv_cache(num_blocks)
         if worker.ops.backend == "triton" and worker.device.type == "cuda":  # compile the eager variants now
