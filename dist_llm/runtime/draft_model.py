@@ -103,6 +103,7 @@ class DraftModel:
         self.states: dict[int, DraftState] = {}
         self.decode_split = mixed_decode_split()
         self.forwards = self.tokens_computed = 0  # (tests and benchmarks: the draft's work)
+        self.num_short = 0  # requests that could not draft in a step for want of blocks in the draft's pool
         log.info("draft model %s: %d layers, KV pool of %d blocks of %d tokens", engine.model.architecture,
                  engine.model.num_layers, num_blocks, b.tokens_per_block)
 
@@ -153,6 +154,7 @@ class DraftModel:
             for rid in [r for r in self.states if r not in keep]:
                 self.release(rid)
             states = [st or (self._sync(s, k) if k > 0 else None) for st, s, k in zip(states, seqs, ks)]
+            self.num_short += sum(st is None for st, k in zip(states, ks) if k > 0)
         drafts: list[list[int]] = [[] for _ in seqs]
         todo = [i for i, st in enumerate(states) if st is not None]
         most = self.engine.build.max_batch_size
