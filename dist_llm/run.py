@@ -88,6 +88,8 @@ def parse_args(argv=None):
                    help="draft_model: a draft engine of the same vocabulary, built with --tp_size 1 --pp_size 1; it "
                    "runs whole on rank 0")
     p.add_argument("--num_speculative_tokens", type=int, default=4, help="the most draft tokens a step (1..16)")
+    p.add_argument("--speculative_disable_by_batch_size", type=int, default=None,
+                   help="no drafting while more than this many requests run (a full batch gains nothing from it)")
     p.add_argument("--prompt_lookup_min", type=int, default=1, help="ngram: the shortest suffix looked up")
     p.add_argument("--prompt_lookup_max", type=int, default=4, help="ngram: the longest suffix looked up")
     p.add_argument("--log_stats_interval", type=float, default=0.0,
@@ -172,7 +174,8 @@ def main(argv=None):
         from dist_llm.runtime.speculative import SpeculativeConfig
 
         speculative = SpeculativeConfig(args.speculative_method, args.num_speculative_tokens, args.prompt_lookup_min,
-                                        args.prompt_lookup_max, args.draft_engine_dir)
+                                        args.prompt_lookup_max, args.draft_engine_dir,
+                                        args.speculative_disable_by_batch_size)
     if texts is not None:
         check_tokenizer(args)
     runner = ModelRunner.from_dir(

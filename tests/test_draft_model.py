@@ -219,3 +219,40 @@ def test_captured_graphs_on_gpu(engines):
         assert replays > 0 and stats.num_draft_tokens > 0
         if name == "self":  # (the draft's decode kernels and the target's chunk kernels may part on a near-tie)
             assert stats.num_accepted_tokens >= 0.95 * stats.num_draft_tokens
+
+
+def test_disable_by_batch_size(engines):
+    """With speculative_disable_by_batch_size 2, requests draft only while at most two run; before that the steps
+    overlap as without speculation. The tokens are plain decoding's either way."""
+    from dist_llm.parallel.state import destroy
+    from dist_llm.runtime import ModelRunner
+    from dist_llm.runtime.sequence import SamplingParams, Sequence
+
+    def run(spec):
+        try:
+            runner = ModelRunner.from_dir(engines["target"], device="cpu", speculative_config=spec)
+            ex, running_when_drafting = runner.executor, []
+            if ex.drafter is not None:
+                propose = ex.drafter.propose
+                ex.drafter.propose = lambda seqs, ks: running_when_drafting.append(len(ex.scheduler.running)) or \
+                    propose(seqs, ks)
+            seqs = [Sequence(p, SamplingParams(max_new_tokens=10 + 8 * i, end_id=-1))
+                    for i, p in enumerate(runner.tokenize(ALL))]
+            for s in seqs:
+                ex.enqueue(s)
+            while ex.has_unfinished():
+                ex.step()
+            stats, overlapped = ex.stats(), ex.max_inflight_seen
+            runner.shutdown()
+        finally:
+            destroy()
+        return [s.output_token_ids for s in seqs], stats, overlapped, running_when_drafting
+
+    plain, _, _, _ = run(None)
+    spec = SpeculativeConfig("draft_model", num_speculative_tokens=3, draft_engine_dir=engines["self"],
+                             disable_by_batch_size=2)
+    tokens, stats, overlapped, running = run(spec)
+    assert tokens == plain and stats.num_accepted_tokens > 0
+    assert running and max(running) <= 2 and overlapped == 2
+    with pytest.raises(DistLLMError, match="speculative_disable_by_batch_size must be an integer >= 1"):
+        SpeculativeConfig(disable_by_batch_size=0)

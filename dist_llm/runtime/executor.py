@@ -148,7 +148,7 @@ class Executor:
         """Draft tokens for a decoding request (the scheduler's `propose`): the draft model's, made for the step
         beforehand (`_run_draft_model`), or by n-gram lookup in its tokens."""
         c = self.speculative
-        if not can_draft(seq):
+        if not can_draft(seq) or not self._speculating():
             return []
         if self.drafter is not None:
             drafts = self.proposals.pop(seq.request_id, [])
@@ -162,6 +162,9 @@ class Executor:
         """The draft model's drafts for every running request that the next schedule may let draft (decoding,
         its newest token known, not backing off), in one batch."""
         d, k = self.drafter, self.speculative.num_speculative_tokens
+        if not self._speculating():
+            self.proposals = {}
+            return
         seqs = [s for s in self.scheduler.running if s.status is Status.RUNNING and not s.num_pending
                 and not s.spec_skip and len(s) - s.num_computed_tokens == 1 and can_draft(s)]
         ks = [min(k, s.params.max_new_tokens - s.num_sampled - 1) for s in seqs]
@@ -362,11 +365,21 @@ class Executor:
             num_draft_tokens=self.num_draft_tokens, num_accepted_tokens=self.num_accepted_tokens,
         )
 
+    def _speculating(self) -> bool:
+        """Whether requests draft now: speculative decoding is on, and no more requests run than its
+        disable_by_batch_size."""
+        c = self.speculative
+        return c is not None and (c.disable_by_batch_size is None or
+                                  len(self.scheduler.running) <= c.disable_by_batch_size)
+
     def _drafting_in_flight(self) -> bool:
         """Whether a step in flight holds a request that may draft next (runtime/speculative.py): overlap
         scheduling then waits for it, since what the step accepts is that request's next input. (Leaving such
-        requests out of an overlapped step instead splits a full batch into two halves that take turns.)"""
-        return any(s.num_computed_tokens >= s.prompt_len and not s.spec_skip and not s.is_finished and can_draft(s)
+        requests out of an overlapped step instead splits a full batch into two halves that take turns.) A request
+        whose drafts are in flight is waited for in any case: its tokens are not known until they are checked."""
+        may_draft = self._speculating()
+        return any(s.num_drafts or (may_draft and s.num_computed_tokens >= s.prompt_len and not s.spec_skip
+                                    and not s.is_finished and can_draft(s))
                    for f in self.inflight for s in f.batch.seqs)  # (a prompt chunk short of the end: no wait)
 
     def _complete(self, done: InFlight, result: StepResult) -> list[TokenEvent]:

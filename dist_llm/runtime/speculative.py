@@ -51,6 +51,9 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1  # the shortest suffix matched
     prompt_lookup_max: int = 4  # the longest suffix matched (tried first)
     draft_engine_dir: str | None = None  # "draft_model": the draft's engine, built with tp = pp = 1
+    # no drafting while more than this many requests run (vLLM's speculative_disable_by_batch_size): a full batch
+    # is bound by compute, where checking drafts costs more than it gives; None: always draft
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -61,6 +64,10 @@ class SpeculativeConfig:
         if (self.method == "draft_model") != (self.draft_engine_dir is not None):
             raise DistLLMError("--draft_engine_dir goes with --speculative_method draft_model, and that method needs "
                                "it: the directory of a draft engine built with --tp_size 1 --pp_size 1")
+        if self.disable_by_batch_size is not None and (not isinstance(self.disable_by_batch_size, int)
+                                                       or self.disable_by_batch_size < 1):
+            raise DistLLMError(f"--speculative_disable_by_batch_size must be an integer >= 1, got "
+                               f"{self.disable_by_batch_size!r}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise DistLLMError(f"need 1 <= --prompt_lookup_min ({self.prompt_lookup_min}) <= --prompt_lookup_max "
                                f"({self.prompt_lookup_max})")
