@@ -419,7 +419,7 @@ s20b)  # lean (about 5 minutes): an H200's batch 1 (median of 5), then speculati
     TAIL=20 step spec 180 python3 benchmarks/bench_speculative.py --output_dir "$OUT/spec" --ks 2 4 8 ;;
 s21)  # by the card. An H200: batch 1 (median of 5) and with its own GEMV table (issue 5's figure), then the draft-model
     # bench (68m, K = 4) and GPU test. Another card: the draft-model and n-gram GPU tests, the draft-model bench
-    # (68m and TinyLlama, K = 2 and 4) and the n-gram bench at K = 4
+    # (the target itself, 68m and TinyLlama, K = 4) and the n-gram bench at K = 4
     if grep -q H200 "$OUT/gpus.txt"; then
         TAIL=10 step latency_b1 90 python3 benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 \
             --output_dir "$OUT/latency_b1"
@@ -435,7 +435,7 @@ s21)  # by the card. An H200: batch 1 (median of 5) and with its own GEMV table 
         TAIL=4 step pytest_spec 150 python3 -m pytest -q -p no:cacheprovider tests/test_draft_model.py \
             tests/test_speculative.py -k gpu
         grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_spec.log" | head -8
-        TAIL=16 step draft 280 python3 benchmarks/bench_draft_model.py --output_dir "$OUT/draft"
+        TAIL=16 step draft 280 python3 benchmarks/bench_draft_model.py --output_dir "$OUT/draft" --ks 4
         TAIL=16 step spec 120 python3 benchmarks/bench_speculative.py --output_dir "$OUT/spec" --ks 4
     fi ;;
 s21b)  # lean: the draft-model GPU test and bench at K = 4 with the 68m draft; an H200's batch 1 first
