@@ -68,6 +68,8 @@ def test_the_target_as_its_own_draft_keeps_every_draft(engines, plain, graphs):
     assert [o.output_token_ids for o in outs] == expected
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
     assert stats.iteration < plain_stats.iteration / 3  # up to 6 tokens a step
+    assert stats.mean_acceptance_length > 4 and stats.acceptance_per_position[0] == 1.0
+    assert stats.num_accepted_tokens == sum(stats.accepted_per_position)
     # every draft kept: after the prompt, a step's draft computes only its last draft and the target's own token
     # (the drafts it fed itself before are the tokens now), then feeds itself 4 drafts
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
@@ -190,7 +192,7 @@ def test_under_mpirun(engines, tiny_models, tmp_path_factory, tp, pp):
     tokens = [[o["output_token_ids"] for o in json.loads(p.read_text())] for p in (plain, fast)]
     assert tokens[0] == tokens[1]
     line = next(x for x in (proc.stdout + proc.stderr).splitlines() if "Draft acceptance rate" in x)
-    assert "Draft acceptance rate: 100.0%" in line
+    assert "Draft acceptance rate: 100.0%" in line and "Per-position acceptance rate: 1.00, 1.00" in line
 
 
 @pytest.mark.gpu

@@ -82,6 +82,8 @@ class Executor:
                                    capacity_scheduler_policy, b.max_seq_len, scheduling_policy,
                                    propose=self._propose if speculative else None)
         self.num_draft_tokens = self.num_accepted_tokens = 0  # speculative drafts proposed and accepted, in all
+        self.num_drafting_steps = 0  # steps of a request that checked drafts
+        self.accepted_per_position = [0] * (speculative.num_speculative_tokens if speculative else 0)
         self.requests: dict[int, Sequence] = {}  # unfinished requests only
         self.eos_ids = set(engine.model.eos_token_ids)
         self.decode_split = mixed_decode_split()
@@ -363,6 +365,7 @@ class Executor:
                 reused_blocks=bm.reused_blocks, missed_blocks=bm.missed_blocks,
                 prefix_queried_tokens=bm.queried_tokens, prefix_hit_tokens=bm.hit_tokens),
             num_draft_tokens=self.num_draft_tokens, num_accepted_tokens=self.num_accepted_tokens,
+            num_drafting_steps=self.num_drafting_steps, accepted_per_position=list(self.accepted_per_position),
         )
 
     def _speculating(self) -> bool:
@@ -443,6 +446,11 @@ class Executor:
         seq.num_drafts = 0
         self.num_draft_tokens += num_drafts
         self.num_accepted_tokens += len(new) - 1
+        self.num_drafting_steps += 1
+        kept = self.accepted_per_position
+        kept += [0] * (len(new) - 1 - len(kept))  # (a proposer replaced in tests may draft more than K)
+        for j in range(len(new) - 1):
+            kept[j] += 1
         if len(new) == 1:
             self._missed(seq)
         else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger("dist_llm")
 
@@ -63,18 +63,34 @@ class IterationStats:
     num_finished: int
     num_preemptions: int
     kv: KvCacheStats
-    # speculative decoding (runtime/speculative.py): draft tokens proposed and accepted, in total
+    # speculative decoding (runtime/speculative.py), in total: draft tokens proposed and accepted, the steps of a
+    # request that checked drafts, and of those how many kept a draft at position 1, 2, ... (vLLM's spec decoding
+    # metrics)
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_drafting_steps: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
 
     @property
     def draft_acceptance_rate(self) -> float:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens a drafting step gives: 1 + the drafts it keeps, on average (0 before any)."""
+        return 1 + self.num_accepted_tokens / self.num_drafting_steps if self.num_drafting_steps else 0.0
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        """Of the drafting steps, the fraction that kept draft 1, draft 2, ..."""
+        n = self.num_drafting_steps
+        return [a / n for a in self.accepted_per_position] if n else []
+
     def to_json(self) -> dict:
         out = asdict(self)
         out["kv"].update(usage=self.kv.usage, cache_hit_rate=self.kv.cache_hit_rate)
-        out["draft_acceptance_rate"] = self.draft_acceptance_rate
+        out.update(draft_acceptance_rate=self.draft_acceptance_rate, mean_acceptance_length=self.mean_acceptance_length,
+                   acceptance_per_position=self.acceptance_per_position)
         return out
 
 
@@ -147,6 +163,8 @@ class StatsLogger:
                 f"in all, KV cache usage: {100 * s.kv.usage:.1f}%, Prefix cache hit rate: "
                 f"{100 * s.kv.cache_hit_rate:.1f}%")
         if s.num_draft_tokens:
-            line += f", Draft acceptance rate: {100 * s.draft_acceptance_rate:.1f}%"
+            line += (f", Draft acceptance rate: {100 * s.draft_acceptance_rate:.1f}%, Mean acceptance length: "
+                     f"{s.mean_acceptance_length:.2f}, Per-position acceptance rate: "
+                     f"{', '.join(f'{r:.2f}' for r in s.acceptance_per_position)}")
         log.info(line)
         return line
