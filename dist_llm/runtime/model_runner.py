@@ -151,6 +151,8 @@ class ModelRunner:
         worker = Worker(engine_dir, engine, pstate, kernel_backend, kv_cache_dtype)
         if cuda_graphs == "auto":
             cuda_graphs = "on" if graphs_possible(pstate) else "off"
+        if cuda_graphs != "off":
+            check_cuda_graphs(cuda_graphs, pstate)
         drafter = None
         if speculative_config is not None and speculative_config.method == "draft_model" and pstate.mapping.rank == 0:
             from dist_llm.runtime.draft_model import DraftModel
@@ -165,7 +167,6 @@ class ModelRunner:
         if worker.ops.backend == "triton" and worker.device.type == "cuda":  # compile the eager variants now
             run_compile_warmup(worker, num_blocks)
         if cuda_graphs != "off":
-            check_cuda_graphs(cuda_graphs, pstate)
             worker.enable_decode_graphs("capture" if cuda_graphs == "on" else "static")
             max_tokens = min(piecewise_graph_max_tokens, engine.build.max_num_tokens)
             if max_tokens >= MIN_BUCKET:
