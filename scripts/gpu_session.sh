@@ -84,6 +84,15 @@ h200_fold() {
         tests/test_kernels_gemv_norm.py
     grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_fold.log" | head -8
 }
+# batch 1 (median of 5), then this card's GEMV table swept and written, and batch 1 with it: b1_with_table SWEEP_LIMIT_S
+b1_with_table() {
+    TAIL=10 step latency_b1 90 python3 benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 \
+        --output_dir "$OUT/latency_b1"
+    TAIL=10 step sweep_gemv "$1" python3 benchmarks/sweep_gemv.py --output_dir "$OUT/sweep" \
+        --write_table "$OUT/gemv_table.json"
+    TAIL=10 DIST_LLM_GEMV_TABLE="$OUT/gemv_table.json" step latency_b1_table 90 python3 benchmarks/bench_latency.py \
+        --batch_sizes 1 --skip_hf --repeats 5 --output_dir "$OUT/latency_b1_table"
+}
 case "$MODE" in
 bench)  # about 6 minutes on an H200
     TAIL=30 step latency 220 python3 benchmarks/bench_latency.py --output_dir "$OUT/latency"
@@ -382,24 +391,14 @@ s19b)  # lean, for a session's last minutes. An H200: batch 1 (median of 5); any
 s19)  # by the card. An H200: batch 1 (median of 5) first, then its GEMV table swept and batch 1 with it, then the
     # logits and graph tests. Any other card: as `logits`.
     if ! grep -q H200 "$OUT/gpus.txt"; then exec env OUT="$RESULTS" bash "$0" logits; fi
-    TAIL=10 step latency_b1 90 python3 benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 \
-        --output_dir "$OUT/latency_b1"
-    TAIL=10 step sweep_gemv 150 python3 benchmarks/sweep_gemv.py --output_dir "$OUT/sweep" \
-        --write_table "$OUT/gemv_table.json"
-    TAIL=10 DIST_LLM_GEMV_TABLE="$OUT/gemv_table.json" step latency_b1_table 90 python3 benchmarks/bench_latency.py \
-        --batch_sizes 1 --skip_hf --repeats 5 --output_dir "$OUT/latency_b1_table"
+    b1_with_table 150
     TAIL=4 step pytest_logits 200 python3 -m pytest -q -p no:cacheprovider tests/test_logits_processing.py \
         tests/test_cuda_graphs.py
     grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_logits.log" | head -8 ;;
 s20)  # by the card. An H200: batch 1 (median of 5), its GEMV table swept and batch 1 with it, then speculative
     # decoding at batch 1. Another card: the speculative GPU test and bench, then the logits and graph tests
     if grep -q H200 "$OUT/gpus.txt"; then
-        TAIL=10 step latency_b1 90 python3 benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 \
-            --output_dir "$OUT/latency_b1"
-        TAIL=10 step sweep_gemv 120 python3 benchmarks/sweep_gemv.py --output_dir "$OUT/sweep" \
-            --write_table "$OUT/gemv_table.json"
-        TAIL=10 DIST_LLM_GEMV_TABLE="$OUT/gemv_table.json" step latency_b1_table 90 python3 \
-            benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 --output_dir "$OUT/latency_b1_table"
+        b1_with_table 120
     fi
     TAIL=4 step pytest_spec 90 python3 -m pytest -q -p no:cacheprovider tests/test_speculative.py -k gpu
     grep -aE "^(FAILED|ERROR)|^E  " "$OUT/pytest_spec.log" | head -8
@@ -421,12 +420,7 @@ s21)  # by the card. An H200: batch 1 (median of 5) and with its own GEMV table 
     # bench (68m, K = 4) and GPU test. Another card: the draft-model and n-gram GPU tests, the draft-model bench
     # (the target itself, 68m and TinyLlama, K = 4) and the n-gram bench at K = 4
     if grep -q H200 "$OUT/gpus.txt"; then
-        TAIL=10 step latency_b1 90 python3 benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 \
-            --output_dir "$OUT/latency_b1"
-        TAIL=10 step sweep_gemv 110 python3 benchmarks/sweep_gemv.py --output_dir "$OUT/sweep" \
-            --write_table "$OUT/gemv_table.json"
-        TAIL=10 DIST_LLM_GEMV_TABLE="$OUT/gemv_table.json" step latency_b1_table 90 python3 \
-            benchmarks/bench_latency.py --batch_sizes 1 --skip_hf --repeats 5 --output_dir "$OUT/latency_b1_table"
+        b1_with_table 110
         TAIL=16 step draft 150 python3 benchmarks/bench_draft_model.py --output_dir "$OUT/draft" --ks 4 \
             --drafts llama-68m --skip_self
         TAIL=4 step pytest_draft 120 python3 -m pytest -q -p no:cacheprovider tests/test_draft_model.py -k gpu
