@@ -20,7 +20,9 @@ request's seed at the output position it drafts: the same noise as the target's 
 keeps a draft where its sampling draws that token (runtime/speculative.py), so the output is exactly plain
 sampling's; with the noise shared, a draft that is close to the target draws what the target draws most of the
 time (the Gumbel-max coupling of the two distributions), where an independent or greedy draft would not.
-Logits processing (penalties, biases, bad words) is the target's alone: the draft does not apply it.
+Logits processing (penalties, biases, bad words) is the target's alone: the draft does not apply it. Unlike n-gram
+lookups, a step that keeps no draft does not make the request back off: a draft model misses now and then, not in
+runs. Only a request that the draft's pool cannot take backs off (runtime/speculative.py's back-off).
 """
 
 from __future__ import annotations

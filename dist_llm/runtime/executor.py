@@ -451,7 +451,7 @@ class Executor:
         kept += [0] * (len(new) - 1 - len(kept))  # (a proposer replaced in tests may draft more than K)
         for j in range(len(new) - 1):
             kept[j] += 1
-        if len(new) == 1:
+        if len(new) == 1 and self.drafter is None:  # (a draft model's miss is one of its usual misses: no back-off)
             self._missed(seq)
         else:
             seq.spec_misses = 0
