@@ -21,12 +21,13 @@ ALL = PROMPTS + REPEATS
 @pytest.fixture(scope="module")
 def engines(tiny_models, tmp_path_factory) -> dict[str, str]:
     """The target (tiny Llama), the same model as a draft, another model of the same vocabulary (the tiny
-    Mistral), and that one with a small pool (2 sequences of 256 tokens) and 8 tokens a forward."""
+    Mistral, with blocks of 32 tokens where the target's have 16), and that one with a small pool (2 sequences of
+    256 tokens) and 8 tokens a forward."""
     root = tmp_path_factory.mktemp("draft")
     return {
         "target": convert_and_build(tiny_models["llama"], root / "target", 1, 1),
         "self": convert_and_build(tiny_models["llama"], root / "self", 1, 1, max_batch_size=4),
-        "other": convert_and_build(tiny_models["mistral"], root / "other", 1, 1),
+        "other": convert_and_build(tiny_models["mistral"], root / "other", 1, 1, tokens_per_block=32),
         "small": convert_and_build(tiny_models["mistral"], root / "small", 1, 1, max_batch_size=2, max_num_tokens=8,
                                    max_input_len=8),
     }
@@ -43,7 +44,8 @@ def _generate(engine, prompts, spec=None, cuda_graphs="off", num_kv_blocks=None,
         ex = runner.executor
         stats, drafter = ex.stats(), ex.drafter
         work = None if drafter is None else (drafter.forwards, drafter.tokens_computed, len(drafter.states),
-                                             drafter.block_manager.num_used_blocks, drafter.num_short)
+                                             drafter.block_manager.num_used_blocks, drafter.num_short,
+                                             drafter.block_manager.reused_blocks)
         runner.shutdown()
     finally:
         destroy()
@@ -63,7 +65,7 @@ def plain(engines):
 @pytest.mark.parametrize("graphs", ["off", "static"])
 def test_the_target_as_its_own_draft_keeps_every_draft(engines, plain, graphs):
     expected, plain_stats = plain
-    outs, stats, (forwards, tokens, states, used, _) = _generate(engines["target"], ALL, _spec(engines, "self", 5),
+    outs, stats, (forwards, tokens, states, used, _, _) = _generate(engines["target"], ALL, _spec(engines, "self", 5),
                                                               cuda_graphs=graphs, max_new_tokens=40, end_id=-1)
     assert [o.output_token_ids for o in outs] == expected
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
@@ -109,6 +111,18 @@ def test_sampled_and_stopped_requests(engines):
             assert stats.num_accepted_tokens < stats.num_draft_tokens
 
 
+def test_n_sequences_a_prompt(engines):
+    """n = 3 sampled sequences a prompt: each drafts for itself (its own seed), the draft's prefix cache serves the
+    later ones the prompt's blocks, and the tokens are plain sampling's."""
+    kw = dict(n=3, temperature=0.9, seed=7, max_new_tokens=30, end_id=-1)
+    base, _, _ = _generate(engines["target"], ALL, **kw)
+    fast, stats, work = _generate(engines["target"], ALL, _spec(engines, "self", 4), **kw)
+    assert [o.output_token_ids for o in fast] == [o.output_token_ids for o in base]
+    assert len({tuple(o.output_token_ids) for o in fast}) == len(fast) == 3 * len(ALL)
+    assert stats.num_accepted_tokens == stats.num_draft_tokens > 0 and work[2:4] == (0, 0)
+    assert work[5] > 0  # (prompt blocks the draft's prefix cache served)
+
+
 def test_small_draft_pool_and_budget_and_small_target_pool(engines, plain):
     """A draft pool of 512 tokens and 8 tokens a forward (prompts caught up over several forwards, drafts in
     batches of two, states dropped and requests left undrafted when its pool is short), then a target pool small
@@ -116,7 +130,7 @@ def test_small_draft_pool_and_budget_and_small_target_pool(engines, plain):
     expected, _ = plain
     kw = dict(max_new_tokens=110, end_id=-1)
     base, _, _ = _generate(engines["target"], ALL, **kw)
-    outs, stats, (_, _, states, used, short) = _generate(engines["target"], ALL, _spec(engines, "small", 3), **kw)
+    outs, stats, (_, _, states, used, short, _) = _generate(engines["target"], ALL, _spec(engines, "small", 3), **kw)
     assert [o.output_token_ids for o in outs] == [o.output_token_ids for o in base] and stats.num_draft_tokens > 0
     assert short > 0 and states == 0 and used == 0
     outs, stats, _ = _generate(engines["target"], ALL, _spec(engines, "self", 4), num_kv_blocks=7, max_new_tokens=40,
