@@ -77,6 +77,7 @@ def main():
     args = p.parse_args()
 
     from dist_llm.checkpoint.builder import build_dummy
+    from dist_llm.checkpoint.presets import preset_config
     from dist_llm.config import BuildConfig
     from dist_llm.runtime.speculative import SpeculativeConfig
 
@@ -85,7 +86,8 @@ def main():
     engine = build_dummy(args.model, f"{args.output_dir}/engine_{args.model}", build, 1, 1, "bfloat16", overwrite=True)
     drafts = {d: build_dummy(d, f"{args.output_dir}/engine_draft_{d}", build, 1, 1, "bfloat16", overwrite=True)
               for d in ([] if args.skip_self else [args.model]) + args.drafts}
-    prompt = torch.randint(3, 32000, (args.input_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    vocab = preset_config(args.model)["vocab_size"]
+    prompt = torch.randint(3, vocab, (args.input_len,), generator=torch.Generator().manual_seed(0)).tolist()
     plain = measure(engine, prompt, args.output_len)
     rows = [dict(draft="off (plain decode)", k=0, **plain)]
     for name, path in drafts.items():
