@@ -13,6 +13,8 @@ decoding one at a time gives:
   sampled at that position, and a draft is kept when it is that token. A draft d is then kept with probability
   p(d), the acceptance of rejection sampling against a one-token proposal, and the output is the seeded output of
   plain sampling, token for token.
+(Exactly so in exact arithmetic, which the CPU tests check. In bf16 on a GPU the verification chunk's kernels round
+otherwise than a one-row decode step's, as another batch shape's do, so where two tokens nearly tie either may come.)
 Text that repeats its context (code edits, summaries, extraction, quoting) takes several tokens a step; text that
 does not costs a chunk of 1 + k tokens a step instead of one.
 
