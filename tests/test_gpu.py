@@ -106,7 +106,8 @@ def test_nccl_matches_tp1(tp, pp, tiny_models, tmp_path):
     assert (logits - base_logits).abs().max() <= 0.05 * base_logits.abs().max()
 
 
-@pytest.mark.parametrize("preset", ["llama-2-7b", "llama-3-8b", "llama-2-13b", "mistral-7b"])
+@pytest.mark.parametrize("preset", ["llama-2-7b", "llama-3-8b", "llama-2-13b", "mistral-7b", "llama-68m",
+                                    "tinyllama-1.1b"])
 def test_dummy_weight_presets_build_and_run(preset, tmp_path):
     """Each preset that fits one GPU builds with no checkpoint on disk and generates."""
     from dist_llm.checkpoint.builder import build_dummy
