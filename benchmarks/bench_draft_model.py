@@ -15,7 +15,6 @@ Every run checks that its tokens are the plain run's.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
@@ -23,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import header, write_json  # noqa: E402
+from common import batch1_parser, dummy_engine, header, write_json  # noqa: E402
 
 ACCEPTANCE = (0.5, 0.7, 0.9)
 
@@ -66,25 +65,18 @@ def measure(engine: str, prompt: list[int], new_tokens: int, spec=None) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--model", default="llama-2-7b")
+    p = batch1_parser(__doc__)
     p.add_argument("--drafts", nargs="+", default=["llama-68m", "tinyllama-1.1b"])
     p.add_argument("--ks", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--input_len", type=int, default=128)
-    p.add_argument("--output_len", type=int, default=256)
     p.add_argument("--skip_self", action="store_true", help="leave out the target as its own draft")
     args = p.parse_args()
 
-    from dist_llm.checkpoint.builder import build_dummy
     from dist_llm.checkpoint.presets import preset_config
-    from dist_llm.config import BuildConfig
     from dist_llm.runtime.speculative import SpeculativeConfig
 
     info = header()
-    build = BuildConfig(8, 512, 1024, 2048, 64)
-    engine = build_dummy(args.model, f"{args.output_dir}/engine_{args.model}", build, 1, 1, "bfloat16", overwrite=True)
-    drafts = {d: build_dummy(d, f"{args.output_dir}/engine_draft_{d}", build, 1, 1, "bfloat16", overwrite=True)
+    engine = dummy_engine(args.model, args.output_dir)
+    drafts = {d: dummy_engine(d, args.output_dir, name=f"engine_draft_{d}")
               for d in ([] if args.skip_self else [args.model]) + args.drafts}
     vocab = preset_config(args.model)["vocab_size"]
     prompt = torch.randint(3, vocab, (args.input_len,), generator=torch.Generator().manual_seed(0)).tolist()

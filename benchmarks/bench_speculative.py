@@ -21,14 +21,13 @@ text instead.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import header, write_json  # noqa: E402
+from common import batch1_parser, dummy_engine, header, write_json  # noqa: E402
 
 
 def run(runner, prompt: list[int], new_tokens: int, propose=None, spec=None) -> tuple[list[int], float, int]:
@@ -60,22 +59,15 @@ def made_drafts(truth: list[int], prompt_len: int, k: int, kind: str):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--model", default="llama-2-7b")
+    p = batch1_parser(__doc__)
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--input_len", type=int, default=128)
-    p.add_argument("--output_len", type=int, default=256)
     args = p.parse_args()
 
-    from dist_llm.checkpoint.builder import build_dummy
-    from dist_llm.config import BuildConfig
     from dist_llm.runtime import ModelRunner
     from dist_llm.runtime.speculative import SpeculativeConfig
 
     info = header()
-    engine = build_dummy(args.model, f"{args.output_dir}/engine_{args.model}", BuildConfig(8, 512, 1024, 8192, 64),
-                         1, 1, "bfloat16", overwrite=True)
+    engine = dummy_engine(args.model, args.output_dir, max_num_tokens=8192)
     runner = ModelRunner.from_dir(engine, device="cuda",
                                   speculative_config=SpeculativeConfig(num_speculative_tokens=max(args.ks)))
     ex, ngram, spec = runner.executor, runner.executor.scheduler.propose, runner.executor.speculative

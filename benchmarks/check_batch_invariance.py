@@ -13,32 +13,23 @@ a trained model's margins are wider.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import header, write_json  # noqa: E402
+from common import batch1_parser, dummy_engine, header, write_json  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--model", default="llama-2-7b")
-    p.add_argument("--input_len", type=int, default=128)
-    p.add_argument("--output_len", type=int, default=256)
-    args = p.parse_args()
+    args = batch1_parser(__doc__).parse_args()
 
-    from dist_llm.checkpoint.builder import build_dummy
     from dist_llm.checkpoint.presets import preset_config
-    from dist_llm.config import BuildConfig
     from dist_llm.runtime import ModelRunner
     from dist_llm.runtime.sequence import SamplingParams, Sequence
 
     info = header()
-    engine = build_dummy(args.model, f"{args.output_dir}/engine_{args.model}", BuildConfig(8, 512, 1024, 2048, 64),
-                         1, 1, "bfloat16", overwrite=True)
+    engine = dummy_engine(args.model, args.output_dir)
     runner = ModelRunner.from_dir(engine, device="cuda", kv_cache_free_gpu_mem_fraction=0.3)
     ex, gen = runner.executor, torch.Generator().manual_seed(0)
     vocab = preset_config(args.model)["vocab_size"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -28,6 +29,27 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30, iters: int = 20) -> float:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / seconds / 1e9
+
+
+def batch1_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of the batch-1 benchmarks on a dummy-weight model: --output_dir, --model, --input_len and
+    --output_len (128 and 256, as bench_latency.py's)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--model", default="llama-2-7b")
+    p.add_argument("--input_len", type=int, default=128)
+    p.add_argument("--output_len", type=int, default=256)
+    return p
+
+
+def dummy_engine(preset: str, output_dir: str, max_num_tokens: int = 2048, name: str | None = None) -> str:
+    """A one-GPU bf16 engine of the preset with random weights, at OUTPUT_DIR/NAME (engine_PRESET): max batch 8,
+    inputs of 512 tokens, sequences of 1024, blocks of 64."""
+    from dist_llm.checkpoint.builder import build_dummy
+    from dist_llm.config import BuildConfig
+
+    build = BuildConfig(8, 512, 1024, max_num_tokens, 64)
+    return build_dummy(preset, f"{output_dir}/{name or 'engine_' + preset}", build, 1, 1, "bfloat16", overwrite=True)
 
 
 def header() -> dict:
