@@ -180,3 +180,27 @@ def test_broadcast_object_one_frame_and_longer(tmp_path):
     script.write_text(BROADCAST_SCRIPT)
     run_cmd(mpirun_cmd(2) + [sys.executable, str(script), str(tmp_path / "b")], timeout=120)
     assert [(tmp_path / f"b{r}").read_text() for r in (0, 1)] == ["True", "True"]
+
+
+def test_single_rank_scope_is_a_one_rank_world_and_gives_the_job_back(monkeypatch):
+    """Inside `single_rank_scope` (a draft model on rank 0) the collectives see tp = 1 on this rank's device, so a
+    model built there is whole and all-reduces nothing; the job's state comes back on exit, also after an error."""
+    import pytest
+
+    import dist_llm.parallel.state as state_module
+    from dist_llm.parallel import comm
+    from dist_llm.parallel.mapping import Mapping
+    from dist_llm.parallel.state import ParallelState, get_state, single_rank_scope
+
+    job = ParallelState(mapping=Mapping(tp_size=2, pp_size=2, rank=0), info=None, backend="gloo",
+                        device=torch.device("cpu"))
+    monkeypatch.setattr(state_module, "_state", job)
+    with single_rank_scope() as local:
+        assert comm.tp_size() == 1 and comm.tp_rank() == 0 and local.mapping.world_size == 1
+        assert local.device == job.device and local.tp_group is None
+        x = torch.ones(3)
+        assert comm.tp_all_reduce(x) is x and torch.equal(x, torch.ones(3))  # (no collective: tp = 1)
+    assert get_state() is job and comm.tp_size() == 2
+    with pytest.raises(RuntimeError, match="inside"), single_rank_scope():
+        raise RuntimeError("inside")
+    assert get_state() is job
