@@ -36,8 +36,8 @@ from dist_llm.config import EngineConfig
 from dist_llm.errors import DistLLMError
 from dist_llm.parallel.state import single_rank_scope
 from dist_llm.runtime.block_manager import BlockManager
-from dist_llm.runtime.piecewise_graphs import MIN_BUCKET
-from dist_llm.runtime.plan import StepPlan, StepResult, mixed_decode_split, paged_inputs, sampling_mode
+from dist_llm.runtime.kv_sizing import default_cpu_blocks
+from dist_llm.runtime.plan import StepPlan, StepResult, mixed_decode_split, paged_inputs, sampling_inputs
 from dist_llm.runtime.sequence import PENDING
 from dist_llm.runtime.worker import TokenReturn, Worker
 
@@ -84,23 +84,14 @@ class DraftModel:
                                "`python -m dist_llm.build ... --tp_size 1` and pass its directory")
         engine = EngineConfig.load(engine_dir)
         check_draft_engine(engine, target, engine_dir)
-        self.k = num_speculative_tokens
         b = engine.build
         with single_rank_scope() as state:
             self.worker = w = Worker(engine_dir, engine, state, kernel_backend)
             # every draft step of one call is in flight before the host reads any: a pinned buffer for each
-            w.token_return = TokenReturn(w.sampled.shape[0], w.device, depth=self.k + 2)
-            num_blocks = b.max_batch_size * -(-b.max_seq_len // b.tokens_per_block)
-            w.allocate_kv_cache(num_blocks)
-            if w.ops.backend == "triton" and w.device.type == "cuda":
-                from dist_llm.runtime.profile import run_compile_warmup
-
-                run_compile_warmup(w, num_blocks)
-            if cuda_graphs != "off":  # (the catch-up forwards of two tokens a request replay the piecewise ones)
-                w.enable_decode_graphs(cuda_graphs)
-                most = min(piecewise_graph_max_tokens, b.max_num_tokens)
-                if most >= MIN_BUCKET:
-                    w.enable_piecewise_graphs(cuda_graphs, most)
+            w.token_return = TokenReturn(w.sampled.shape[0], w.device, depth=num_speculative_tokens + 2)
+            num_blocks = default_cpu_blocks(w)  # (every slot of its batch at full length, on any device)
+            # (the catch-up forwards of two tokens a request replay the piecewise graphs)
+            w.start(num_blocks, cuda_graphs, piecewise_graph_max_tokens)
         self.engine, self.block_manager = engine, BlockManager(num_blocks, b.tokens_per_block)
         self.states: dict[int, DraftState] = {}
         self.decode_split = mixed_decode_split()
@@ -203,17 +194,17 @@ class DraftModel:
         f = len(results)
         rows = sorted(rows, key=lambda r: r[1] != 1)  # rows of one token first (a mixed step's decode split)
         seqs, counts = [states[i] for i, _ in rows], [n for _, n in rows]
-        ids, pos, slots, seq_lens, cu, table = paged_inputs(seqs, counts, self.engine.build.tokens_per_block)
+        ids, pos, slots, seq_lens, cu, table, waiting = paged_inputs(seqs, counts, self.engine.build.tokens_per_block,
+                                                                     PENDING)
         prev = None
+        for r in waiting:  # a fed draft: where[i][-1] sampled it
+            last, (src, src_row) = cu[r + 1] - 1, where[rows[r][0]][-1]
+            if src == f - 1:
+                prev = prev or [-1] * len(ids)
+                prev[last] = src_row
+            else:  # (an earlier catch-up forward's: only when one forward could not hold them all)
+                ids[last] = int(results[src].wait().token_ids[src_row])
         for r, (i, n) in enumerate(rows):
-            last = cu[r + 1] - 1
-            if ids[last] == PENDING:
-                src, src_row = where[i][-1]
-                if src == f - 1:
-                    prev = prev or [-1] * len(ids)
-                    prev[last] = src_row
-                else:  # (an earlier catch-up forward's: only when one forward could not hold them all)
-                    ids[last] = int(results[src].wait().token_ids[src_row])
             states[i].num_computed_tokens += n
             if states[i].num_computed_tokens == len(states[i].token_ids):
                 where[i].append((f, r))  # this row samples its next draft
@@ -221,18 +212,12 @@ class DraftModel:
         # draft where its own sampling, with the same noise, draws it
         params = [states[i].request.params for i, _ in rows]
         offsets = [states[i].request.num_sampled + len(where[i]) - 1 for i, _ in rows]
-        min_p = [p.min_p for p in params]
         plan = StepPlan(
             input_ids=torch.tensor(ids, dtype=torch.int64), positions=torch.tensor(pos, dtype=torch.int64),
             slot_mapping=torch.tensor(slots, dtype=torch.int64), block_tables=torch.tensor(table, dtype=torch.int32),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32), cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
             max_seqlen_q=max(counts), is_decode=all(n == 1 for n in counts),
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int32),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
-            min_p=torch.tensor(min_p, dtype=torch.float32) if any(min_p) else None,
-            seeds=torch.tensor([states[i].request.seed for i, _ in rows], dtype=torch.int64),
-            offsets=torch.tensor(offsets, dtype=torch.int64), sampling_mode=sampling_mode(params),
+            **sampling_inputs(params, [states[i].request.seed for i, _ in rows], offsets),
             prev_index=None if prev is None else torch.tensor(prev, dtype=torch.int64),
             num_decode_rows=next((r for r, n in enumerate(counts) if n != 1), len(rows)) if self.decode_split else 0,
         )

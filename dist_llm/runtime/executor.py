@@ -32,7 +32,7 @@ from dist_llm.parallel import comm
 from dist_llm.runtime.block_manager import BlockManager
 from dist_llm.runtime.detokenizer import stop_string_at
 from dist_llm.runtime.logits_processing import build_logits_inputs
-from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult, mixed_decode_split, paged_inputs, sampling_mode
+from dist_llm.runtime.plan import SHUTDOWN, StepPlan, StepResult, mixed_decode_split, paged_inputs, sampling_inputs
 from dist_llm.runtime.scheduler import ScheduledBatch, Scheduler
 from dist_llm.runtime.sequence import PENDING, SamplingParams, Sequence, Status
 from dist_llm.runtime.speculative import MAX_SPEC_SKIP, SpeculativeConfig, accept, can_draft, ngram_draft
@@ -212,15 +212,13 @@ class Executor:
 
     def _plan(self, batch: ScheduledBatch) -> StepPlan:
         """Plain lists, one tensor per field at the end: this runs every step, for every request."""
-        ids, pos, slots, seq_lens, cu, rows = paged_inputs(batch.seqs, batch.num_new_tokens,
-                                                           self.engine.build.tokens_per_block)
-        prev = None
-        for i, seq in enumerate(batch.seqs):
-            if ids[cu[i + 1] - 1] == PENDING:  # sampled by the step in flight: the device fills it in
-                launch, row = seq.feed
-                assert launch == self.launches - 1, "a PENDING token must come from the previous launch"
-                prev = prev or [-1] * len(ids)
-                prev[cu[i + 1] - 1] = row
+        ids, pos, slots, seq_lens, cu, rows, waiting = paged_inputs(batch.seqs, batch.num_new_tokens,
+                                                                    self.engine.build.tokens_per_block, PENDING)
+        prev = [-1] * len(ids) if waiting else None
+        for i in waiting:  # sampled by the step in flight: the device fills it in
+            launch, row = batch.seqs[i].feed
+            assert launch == self.launches - 1, "a PENDING token must come from the previous launch"
+            prev[cu[i + 1] - 1] = row
         params, seqs, counts = [s.params for s in batch.seqs], batch.seqs, batch.num_new_tokens
         sample_index, offsets, samples = None, [s.num_sampled for s in batch.seqs], None
         drafts = [s.num_drafts for s in batch.seqs]
@@ -235,7 +233,6 @@ class Executor:
             counts = [m for n, d in zip(counts, drafts) for m in (range(1, d + 2) if d else [n])]
             samples = [bool(d) or s.num_computed_tokens + n == len(s) for s, n, d in zip(batch.seqs,
                        batch.num_new_tokens, drafts) for _ in range(d + 1)]
-        min_p = [p.min_p for p in params]
         index, targets = [], []
         if any(p.prompt_logprobs for p in params):
             starts = [s.num_computed_tokens for s in batch.seqs]
@@ -251,16 +248,10 @@ class Executor:
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
             max_seqlen_q=max(batch.num_new_tokens),
             is_decode=batch.is_decode,
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int32),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
-            seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64),
-            offsets=torch.tensor(offsets, dtype=torch.int64),
-            sampling_mode=sampling_mode(params),
+            **sampling_inputs(params, [s.seed for s in seqs], offsets),
             return_logits=any(p.return_first_logits and s.num_sampled == 0 for p, s in zip(params, seqs)),
             return_logprobs=any(p.return_logprobs for p in params),
             top_logprobs=max(p.top_logprobs for p in params),
-            min_p=torch.tensor(min_p, dtype=torch.float32) if any(min_p) else None,
             prompt_logprob_index=torch.tensor(index, dtype=torch.int64) if index else None,
             prompt_logprob_targets=torch.tensor(targets, dtype=torch.int64) if index else None,
             prev_index=None if prev is None else torch.tensor(prev, dtype=torch.int64),

@@ -31,7 +31,6 @@ from dist_llm.runtime.detokenizer import TextStream, output_text
 from dist_llm.runtime.executor import Executor, serve_worker
 from dist_llm.runtime.kv_sizing import decide_num_blocks
 from dist_llm.runtime.piecewise_graphs import MIN_BUCKET
-from dist_llm.runtime.profile import run_compile_warmup
 from dist_llm.runtime.scheduler import POLICIES, SCHEDULING_POLICIES
 from dist_llm.runtime.sequence import SamplingParams, Sequence, Status, fan_out
 from dist_llm.runtime.speculative import SpeculativeConfig
@@ -153,24 +152,16 @@ class ModelRunner:
             cuda_graphs = "on" if graphs_possible(pstate) else "off"
         if cuda_graphs != "off":
             check_cuda_graphs(cuda_graphs, pstate)
+        graphs = {"on": "capture", "static": "static"}.get(cuda_graphs, "off")  # (Worker.start's modes)
         drafter = None
         if speculative_config is not None and speculative_config.method == "draft_model" and pstate.mapping.rank == 0:
             from dist_llm.runtime.draft_model import DraftModel
 
             # (before the KV pool is sized: the draft's weights and its own pool take their memory first)
             drafter = DraftModel(speculative_config.draft_engine_dir, engine, kernel_backend,
-                                 speculative_config.num_speculative_tokens,
-                                 {"on": "capture", "static": "static"}.get(cuda_graphs, "off"),
-                                 piecewise_graph_max_tokens)
+                                 speculative_config.num_speculative_tokens, graphs, piecewise_graph_max_tokens)
         num_blocks = decide_num_blocks(worker, kv_cache_free_gpu_mem_fraction, num_kv_blocks)
-        worker.allocate_kv_cache(num_blocks)
-        if worker.ops.backend == "triton" and worker.device.type == "cuda":  # compile the eager variants now
-            run_compile_warmup(worker, num_blocks)
-        if cuda_graphs != "off":
-            worker.enable_decode_graphs("capture" if cuda_graphs == "on" else "static")
-            max_tokens = min(piecewise_graph_max_tokens, engine.build.max_num_tokens)
-            if max_tokens >= MIN_BUCKET:
-                worker.enable_piecewise_graphs("capture" if cuda_graphs == "on" else "static", max_tokens)
+        worker.start(num_blocks, graphs, piecewise_graph_max_tokens)
         if pstate.mapping.rank != 0:
             serve_worker(worker)
             worker.close()

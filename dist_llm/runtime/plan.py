@@ -57,15 +57,33 @@ def sampling_mode(params) -> str:
     return "full"
 
 
-def paged_inputs(seqs, counts: list[int], block_size: int) -> tuple[list[int], ...]:
-    """The attention inputs of a step that computes each sequence's next `n` tokens, from its
-    `num_computed_tokens` on, as plain lists: (token ids, positions, slot mapping, seq_lens, cu_seqlens_q, block
-    table rows padded with 0 to the longest). Every sequence's `block_table` must cover its new tokens."""
-    ids, pos, slots, seq_lens, cu, rows = [], [], [], [], [0], []
+def sampling_inputs(params, seeds: list[int], offsets: list[int]) -> dict:
+    """A plan's sampler fields (SAMPLING_FIELDS, min_p None when no row uses it) and its `sampling_mode`, for
+    sampled rows with these SamplingParams, seeds and output positions (the noise's offsets)."""
+    min_p = [p.min_p for p in params]
+    return dict(
+        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+        top_k=torch.tensor([p.top_k for p in params], dtype=torch.int32),
+        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+        min_p=torch.tensor(min_p, dtype=torch.float32) if any(min_p) else None,
+        seeds=torch.tensor(seeds, dtype=torch.int64),
+        offsets=torch.tensor(offsets, dtype=torch.int64),
+        sampling_mode=sampling_mode(params),
+    )
+
+
+def paged_inputs(seqs, counts: list[int], block_size: int, pending: int) -> tuple[list[int], ...]:
+    """The inputs of a step that computes each sequence's next `n` tokens, from its `num_computed_tokens` on, as
+    plain lists: (token ids, positions, slot mapping, seq_lens, cu_seqlens_q, block table rows padded with 0 to the
+    longest, the rows whose last new token is the placeholder `pending`: an id a step in flight samples, which the
+    device fills in through `prev_index`). Every sequence's `block_table` must cover its new tokens."""
+    ids, pos, slots, seq_lens, cu, rows, waiting = [], [], [], [], [0], [], []
     max_blocks = max(len(s.block_table) for s in seqs)
-    for seq, n in zip(seqs, counts):
+    for i, (seq, n) in enumerate(zip(seqs, counts)):
         start, end, table = seq.num_computed_tokens, seq.num_computed_tokens + n, seq.block_table
         ids += seq.token_ids[start:end]
+        if ids[-1] == pending:
+            waiting.append(i)
         if n == 1:  # decode: the common case
             pos.append(start)
             slots.append(table[start // block_size] * block_size + start % block_size)
@@ -75,7 +93,7 @@ def paged_inputs(seqs, counts: list[int], block_size: int) -> tuple[list[int], .
         seq_lens.append(end)
         cu.append(cu[-1] + n)
         rows.append(table + [0] * (max_blocks - len(table)))
-    return ids, pos, slots, seq_lens, cu, rows
+    return ids, pos, slots, seq_lens, cu, rows, waiting
 
 
 @dataclass

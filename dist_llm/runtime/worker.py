@@ -172,6 +172,22 @@ class Worker:
             a.k_cache = empty_kv_cache(*shape, self.kv_dtype, self.device, layout)
             a.v_cache = empty_kv_cache(*shape, self.kv_dtype, self.device, layout)
 
+    def start(self, num_blocks: int, graphs: str, piecewise_graph_max_tokens: int) -> None:
+        """The KV pool of `num_blocks`, the eager kernels' variants compiled (Triton on a GPU), then with `graphs`
+        "capture" or "static" the decode graphs and, for steps of up to `piecewise_graph_max_tokens` tokens (within
+        the engine's max_num_tokens), the piecewise ones; "off": none."""
+        from dist_llm.runtime.piecewise_graphs import MIN_BUCKET
+        from dist_llm.runtime.profile import run_compile_warmup
+
+        self.allocate_kv_cache(num_blocks)
+        if self.ops.backend == "triton" and self.device.type == "cuda":
+            run_compile_warmup(self, num_blocks)
+        if graphs != "off":
+            self.enable_decode_graphs(graphs)
+            most = min(piecewise_graph_max_tokens, self.engine.build.max_num_tokens)
+            if most >= MIN_BUCKET:
+                self.enable_piecewise_graphs(graphs, most)
+
     def enable_decode_graphs(self, mode: str) -> None:
         """Decode steps from static buffers: "capture" (CUDA graphs) or "static" (the same path, eager).
         Call after allocate_kv_cache: graphs hold the cache's addresses."""
