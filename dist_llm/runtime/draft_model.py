@@ -12,7 +12,7 @@ engine's max_batch_size x max_seq_len tokens. Each request keeps its draft state
 tokens the draft has KV for, which are the request's tokens, then the drafts it fed itself last time. A step then
   1. finds where those tokens and the request's tokens now part (the drafts the target kept are still good KV);
   2. computes the tokens after that point in one forward (usually one or two: the target's own last token, and the
-     draft's last draft when all were kept), which samples draft 1 (greedy);
+     draft's last draft when all were kept), which samples draft 1;
   3. feeds each draft back for the next, k - 1 decode steps in all. They replay the draft's decode CUDA graphs, and
      each reads its input from the previous step's sampled ids on the device, so the host waits once, at the end.
 Each draft is sampled as its request samples (greedy, or its temperature, top-k, top-p and min-p), with the
@@ -139,8 +139,9 @@ class DraftModel:
 
     @torch.inference_mode()
     def propose(self, seqs: list, ks: list[int]) -> list[list[int]]:
-        """Up to ks[i] greedy draft tokens for each request of `seqs` (decoding, its newest token known); [] where
-        the draft's pool is short. Draft states of requests not in `seqs` stay (`release` drops them)."""
+        """Up to ks[i] draft tokens for each request of `seqs` (decoding, its newest token known), sampled as the
+        request samples; [] where the draft's pool is short. Draft states of requests not in `seqs` stay (`release`
+        drops them)."""
         states = [self._sync(s, k) if k > 0 else None for s, k in zip(seqs, ks)]
         if any(st is None for st, k in zip(states, ks) if k > 0):  # short: free what other requests hold
             keep = {s.request_id for s in seqs}
@@ -189,7 +190,7 @@ class DraftModel:
         return drafts
 
     def _forward(self, states: list[DraftState], rows: list[tuple[int, int]], where, results) -> StepResult:
-        """One draft forward over `rows` ((state index, tokens to compute)), greedy, not waited for. A fed draft
+        """One draft forward over `rows` ((state index, tokens to compute)), not waited for. A fed draft
         sampled by the forward before is read from its sampled ids on the device; an older one from the host."""
         f = len(results)
         rows = sorted(rows, key=lambda r: r[1] != 1)  # rows of one token first (a mixed step's decode split)

@@ -30,6 +30,7 @@ A request that drafts waits for its step to come back before its next one is pla
 what was accepted): it does not take part in overlap scheduling. So that text which does not repeat costs little,
 a lookup that finds nothing, or a step that keeps no draft, is a miss: the request then decodes 1, 2, 4, then up to
 8 steps (doubling while the misses go on) the plain way, overlapped, before it looks again; a kept draft resets it.
+(A draft model's request backs off only when the draft's pool cannot take it: runtime/draft_model.py.)
 Logits processing applies to each sampled row as to a sequence that ends at that row's draft (penalties count the
 drafts before it, min_tokens and bad words look at them), and log-probabilities come from each kept token's own
 row, so those requests draft too; only requests that ask for prompt log-probabilities or first-step logits do not.
